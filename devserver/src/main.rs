@@ -1,0 +1,1 @@
+fn main() { eprintln!("windshift-devserver: not built yet"); std::process::exit(1); }

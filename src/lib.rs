@@ -1,0 +1,9 @@
+//! windshift-runner: a crash-tolerant runner host for Windshift coding-agent runs.
+//!
+//! See ARCHITECTURE.md for the code map and the invariants each module keeps.
+
+pub mod control;
+pub mod effects;
+pub mod fsm;
+pub mod journal;
+pub mod redact;
