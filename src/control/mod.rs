@@ -1,1 +1,2 @@
-//! placeholder: filled by its issue.
+//! The Windshift runner protocol: wire types, client, credential lifecycle, event sender.
+pub mod wire;

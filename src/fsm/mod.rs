@@ -1,1 +1,2 @@
-//! placeholder: filled by its issue.
+//! The pure run state machine (no IO, no clock, no randomness).
+pub mod contract;
