@@ -1,0 +1,684 @@
+//! Runner configuration: every variable of spec 4.7 with upstream's defaults, plus ours.
+//!
+//! Each setting is a command-line flag with an environment-variable fallback (flags win), so
+//! `--help` documents both. Values are parsed into [`RunnerConfig`]; [`RunnerConfig::validate`]
+//! turns them into a [`ValidConfig`] or a [`ConfigError`] naming the variable and the fix.
+//! Upstream treats an empty variable like an unset one for settings with defaults; clap does
+//! the same for `env` fallbacks only when told to, so every defaulted setting passes through
+//! [`non_empty_or`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Default upstream values (spec 4.7).
+pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/windshift-runner/cache";
+pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/windshift-runner/journal";
+pub const DEFAULT_NETWORK: &str = "coding-agent-egress";
+pub const DEFAULT_POLL_INTERVAL: &str = "10s";
+pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "30s";
+/// Ours: how long SIGTERM lets in-flight runs finish before cancelling them. The systemd unit's
+/// TimeoutStopSec must exceed it.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "10m";
+/// Ours: a per-run wall-clock limit, below the server's 8 h backstop so the runner, not the
+/// reaper, reports the verdict.
+pub const DEFAULT_RUN_TIMEOUT: &str = "7h30m";
+/// Ours: idle bare caches older than this are evicted (upstream never evicts).
+pub const DEFAULT_CACHE_MAX_AGE: &str = "168h";
+/// Ours: terminal runs older than this are archived out of the journal.
+pub const DEFAULT_JOURNAL_RETENTION: &str = "336h";
+
+/// Every `windshift-runner run` setting. Field docs become `--help` text.
+#[derive(Args, Clone, Default)]
+pub struct RunnerConfig {
+    /// Windshift API base URL ending in /api (e.g. https://windshift.example.com/api).
+    #[arg(long, env = "WS_API_URL", hide_env_values = true)]
+    pub api_url: Option<String>,
+    /// One-time pool registration token (wsrt_…); needed only until a credential is stored.
+    #[arg(
+        long = "registration-token",
+        env = "WSRUNNER_REGISTRATION_TOKEN",
+        hide_env_values = true
+    )]
+    pub registration_token: Option<String>,
+    /// Per-instance credential (wsrc_…) injected directly; skips registration when accepted.
+    #[arg(long, env = "WSRUNNER_CREDENTIAL", hide_env_values = true)]
+    pub credential: Option<String>,
+    /// Where the credential is stored and reused [default: <cache root>/credential].
+    #[arg(long, env = "WSRUNNER_CREDENTIAL_FILE")]
+    pub credential_file: Option<PathBuf>,
+    /// Exactly 1 allows a plaintext http:// WS_API_URL (local development only).
+    #[arg(long, env = "WSRUNNER_ALLOW_INSECURE")]
+    pub allow_insecure: Option<String>,
+    /// Display name sent at registration [default: hostname, else windshift-runner].
+    #[arg(long, env = "WSRUNNER_NAME")]
+    pub name: Option<String>,
+    /// Default agent image for coding_agent runs.
+    #[arg(long, env = "WSRUNNER_IMAGE")]
+    pub image: Option<String>,
+    /// Comma-separated exact image references allowed as per-run overrides.
+    #[arg(long, env = "WSRUNNER_ALLOWED_IMAGES")]
+    pub allowed_images: Option<String>,
+    /// Exactly 1 accepts an agent image without the org.windshift.agent-contract label.
+    #[arg(long, env = "WSRUNNER_ALLOW_UNLABELED_IMAGE")]
+    pub allow_unlabeled_image: Option<String>,
+    /// Docker-compatible CLI (docker, or a rootful podman) [default: docker].
+    #[arg(long, env = "WSRUNNER_DOCKER")]
+    pub docker: Option<String>,
+    /// Triage helper; git work runs in-process, this is checked by `doctor` [default: windshift-triage].
+    #[arg(long, env = "WSRUNNER_TRIAGE_BIN")]
+    pub triage_bin: Option<String>,
+    /// Bare-clone cache and checkout root [default: /var/lib/windshift-runner/cache].
+    #[arg(long, env = "WSRUNNER_CACHE_ROOT")]
+    pub cache_root: Option<PathBuf>,
+    /// How often to check for work when idle, Go duration syntax [default: 10s].
+    #[arg(long, env = "WSRUNNER_POLL_INTERVAL")]
+    pub poll_interval: Option<String>,
+    /// How often to renew the runner lease, Go duration syntax [default: 30s].
+    #[arg(long, env = "WSRUNNER_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<String>,
+    /// Fallback prompt, used only when a job carries none.
+    #[arg(long, env = "WSRUNNER_INITIAL_PROMPT")]
+    pub initial_prompt: Option<String>,
+    /// Runs executed at once [default: 1].
+    #[arg(long, env = "WSRUNNER_CONCURRENCY")]
+    pub concurrency: Option<String>,
+    /// How long SIGTERM lets in-flight runs finish before they are cancelled [default: 10m].
+    #[arg(long, env = "WSRUNNER_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Wall-clock limit of one run; past it the run is cancelled and reported [default: 7h30m].
+    #[arg(long, env = "WSRUNNER_RUN_TIMEOUT")]
+    pub run_timeout: Option<String>,
+    /// Docker network for agent containers [default: coding-agent-egress].
+    #[arg(long, env = "WSRUNNER_NETWORK")]
+    pub network: Option<String>,
+    /// Max processes per agent container [default: 512].
+    #[arg(long, env = "WSRUNNER_PIDS_LIMIT")]
+    pub pids_limit: Option<String>,
+    /// Memory (and memory+swap) limit per agent container [default: 4g].
+    #[arg(long, env = "WSRUNNER_MEMORY")]
+    pub memory: Option<String>,
+    /// CPU limit per agent container [default: 2].
+    #[arg(long, env = "WSRUNNER_CPUS")]
+    pub cpus: Option<String>,
+    /// Journal (sled) directory [default: /var/lib/windshift-runner/journal].
+    #[arg(long, env = "WSRUNNER_JOURNAL_DIR")]
+    pub journal_dir: Option<PathBuf>,
+    /// Terminal runs older than this are archived out of the journal [default: 336h].
+    #[arg(long, env = "WSRUNNER_JOURNAL_RETENTION")]
+    pub journal_retention: Option<String>,
+    /// Idle bare caches older than this are evicted [default: 168h].
+    #[arg(long, env = "WSRUNNER_CACHE_MAX_AGE")]
+    pub cache_max_age: Option<String>,
+    /// Address for /metrics (Prometheus) and /healthz, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long, env = "WSRUNNER_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "WSRUNNER_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+// Raw settings may hold the registration token and the credential: never print them.
+impl std::fmt::Debug for RunnerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerConfig").finish_non_exhaustive()
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that passed validation. Secrets are kept out of `Debug`.
+#[derive(Clone)]
+pub struct ValidConfig {
+    pub api_url: String,
+    pub allow_insecure: bool,
+    pub registration_token: Option<String>,
+    pub credential: Option<String>,
+    pub credential_file: PathBuf,
+    pub name: String,
+    pub image: String,
+    pub allowed_images: Vec<String>,
+    pub allow_unlabeled_image: bool,
+    pub docker: String,
+    pub triage_bin: String,
+    pub cache_root: PathBuf,
+    pub poll_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub initial_prompt: String,
+    pub concurrency: usize,
+    pub drain_timeout: Duration,
+    pub run_timeout: Duration,
+    pub network: String,
+    pub pids_limit: u32,
+    pub memory: String,
+    pub cpus: String,
+    pub journal_dir: PathBuf,
+    pub journal_retention: Duration,
+    pub cache_max_age: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for ValidConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |o: &Option<String>| if o.is_some() { "set" } else { "unset" };
+        f.debug_struct("ValidConfig")
+            .field("api_url", &crate::redact::redact(&self.api_url))
+            .field("allow_insecure", &self.allow_insecure)
+            .field("registration_token", &set(&self.registration_token))
+            .field("credential", &set(&self.credential))
+            .field("credential_file", &self.credential_file)
+            .field("name", &self.name)
+            .field("image", &self.image)
+            .field("allowed_images", &self.allowed_images)
+            .field("allow_unlabeled_image", &self.allow_unlabeled_image)
+            .field("docker", &self.docker)
+            .field("cache_root", &self.cache_root)
+            .field("poll_interval", &self.poll_interval)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("concurrency", &self.concurrency)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("run_timeout", &self.run_timeout)
+            .field("network", &self.network)
+            .field("pids_limit", &self.pids_limit)
+            .field("memory", &self.memory)
+            .field("cpus", &self.cpus)
+            .field("journal_dir", &self.journal_dir)
+            .field("journal_retention", &self.journal_retention)
+            .field("cache_max_age", &self.cache_max_age)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// A setting that cannot be used; the message names the variable and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("required environment variable WS_API_URL is not set: set it to your Windshift API base URL ending in /api (e.g. https://windshift.example.com/api)")]
+    MissingApiUrl,
+    #[error("WS_API_URL must be https:// (got {scheme}://…): use an HTTPS URL ending in /api, or set WSRUNNER_ALLOW_INSECURE=1 only for local development")]
+    InsecureApiUrl { scheme: String },
+    #[error("WS_API_URL {url:?} is not an http(s) URL: use the form https://host/api")]
+    BadApiUrl { url: String },
+    #[error("invalid {var} {value:?}: {reason}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(var: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// The trimmed value, or `default` when the setting is unset or empty (upstream's rule).
+fn non_empty_or(value: &Option<String>, default: &str) -> String {
+    match value.as_deref().map(str::trim) {
+        Some(v) if !v.is_empty() => v.to_owned(),
+        _ => default.to_owned(),
+    }
+}
+
+/// `Some(trimmed)` when set and non-empty.
+fn non_empty(value: &Option<String>) -> Option<String> {
+    value
+        .as_deref()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+fn positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let d = parse_go_duration(value).map_err(|e| {
+        invalid(
+            var,
+            value,
+            format!("{e}; use Go duration syntax such as 500ms, 10s, 5m or 1h30m"),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(invalid(var, value, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+impl RunnerConfig {
+    /// Checks every setting and resolves defaults. `hostname` is the machine's name (passed in
+    /// so validation stays free of IO).
+    pub fn validate(&self, hostname: Option<&str>) -> Result<ValidConfig, ConfigError> {
+        let allow_insecure = self.allow_insecure.as_deref() == Some("1");
+        let api_url = non_empty(&self.api_url).ok_or(ConfigError::MissingApiUrl)?;
+        let api_url = api_url.trim_end_matches('/').to_owned();
+        let lower = api_url.to_ascii_lowercase();
+        if !lower.starts_with("https://") {
+            if lower.starts_with("http://") {
+                if !allow_insecure {
+                    return Err(ConfigError::InsecureApiUrl {
+                        scheme: "http".into(),
+                    });
+                }
+            } else {
+                return Err(ConfigError::BadApiUrl { url: api_url });
+            }
+        }
+
+        let cache_root = self
+            .cache_root
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_ROOT));
+        if !cache_root.is_absolute() {
+            return Err(invalid(
+                "WSRUNNER_CACHE_ROOT",
+                &cache_root.display().to_string(),
+                "must be an absolute path",
+            ));
+        }
+        let credential_file = self
+            .credential_file
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| cache_root.join("credential"));
+        let journal_dir = self
+            .journal_dir
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR));
+
+        let concurrency_text = non_empty_or(&self.concurrency, "1");
+        let concurrency = concurrency_text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    "WSRUNNER_CONCURRENCY",
+                    &concurrency_text,
+                    "must be a whole number from 1 to 64",
+                )
+            })?;
+        let pids_text = non_empty_or(&self.pids_limit, "512");
+        let pids_limit = pids_text
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                invalid(
+                    "WSRUNNER_PIDS_LIMIT",
+                    &pids_text,
+                    "must be a positive whole number",
+                )
+            })?;
+        let memory = non_empty_or(&self.memory, "4g");
+        if !is_docker_memory(&memory) {
+            return Err(invalid(
+                "WSRUNNER_MEMORY",
+                &memory,
+                "must be a number with an optional unit b, k, m or g (e.g. 4g)",
+            ));
+        }
+        let cpus = non_empty_or(&self.cpus, "2");
+        if !cpus.parse::<f64>().is_ok_and(|c| c > 0.0 && c.is_finite()) {
+            return Err(invalid(
+                "WSRUNNER_CPUS",
+                &cpus,
+                "must be a positive number (e.g. 2 or 1.5)",
+            ));
+        }
+        let network = non_empty_or(&self.network, DEFAULT_NETWORK);
+        let metrics_addr = match non_empty(&self.metrics_addr) {
+            None => None,
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "WSRUNNER_METRICS_ADDR",
+                    &text,
+                    "must be an address with a port, e.g. 127.0.0.1:9464",
+                )
+            })?),
+        };
+        let log_format = match non_empty_or(&self.log_format, "text").as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "WSRUNNER_LOG_FORMAT",
+                    other,
+                    "must be text or json",
+                ))
+            }
+        };
+        let allowed_images = non_empty(&self.allowed_images)
+            .map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let name = non_empty(&self.name)
+            .or_else(|| {
+                hostname
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "windshift-runner".to_owned());
+
+        Ok(ValidConfig {
+            api_url,
+            allow_insecure,
+            registration_token: non_empty(&self.registration_token),
+            credential: non_empty(&self.credential),
+            credential_file,
+            name,
+            image: non_empty(&self.image).unwrap_or_default(),
+            allowed_images,
+            allow_unlabeled_image: self.allow_unlabeled_image.as_deref() == Some("1"),
+            docker: non_empty_or(&self.docker, "docker"),
+            triage_bin: non_empty_or(&self.triage_bin, "windshift-triage"),
+            cache_root,
+            poll_interval: positive_duration(
+                "WSRUNNER_POLL_INTERVAL",
+                &non_empty_or(&self.poll_interval, DEFAULT_POLL_INTERVAL),
+            )?,
+            heartbeat_interval: positive_duration(
+                "WSRUNNER_HEARTBEAT_INTERVAL",
+                &non_empty_or(&self.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL),
+            )?,
+            initial_prompt: non_empty(&self.initial_prompt).unwrap_or_default(),
+            concurrency,
+            drain_timeout: positive_duration(
+                "WSRUNNER_DRAIN_TIMEOUT",
+                &non_empty_or(&self.drain_timeout, DEFAULT_DRAIN_TIMEOUT),
+            )?,
+            run_timeout: positive_duration(
+                "WSRUNNER_RUN_TIMEOUT",
+                &non_empty_or(&self.run_timeout, DEFAULT_RUN_TIMEOUT),
+            )?,
+            network,
+            pids_limit,
+            memory,
+            cpus,
+            journal_dir,
+            journal_retention: positive_duration(
+                "WSRUNNER_JOURNAL_RETENTION",
+                &non_empty_or(&self.journal_retention, DEFAULT_JOURNAL_RETENTION),
+            )?,
+            cache_max_age: positive_duration(
+                "WSRUNNER_CACHE_MAX_AGE",
+                &non_empty_or(&self.cache_max_age, DEFAULT_CACHE_MAX_AGE),
+            )?,
+            metrics_addr,
+            log_format,
+        })
+    }
+}
+
+/// Docker's memory syntax: digits with an optional b/k/m/g suffix (either case).
+fn is_docker_memory(text: &str) -> bool {
+    let digits = text.trim_end_matches(|c: char| "bkmgBKMG".contains(c));
+    let suffix_len = text.len() - digits.len();
+    suffix_len <= 1 && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Why a duration string is not Go duration syntax.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("empty duration")]
+    Empty,
+    #[error("negative durations are not allowed")]
+    Negative,
+    #[error("missing unit in duration (use ns, us, ms, s, m or h)")]
+    MissingUnit,
+    #[error("unknown unit {0:?} in duration (use ns, us, ms, s, m or h)")]
+    UnknownUnit(String),
+    #[error("malformed number in duration")]
+    BadNumber,
+    #[error("duration is too large")]
+    Overflow,
+}
+
+/// Parses Go's `time.ParseDuration` syntax (`300ms`, `1.5h`, `2h45m`, `0`), as upstream's
+/// variables use it. Negative values are refused: every duration here is a positive interval.
+pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
+    let mut s = text.trim();
+    if s.is_empty() {
+        return Err(DurationError::Empty);
+    }
+    if let Some(rest) = s.strip_prefix('-') {
+        if rest.trim_start_matches(['0', '.']).is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        return Err(DurationError::Negative);
+    }
+    s = s.strip_prefix('+').unwrap_or(s);
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total_nanos: u128 = 0;
+    while !s.is_empty() {
+        let num_len = s
+            .bytes()
+            .take_while(|b| b.is_ascii_digit() || *b == b'.')
+            .count();
+        let (num, rest) = s.split_at(num_len);
+        if num.is_empty() || num == "." || num.matches('.').count() > 1 {
+            return Err(DurationError::BadNumber);
+        }
+        let unit_len = rest
+            .bytes()
+            .take_while(|b| !(b.is_ascii_digit() || *b == b'.'))
+            .count();
+        let (unit, rest) = rest.split_at(unit_len);
+        let unit_nanos: u128 = match unit {
+            "" => return Err(DurationError::MissingUnit),
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            other => return Err(DurationError::UnknownUnit(other.to_owned())),
+        };
+        let (int_part, frac_part) = num.split_once('.').unwrap_or((num, ""));
+        let int_value: u128 = if int_part.is_empty() {
+            0
+        } else {
+            int_part.parse().map_err(|_| DurationError::Overflow)?
+        };
+        let mut nanos = int_value
+            .checked_mul(unit_nanos)
+            .ok_or(DurationError::Overflow)?;
+        // Fractions are exact to the nanosecond: scale digit by digit, as Go does.
+        let mut scale = unit_nanos;
+        for digit in frac_part.bytes().take(30) {
+            scale /= 10;
+            nanos += u128::from(digit - b'0') * scale;
+        }
+        total_nanos = total_nanos
+            .checked_add(nanos)
+            .ok_or(DurationError::Overflow)?;
+        s = rest;
+    }
+    // Go durations are int64 nanoseconds.
+    if total_nanos > i64::MAX as u128 {
+        return Err(DurationError::Overflow);
+    }
+    Ok(Duration::from_nanos(total_nanos as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn base() -> RunnerConfig {
+        RunnerConfig {
+            api_url: Some("https://ws.example.com/api".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn go_durations_parse_like_go() {
+        let cases = [
+            ("10s", Duration::from_secs(10)),
+            ("2s", Duration::from_secs(2)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("1.5h", Duration::from_secs(5400)),
+            ("300ms", Duration::from_millis(300)),
+            ("2h45m10.5s", Duration::from_millis(9_910_500)),
+            ("1us", Duration::from_micros(1)),
+            ("1µs", Duration::from_micros(1)),
+            ("7ns", Duration::from_nanos(7)),
+            ("0", Duration::ZERO),
+            ("+5m", Duration::from_secs(300)),
+            (".5s", Duration::from_millis(500)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_go_duration(text), Ok(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_go_durations_are_refused_with_a_reason() {
+        assert_eq!(parse_go_duration(""), Err(DurationError::Empty));
+        assert_eq!(parse_go_duration("10"), Err(DurationError::MissingUnit));
+        assert_eq!(
+            parse_go_duration("7d"),
+            Err(DurationError::UnknownUnit("d".into()))
+        );
+        assert_eq!(parse_go_duration("-5s"), Err(DurationError::Negative));
+        assert_eq!(parse_go_duration("1..5s"), Err(DurationError::BadNumber));
+        assert_eq!(parse_go_duration("s"), Err(DurationError::BadNumber));
+        assert_eq!(
+            parse_go_duration("99999999999999999999h"),
+            Err(DurationError::Overflow)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn duration_parser_never_panics(text in "\\PC{0,24}") {
+            let _ = parse_go_duration(&text);
+        }
+
+        #[test]
+        fn whole_units_round_trip(h in 0u64..1000, m in 0u64..60, s in 0u64..60, ms in 0u64..1000) {
+            let text = format!("{h}h{m}m{s}s{ms}ms");
+            let want = Duration::from_millis(((h * 60 + m) * 60 + s) * 1000 + ms);
+            prop_assert_eq!(parse_go_duration(&text), Ok(want));
+        }
+    }
+
+    #[test]
+    fn defaults_match_upstream() {
+        let c = base().validate(Some("host-1")).unwrap();
+        assert_eq!(c.poll_interval, Duration::from_secs(10));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(c.cache_root, PathBuf::from(DEFAULT_CACHE_ROOT));
+        assert_eq!(
+            c.credential_file,
+            PathBuf::from(DEFAULT_CACHE_ROOT).join("credential")
+        );
+        assert_eq!(c.docker, "docker");
+        assert_eq!(c.triage_bin, "windshift-triage");
+        assert_eq!(c.network, DEFAULT_NETWORK);
+        assert_eq!(
+            (c.pids_limit, c.memory.as_str(), c.cpus.as_str()),
+            (512, "4g", "2")
+        );
+        assert_eq!(c.name, "host-1");
+        assert_eq!(c.concurrency, 1);
+        assert!(!c.allow_insecure && !c.allow_unlabeled_image);
+    }
+
+    #[test]
+    fn empty_values_fall_back_to_defaults() {
+        let mut c = base();
+        c.poll_interval = Some("  ".into());
+        c.docker = Some(String::new());
+        c.name = Some(String::new());
+        let v = c.validate(None).unwrap();
+        assert_eq!(v.poll_interval, Duration::from_secs(10));
+        assert_eq!(v.docker, "docker");
+        assert_eq!(v.name, "windshift-runner");
+    }
+
+    #[test]
+    fn http_needs_allow_insecure_exactly_1() {
+        let mut c = base();
+        c.api_url = Some("http://127.0.0.1:8080/api".into());
+        let err = c.validate(None).unwrap_err().to_string();
+        assert!(err.starts_with("WS_API_URL must be https://"), "{err}");
+        assert!(err.contains("WSRUNNER_ALLOW_INSECURE=1"), "{err}");
+        c.allow_insecure = Some("true".into());
+        assert!(c.validate(None).is_err());
+        c.allow_insecure = Some("1".into());
+        assert!(c.validate(None).unwrap().allow_insecure);
+    }
+
+    #[test]
+    fn missing_api_url_names_the_variable() {
+        let err = RunnerConfig::default().validate(None).unwrap_err();
+        assert_eq!(err, ConfigError::MissingApiUrl);
+        assert!(err
+            .to_string()
+            .contains("required environment variable WS_API_URL is not set"));
+    }
+
+    #[test]
+    fn invalid_values_are_fatal_and_name_the_variable() {
+        let cases: [(&str, fn(&mut RunnerConfig)); 7] = [
+            ("WSRUNNER_POLL_INTERVAL", |c| {
+                c.poll_interval = Some("10".into())
+            }),
+            ("WSRUNNER_HEARTBEAT_INTERVAL", |c| {
+                c.heartbeat_interval = Some("0s".into())
+            }),
+            ("WSRUNNER_CONCURRENCY", |c| c.concurrency = Some("0".into())),
+            ("WSRUNNER_PIDS_LIMIT", |c| c.pids_limit = Some("-1".into())),
+            ("WSRUNNER_MEMORY", |c| c.memory = Some("lots".into())),
+            ("WSRUNNER_CPUS", |c| c.cpus = Some("NaN".into())),
+            ("WSRUNNER_METRICS_ADDR", |c| {
+                c.metrics_addr = Some("9464".into())
+            }),
+        ];
+        for (var, set) in cases {
+            let mut c = base();
+            set(&mut c);
+            let err = c.validate(None).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut c = base();
+        c.registration_token = Some(format!("wsrt_{}", "a".repeat(64)));
+        c.credential = Some(format!("wsrc_{}", "b".repeat(64)));
+        let dbg = format!("{:?}", c.validate(None).unwrap());
+        assert!(!dbg.contains("aaaa") && !dbg.contains("bbbb"), "{dbg}");
+    }
+
+    #[test]
+    fn allowed_images_split_on_commas() {
+        let mut c = base();
+        c.allowed_images = Some(" a:1, ,b:2 ".into());
+        assert_eq!(c.validate(None).unwrap().allowed_images, vec!["a:1", "b:2"]);
+    }
+}
