@@ -643,7 +643,8 @@ mod tests {
 
     #[test]
     fn invalid_values_are_fatal_and_name_the_variable() {
-        let cases: [(&str, fn(&mut RunnerConfig)); 7] = [
+        type Mutation = fn(&mut RunnerConfig);
+        let cases: [(&str, Mutation); 7] = [
             ("WSRUNNER_POLL_INTERVAL", |c| {
                 c.poll_interval = Some("10".into())
             }),
