@@ -4,7 +4,9 @@
 
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod effects;
 pub mod fsm;
 pub mod journal;
+pub mod logging;
 pub mod redact;
