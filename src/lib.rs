@@ -9,4 +9,5 @@ pub mod effects;
 pub mod fsm;
 pub mod journal;
 pub mod logging;
+pub mod metrics;
 pub mod redact;
