@@ -66,7 +66,10 @@ fn prepare_from_a_cold_then_a_warm_cache() {
         "the cache never auto-gcs under a running prepare"
     );
     // Handed to the container user, all the way down.
-    for p in [out.checkout_path.clone(), out.checkout_path.join(".git/config")] {
+    for p in [
+        out.checkout_path.clone(),
+        out.checkout_path.join(".git/config"),
+    ] {
         let m = std::fs::metadata(&p).expect("stat");
         assert_eq!((m.uid(), m.gid()), (1000, 1000), "{}", p.display());
     }
@@ -162,7 +165,14 @@ fn two_processes_preparing_the_same_repo_at_once_both_succeed() {
         Command::new(env!("CARGO_BIN_EXE_windshift-triage"))
             .args(["prepare", "--root"])
             .arg(&root)
-            .args(["--workspace-id", "7", "--repo", "acme/widgets", "--run-id", run_id])
+            .args([
+                "--workspace-id",
+                "7",
+                "--repo",
+                "acme/widgets",
+                "--run-id",
+                run_id,
+            ])
             .args(["--remote-url", &origin.file_url(), "--allow-file-url"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -252,7 +262,11 @@ fn a_cache_that_fails_to_fetch_is_recloned_once() {
     prepare(&request(&root, &origin, "acme/widgets", 41)).expect("warm up");
     let new_main = origin.advance("main", "b.txt", "b\n");
     // Corrupt the cache: its config is unparsable, so every git command in it fails.
-    std::fs::write(cache.bare().join("config"), "[core\nthis is not git config\n").expect("corrupt");
+    std::fs::write(
+        cache.bare().join("config"),
+        "[core\nthis is not git config\n",
+    )
+    .expect("corrupt");
     let out = prepare(&request(&root, &origin, "acme/widgets", 42)).expect("recovered");
     assert_eq!(out.base_commit, new_main);
     assert_eq!(git(&cache.bare(), &["config", "gc.auto"]), "0");
@@ -287,7 +301,10 @@ fn eviction_removes_only_idle_caches() {
     assert!(!idle_cache.dir().exists());
     assert!(in_use.bare().join("HEAD").exists());
     assert!(locked.bare().join("HEAD").exists());
-    assert!(root.join(".workspaces/run-99").exists(), "non-cache dirs are left alone");
+    assert!(
+        root.join(".workspaces/run-99").exists(),
+        "non-cache dirs are left alone"
+    );
     drop(held);
 
     // An evicted repo is simply cloned again next time.
@@ -329,13 +346,24 @@ fn a_multi_repo_workspace_gets_sibling_dirs_and_ws_toml_everywhere() {
     let ws_root = root.join(".workspaces/run-61");
     assert!(ws.multi_repo);
     assert_eq!(ws.mount_path, ws_root);
-    let dirs: Vec<_> = ws.repos.iter().map(|r| r.output.checkout_path.clone()).collect();
+    let dirs: Vec<_> = ws
+        .repos
+        .iter()
+        .map(|r| r.output.checkout_path.clone())
+        .collect();
     assert_eq!(
         dirs,
-        vec![ws_root.join("api"), ws_root.join("api-2"), ws_root.join("web")]
+        vec![
+            ws_root.join("api"),
+            ws_root.join("api-2"),
+            ws_root.join("web")
+        ]
     );
     for (r, origin) in ws.repos.iter().zip([&api, &api_fork, &web]) {
-        assert_eq!(Some(r.output.base_commit.clone()), origin.sha("refs/heads/main"));
+        assert_eq!(
+            Some(r.output.base_commit.clone()),
+            origin.sha("refs/heads/main")
+        );
         assert_eq!(r.output.branch, "agent-runs/run-61");
         assert_eq!(
             std::fs::read_to_string(r.output.checkout_path.join("ws.toml")).expect("ws.toml"),

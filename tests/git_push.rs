@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use git_support::{commit_file, files_containing, git, GitHttpServer, Origin};
 use windshift_runner::effects::git::{
-    prepare, push, remote_ref_sha, GitError, PrepareOutput, PrepareRequest, PushRequest,
-    RepoCache, TransportPolicy,
+    prepare, push, remote_ref_sha, GitError, PrepareOutput, PrepareRequest, PushRequest, RepoCache,
+    TransportPolicy,
 };
 
 const TOKEN: &str = "run-token-5f2d9c81e0a7b3c4";
@@ -129,8 +129,14 @@ fn the_token_goes_through_askpass_and_is_stored_nowhere() {
         assert_eq!((user.as_str(), pass.as_str()), ("oauth2", TOKEN));
     }
     let cache = RepoCache::new(&fx.root, 3, "acme", "widgets");
-    assert_eq!(files_containing(&cache.bare(), TOKEN), Vec::<PathBuf>::new());
-    assert_eq!(files_containing(&out.checkout_path, TOKEN), Vec::<PathBuf>::new());
+    assert_eq!(
+        files_containing(&cache.bare(), TOKEN),
+        Vec::<PathBuf>::new()
+    );
+    assert_eq!(
+        files_containing(&out.checkout_path, TOKEN),
+        Vec::<PathBuf>::new()
+    );
     // No askpass script or config with the token survives in the temp dir either.
     let leaked: Vec<_> = files_containing(&std::env::temp_dir(), TOKEN)
         .into_iter()
@@ -172,7 +178,9 @@ fn a_diverged_remote_branch_is_refused_never_forced() {
     agent_commit(&out.checkout_path, "mine.txt");
     // Someone else put a different commit on the branch meanwhile.
     git(&fx.origin.work, &["checkout", "--quiet", "main"]);
-    let theirs = fx.origin.advance("agent-runs/run-5", "theirs.txt", "theirs\n");
+    let theirs = fx
+        .origin
+        .advance("agent-runs/run-5", "theirs.txt", "theirs\n");
 
     let err = push(&fx.push_request(&out)).expect_err("diverged");
     assert!(
@@ -195,27 +203,35 @@ fn hooks_config_and_redirects_planted_in_the_checkout_never_take_part() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let marker = tmp.path().join("hook-ran");
     let decoy = tmp.path().join("decoy.git");
-    git(tmp.path(), &["init", "--quiet", "--bare", decoy.to_str().expect("utf8")]);
+    git(
+        tmp.path(),
+        &["init", "--quiet", "--bare", decoy.to_str().expect("utf8")],
+    );
 
     let hook = format!("#!/bin/sh\necho ran >> {}\n", marker.display());
     let git_dir = out.checkout_path.join(".git");
     let hooks_dir = tmp.path().join("planted-hooks");
     std::fs::create_dir_all(&hooks_dir).expect("hooks dir");
     for dir in [git_dir.join("hooks"), hooks_dir.clone()] {
-        for name in ["pre-push", "reference-transaction", "post-checkout", "pre-commit"] {
+        for name in [
+            "pre-push",
+            "reference-transaction",
+            "post-checkout",
+            "pre-commit",
+        ] {
             let path = dir.join(name);
             std::fs::write(&path, &hook).expect("hook");
-            std::fs::set_permissions(
-                &path,
-                std::os::unix::fs::PermissionsExt::from_mode(0o755),
-            )
-            .expect("chmod");
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .expect("chmod");
         }
     }
     let fsmonitor = tmp.path().join("fsmonitor.sh");
     std::fs::write(&fsmonitor, &hook).expect("fsmonitor");
-    std::fs::set_permissions(&fsmonitor, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        &fsmonitor,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let cfg = |k: &str, v: &str| git(&out.checkout_path, &["config", k, v]);
     cfg("core.hooksPath", hooks_dir.to_str().expect("utf8"));
     cfg("core.fsmonitor", fsmonitor.to_str().expect("utf8"));
@@ -228,7 +244,10 @@ fn hooks_config_and_redirects_planted_in_the_checkout_never_take_part() {
         &fx.remote,
     );
     // The planted hook does work when git runs in the checkout normally (proves the trap).
-    git(&out.checkout_path, &["commit", "--quiet", "--allow-empty", "-m", "trap check"]);
+    git(
+        &out.checkout_path,
+        &["commit", "--quiet", "--allow-empty", "-m", "trap check"],
+    );
     assert!(marker.exists(), "the trap is armed");
     std::fs::remove_file(&marker).expect("reset marker");
     let commit_after_trap = git(&out.checkout_path, &["rev-parse", "HEAD"]);
@@ -236,14 +255,20 @@ fn hooks_config_and_redirects_planted_in_the_checkout_never_take_part() {
 
     let pushed = push(&fx.push_request(&out)).expect("push");
     assert_eq!(pushed.head_sha, commit_after_trap);
-    assert!(!marker.exists(), "a planted hook or fsmonitor ran during push");
+    assert!(
+        !marker.exists(),
+        "a planted hook or fsmonitor ran during push"
+    );
     assert_eq!(
         fx.origin.sha("refs/heads/agent-runs/run-6"),
         Some(commit_after_trap),
         "the push went to the real remote"
     );
     assert_eq!(
-        git(tmp.path(), &["--git-dir", decoy.to_str().expect("utf8"), "for-each-ref"]),
+        git(
+            tmp.path(),
+            &["--git-dir", decoy.to_str().expect("utf8"), "for-each-ref"]
+        ),
         "",
         "nothing was redirected to the decoy"
     );
@@ -258,8 +283,11 @@ fn a_checkout_pointing_at_another_repository_is_refused() {
 
     // Alternates borrowing objects from the cache.
     let alternates = out.checkout_path.join(".git/objects/info/alternates");
-    std::fs::write(&alternates, format!("{}\n", cache.bare().join("objects").display()))
-        .expect("alternates");
+    std::fs::write(
+        &alternates,
+        format!("{}\n", cache.bare().join("objects").display()),
+    )
+    .expect("alternates");
     let err = push(&fx.push_request(&out)).expect_err("alternates");
     assert!(matches!(err, GitError::UnsafeCheckout { .. }), "{err}");
     std::fs::remove_file(&alternates).expect("rm");

@@ -31,28 +31,123 @@ struct FlagDef {
 }
 
 const PREPARE_FLAGS: &[FlagDef] = &[
-    FlagDef { name: "root", kind: Kind::Str, default: "", usage: "absolute cache root (required)" },
-    FlagDef { name: "workspace-id", kind: Kind::Int, default: "0", usage: "workspace id (required, non-zero)" },
-    FlagDef { name: "repo", kind: Kind::Str, default: "", usage: "owner/name" },
-    FlagDef { name: "remote-url", kind: Kind::Str, default: "", usage: "tokenless remote URL (the git-proxy URL)" },
-    FlagDef { name: "base-ref", kind: Kind::Str, default: "main", usage: "branch to cut from" },
-    FlagDef { name: "continue-branch", kind: Kind::Str, default: "", usage: "existing pull-request branch to continue; overrides base-ref" },
-    FlagDef { name: "dest-dir", kind: Kind::Str, default: "", usage: "checkout directory (multi-repo placement)" },
-    FlagDef { name: "run-id", kind: Kind::Int, default: "0", usage: "run id" },
-    FlagDef { name: "token-file", kind: Kind::Str, default: "", usage: "file holding the run token; empty means no auth" },
-    FlagDef { name: "git-transport", kind: Kind::Str, default: "askpass", usage: "askpass or proxy" },
-    FlagDef { name: "allow-file-url", kind: Kind::Bool, default: "false", usage: "allow file:// remotes (tests only)" },
+    FlagDef {
+        name: "root",
+        kind: Kind::Str,
+        default: "",
+        usage: "absolute cache root (required)",
+    },
+    FlagDef {
+        name: "workspace-id",
+        kind: Kind::Int,
+        default: "0",
+        usage: "workspace id (required, non-zero)",
+    },
+    FlagDef {
+        name: "repo",
+        kind: Kind::Str,
+        default: "",
+        usage: "owner/name",
+    },
+    FlagDef {
+        name: "remote-url",
+        kind: Kind::Str,
+        default: "",
+        usage: "tokenless remote URL (the git-proxy URL)",
+    },
+    FlagDef {
+        name: "base-ref",
+        kind: Kind::Str,
+        default: "main",
+        usage: "branch to cut from",
+    },
+    FlagDef {
+        name: "continue-branch",
+        kind: Kind::Str,
+        default: "",
+        usage: "existing pull-request branch to continue; overrides base-ref",
+    },
+    FlagDef {
+        name: "dest-dir",
+        kind: Kind::Str,
+        default: "",
+        usage: "checkout directory (multi-repo placement)",
+    },
+    FlagDef {
+        name: "run-id",
+        kind: Kind::Int,
+        default: "0",
+        usage: "run id",
+    },
+    FlagDef {
+        name: "token-file",
+        kind: Kind::Str,
+        default: "",
+        usage: "file holding the run token; empty means no auth",
+    },
+    FlagDef {
+        name: "git-transport",
+        kind: Kind::Str,
+        default: "askpass",
+        usage: "askpass or proxy",
+    },
+    FlagDef {
+        name: "allow-file-url",
+        kind: Kind::Bool,
+        default: "false",
+        usage: "allow file:// remotes (tests only)",
+    },
 ];
 
 const PUSH_FLAGS: &[FlagDef] = &[
-    FlagDef { name: "dest", kind: Kind::Str, default: "", usage: "checkout directory" },
-    FlagDef { name: "branch", kind: Kind::Str, default: "", usage: "branch to push" },
-    FlagDef { name: "token-file", kind: Kind::Str, default: "", usage: "file holding the run token" },
-    FlagDef { name: "git-transport", kind: Kind::Str, default: "askpass", usage: "askpass (push to --remote-url) or proxy (push to --proxy-url)" },
-    FlagDef { name: "proxy-url", kind: Kind::Str, default: "", usage: "git-proxy URL (required with proxy)" },
-    FlagDef { name: "remote-url", kind: Kind::Str, default: "", usage: "remote URL (required with askpass)" },
-    FlagDef { name: "skip-if-head", kind: Kind::Str, default: "", usage: "base commit; skip the push when the branch is still there" },
-    FlagDef { name: "allow-file-url", kind: Kind::Bool, default: "false", usage: "allow file:// remotes (tests only)" },
+    FlagDef {
+        name: "dest",
+        kind: Kind::Str,
+        default: "",
+        usage: "checkout directory",
+    },
+    FlagDef {
+        name: "branch",
+        kind: Kind::Str,
+        default: "",
+        usage: "branch to push",
+    },
+    FlagDef {
+        name: "token-file",
+        kind: Kind::Str,
+        default: "",
+        usage: "file holding the run token",
+    },
+    FlagDef {
+        name: "git-transport",
+        kind: Kind::Str,
+        default: "askpass",
+        usage: "askpass (push to --remote-url) or proxy (push to --proxy-url)",
+    },
+    FlagDef {
+        name: "proxy-url",
+        kind: Kind::Str,
+        default: "",
+        usage: "git-proxy URL (required with proxy)",
+    },
+    FlagDef {
+        name: "remote-url",
+        kind: Kind::Str,
+        default: "",
+        usage: "remote URL (required with askpass)",
+    },
+    FlagDef {
+        name: "skip-if-head",
+        kind: Kind::Str,
+        default: "",
+        usage: "base commit; skip the push when the branch is still there",
+    },
+    FlagDef {
+        name: "allow-file-url",
+        kind: Kind::Bool,
+        default: "false",
+        usage: "allow file:// remotes (tests only)",
+    },
 ];
 
 /// Parsed flag values, every defined flag present (defaults filled in).
@@ -69,6 +164,9 @@ impl Flags {
         self.str(name) == "true"
     }
 }
+
+/// A subcommand body: parsed flags in, the JSON line or an error message out.
+type Subcommand = fn(&Flags) -> Result<String, String>;
 
 enum ParseOutcome {
     Flags(Flags),
@@ -177,7 +275,10 @@ fn policy(flags: &Flags) -> TransportPolicy {
 }
 
 fn run_prepare(flags: &Flags) -> Result<String, String> {
-    let transport: GitTransport = flags.str("git-transport").parse().map_err(|e| format!("{e}"))?;
+    let transport: GitTransport = flags
+        .str("git-transport")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
     let req = PrepareRequest {
         root: flags.str("root").to_owned(),
         workspace_id: flags.int("workspace-id"),
@@ -202,7 +303,10 @@ fn run_prepare(flags: &Flags) -> Result<String, String> {
 }
 
 fn run_push(flags: &Flags) -> Result<String, String> {
-    let transport: GitTransport = flags.str("git-transport").parse().map_err(|e| format!("{e}"))?;
+    let transport: GitTransport = flags
+        .str("git-transport")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
     let remote_url = match transport {
         GitTransport::Proxy if flags.str("proxy-url").is_empty() => {
             return Err("--proxy-url is required with --git-transport proxy".into())
@@ -246,7 +350,7 @@ fn main() -> ExitCode {
     let Some(sub) = args.first() else {
         return fail("missing subcommand; usage: windshift-triage <prepare|push> [flags]");
     };
-    let (defs, run): (&'static [FlagDef], fn(&Flags) -> Result<String, String>) = match sub.as_str() {
+    let (defs, run): (&'static [FlagDef], Subcommand) = match sub.as_str() {
         "prepare" => (PREPARE_FLAGS, run_prepare),
         "push" => (PUSH_FLAGS, run_push),
         other => {
@@ -293,7 +397,15 @@ mod tests {
     fn go_flag_syntax_variants() {
         let f = parse(
             PREPARE_FLAGS,
-            &["--root", "/c", "-workspace-id=3", "--run-id=9", "-repo", "a/b", "-allow-file-url"],
+            &[
+                "--root",
+                "/c",
+                "-workspace-id=3",
+                "--run-id=9",
+                "-repo",
+                "a/b",
+                "-allow-file-url",
+            ],
         )
         .expect("parse");
         assert_eq!(f.str("root"), "/c");
@@ -303,7 +415,11 @@ mod tests {
         assert!(f.bool("allow-file-url"));
         assert_eq!(f.str("base-ref"), "main");
         assert_eq!(f.str("git-transport"), "askpass");
-        let f = parse(PREPARE_FLAGS, &["-allow-file-url=false", "stop", "-root", "/x"]).expect("p");
+        let f = parse(
+            PREPARE_FLAGS,
+            &["-allow-file-url=false", "stop", "-root", "/x"],
+        )
+        .expect("p");
         assert!(!f.bool("allow-file-url"));
         assert_eq!(f.str("root"), "", "parsing stops at the first non-flag");
     }
@@ -313,7 +429,10 @@ mod tests {
         for (args, needle) in [
             (&["--nope", "x"][..], "flag provided but not defined: -nope"),
             (&["--root"][..], "flag needs an argument: -root"),
-            (&["--run-id", "x"][..], "invalid value \"x\" for flag -run-id"),
+            (
+                &["--run-id", "x"][..],
+                "invalid value \"x\" for flag -run-id",
+            ),
             (&["---root", "/x"][..], "bad flag syntax"),
             (&["-allow-file-url=maybe"][..], "invalid boolean value"),
         ] {

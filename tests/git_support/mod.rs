@@ -51,10 +51,16 @@ impl Origin {
         let bare = parent.join(name);
         let work = parent.join(format!("{name}-work"));
         std::fs::create_dir_all(&work).expect("mkdir work");
-        git(parent, &["init", "--quiet", "--bare", bare.to_str().expect("utf8")]);
+        git(
+            parent,
+            &["init", "--quiet", "--bare", bare.to_str().expect("utf8")],
+        );
         git(&work, &["init", "--quiet"]);
         commit_file(&work, "README.md", "hello\n");
-        git(&work, &["remote", "add", "origin", bare.to_str().expect("utf8")]);
+        git(
+            &work,
+            &["remote", "add", "origin", bare.to_str().expect("utf8")],
+        );
         git(&work, &["push", "--quiet", "origin", "main"]);
         Self { bare, work }
     }
@@ -64,7 +70,10 @@ impl Origin {
     pub fn advance(&self, branch: &str, file: &str, content: &str) -> String {
         git(&self.work, &["checkout", "--quiet", "-B", branch]);
         let sha = commit_file(&self.work, file, content);
-        git(&self.work, &["push", "--quiet", "--force", "origin", branch]);
+        git(
+            &self.work,
+            &["push", "--quiet", "--force", "origin", branch],
+        );
         sha
     }
 
@@ -90,7 +99,9 @@ pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         if meta.is_dir() {
             for e in std::fs::read_dir(&p).expect("list").flatten() {
                 stack.push(e.path());
@@ -241,7 +252,10 @@ fn serve(
         .map(|i| (i, 4))
         .or_else(|| cgi.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
     let (head, body) = match split {
-        Some((i, n)) => (String::from_utf8_lossy(&cgi[..i]).into_owned(), &cgi[i + n..]),
+        Some((i, n)) => (
+            String::from_utf8_lossy(&cgi[..i]).into_owned(),
+            &cgi[i + n..],
+        ),
         None => (String::new(), &cgi[..]),
     };
     let mut status = "200 OK".to_owned();

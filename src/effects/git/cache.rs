@@ -121,7 +121,9 @@ fn collect_lock_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), GitError
         Err(e) => return Err(GitError::io(format!("list {}", dir.display()), e)),
     };
     for entry in entries.flatten() {
-        let Ok(kind) = entry.file_type() else { continue };
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
         let path = entry.path();
         if kind.is_dir() {
             collect_lock_files(&path, out)?;

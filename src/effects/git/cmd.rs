@@ -80,7 +80,10 @@ impl GitSession {
             .map_err(|e| GitError::io("create the private git session directory", e))?;
         let global_config = private.path().join("gitconfig");
         write_private_file(&global_config, b"", 0o600)?;
-        let token = token.map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned);
+        let token = token
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
         let askpass = match token {
             Some(_) => {
                 let path = private.path().join("askpass.sh");
@@ -163,7 +166,8 @@ impl GitSession {
             .env("GIT_ALLOW_PROTOCOL", allow_protocol);
         if reach == Reach::Remote {
             if let (Some(askpass), Some(token)) = (&self.askpass, &self.token) {
-                cmd.env("GIT_ASKPASS", askpass).env("AGENT_GIT_TOKEN", token);
+                cmd.env("GIT_ASKPASS", askpass)
+                    .env("AGENT_GIT_TOKEN", token);
             }
         }
         cmd.args(["-c", "protocol.ext.allow=never"])
@@ -323,13 +327,21 @@ mod tests {
         let askpass = env_of(&cmd, "GIT_ASKPASS").expect("askpass");
         let script = std::fs::read_to_string(&askpass).expect("script");
         assert!(!script.contains(token));
-        let dir_mode = std::fs::metadata(s.scratch()).expect("dir").permissions().mode();
+        let dir_mode = std::fs::metadata(s.scratch())
+            .expect("dir")
+            .permissions()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
 
         let local = s.command(Reach::Local, ["rev-parse", "HEAD"]);
         assert_eq!(env_of(&local, "AGENT_GIT_TOKEN"), None);
-        assert_eq!(env_of(&local, "GIT_ALLOW_PROTOCOL").as_deref(), Some("file"));
-        assert!(args_of(&local).iter().any(|a| a == "protocol.file.allow=always"));
+        assert_eq!(
+            env_of(&local, "GIT_ALLOW_PROTOCOL").as_deref(),
+            Some("file")
+        );
+        assert!(args_of(&local)
+            .iter()
+            .any(|a| a == "protocol.file.allow=always"));
     }
 
     #[test]
@@ -340,7 +352,10 @@ mod tests {
         };
         let s = GitSession::new(None, dev, RemoteScheme::Http).expect("session");
         let cmd = s.command(Reach::Remote, ["ls-remote"]);
-        assert_eq!(env_of(&cmd, "GIT_ALLOW_PROTOCOL").as_deref(), Some("https:http"));
+        assert_eq!(
+            env_of(&cmd, "GIT_ALLOW_PROTOCOL").as_deref(),
+            Some("https:http")
+        );
         assert_eq!(env_of(&cmd, "GIT_ASKPASS"), None);
         let s = GitSession::new(None, dev, RemoteScheme::Https).expect("session");
         let cmd = s.command(Reach::Remote, ["ls-remote"]);
@@ -349,9 +364,16 @@ mod tests {
 
     #[test]
     fn session_redacts_its_token() {
-        let s = GitSession::new(Some("secret-token-xyz"), TransportPolicy::default(), RemoteScheme::Https)
-            .expect("session");
-        assert_eq!(s.redact("fatal: secret-token-xyz bad"), format!("fatal: {MASK} bad"));
+        let s = GitSession::new(
+            Some("secret-token-xyz"),
+            TransportPolicy::default(),
+            RemoteScheme::Https,
+        )
+        .expect("session");
+        assert_eq!(
+            s.redact("fatal: secret-token-xyz bad"),
+            format!("fatal: {MASK} bad")
+        );
     }
 
     #[test]

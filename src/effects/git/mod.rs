@@ -20,8 +20,8 @@ mod workspace;
 mod wstoml;
 
 pub use cache::{
-    clean_stale, evict_idle, workspace_root, EvictionReport, RepoCache, StaleCleanup,
-    BARE_DIR, DEFAULT_CACHE_MAX_AGE, LOCK_FILE,
+    clean_stale, evict_idle, workspace_root, EvictionReport, RepoCache, StaleCleanup, BARE_DIR,
+    DEFAULT_CACHE_MAX_AGE, LOCK_FILE,
 };
 pub use error::GitError;
 pub use lock::CacheLock;

@@ -98,7 +98,14 @@ impl fmt::Debug for PrepareRequest {
             .field("continue_branch", &self.continue_branch)
             .field("dest_dir", &self.dest_dir)
             .field("run_id", &self.run_id)
-            .field("token", &if self.token.is_empty() { "" } else { crate::redact::MASK })
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    ""
+                } else {
+                    crate::redact::MASK
+                },
+            )
             .field("transport", &self.transport)
             .field("policy", &self.policy)
             .finish()

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use super::cmd::{GitSession, Reach};
 use super::error::GitError;
 use super::validate::{
-    validate_abs_path, validate_branch_name, validate_commit_id, validate_remote_url,
-    RemoteScheme, TransportPolicy,
+    validate_abs_path, validate_branch_name, validate_commit_id, validate_remote_url, RemoteScheme,
+    TransportPolicy,
 };
 
 /// Everything `push` needs.
@@ -33,7 +33,14 @@ impl std::fmt::Debug for PushRequest {
             .field("checkout", &self.checkout)
             .field("branch", &self.branch)
             .field("remote_url", &self.remote_url)
-            .field("token", &if self.token.is_empty() { "" } else { crate::redact::MASK })
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    ""
+                } else {
+                    crate::redact::MASK
+                },
+            )
             .field("skip_if_head", &self.skip_if_head)
             .field("policy", &self.policy)
             .finish()
@@ -235,8 +242,14 @@ fn checked_git_dir(checkout: &Path) -> Result<PathBuf, GitError> {
     }
     for (rel, reason) in [
         ("commondir", ".git/commondir points at another repository"),
-        ("objects/info/alternates", ".git/objects/info/alternates borrows objects from elsewhere"),
-        ("objects/info/http-alternates", ".git/objects/info/http-alternates borrows objects from elsewhere"),
+        (
+            "objects/info/alternates",
+            ".git/objects/info/alternates borrows objects from elsewhere",
+        ),
+        (
+            "objects/info/http-alternates",
+            ".git/objects/info/http-alternates borrows objects from elsewhere",
+        ),
     ] {
         if std::fs::symlink_metadata(git_dir.join(rel)).is_ok() {
             return Err(unsafe_because(reason));

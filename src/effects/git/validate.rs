@@ -50,7 +50,9 @@ pub fn validate_slug(slug: &str) -> Result<(String, String), ValidationError> {
     if repo.contains('/') {
         return Err(ValidationError::new(
             FIELD,
-            format!("{slug:?}: the repo name must not contain '/' (nested groups are not supported)"),
+            format!(
+                "{slug:?}: the repo name must not contain '/' (nested groups are not supported)"
+            ),
         ));
     }
     for (what, seg) in [("owner", owner), ("repo name", repo)] {
@@ -239,7 +241,10 @@ pub fn validate_remote_url(
 /// Checks that `path` is absolute and clean: no `.`/`..` components and no NUL.
 pub fn validate_abs_path(field: &'static str, path: &Path) -> Result<(), ValidationError> {
     if path.as_os_str().is_empty() {
-        return Err(ValidationError::new(field, "is required (an absolute path)"));
+        return Err(ValidationError::new(
+            field,
+            "is required (an absolute path)",
+        ));
     }
     if !path.is_absolute() {
         return Err(ValidationError::new(
@@ -261,7 +266,10 @@ pub fn validate_abs_path(field: &'static str, path: &Path) -> Result<(), Validat
         return Err(ValidationError::new(field, "contains a NUL byte"));
     }
     if path.parent().is_none() {
-        return Err(ValidationError::new(field, "must not be the filesystem root"));
+        return Err(ValidationError::new(
+            field,
+            "must not be the filesystem root",
+        ));
     }
     Ok(())
 }
@@ -302,13 +310,18 @@ pub struct ValidatedPrepare {
 }
 
 /// Validates every prepare input (spec 4.10/4.11 step 1) without touching the filesystem.
-pub fn validate_prepare_inputs(input: &PrepareInputs<'_>) -> Result<ValidatedPrepare, ValidationError> {
+pub fn validate_prepare_inputs(
+    input: &PrepareInputs<'_>,
+) -> Result<ValidatedPrepare, ValidationError> {
     let root = PathBuf::from(input.root);
     validate_abs_path("--root", &root)?;
     if input.workspace_id <= 0 {
         return Err(ValidationError::new(
             "--workspace-id",
-            format!("must be a positive workspace id (got {})", input.workspace_id),
+            format!(
+                "must be a positive workspace id (got {})",
+                input.workspace_id
+            ),
         ));
     }
     if input.run_id <= 0 {
@@ -366,8 +379,22 @@ mod tests {
         );
         assert!(validate_slug("acme/.github").is_ok());
         for bad in [
-            "", "acme", "acme/", "/widgets", "a/b/c", "../x", "a/..", "a/.", "-a/b", "a/-b",
-            "a b/c", "a/b\n", "a/b\0", "a/wid gets", "a\\b/c", "ä/b",
+            "",
+            "acme",
+            "acme/",
+            "/widgets",
+            "a/b/c",
+            "../x",
+            "a/..",
+            "a/.",
+            "-a/b",
+            "a/-b",
+            "a b/c",
+            "a/b\n",
+            "a/b\0",
+            "a/wid gets",
+            "a\\b/c",
+            "ä/b",
         ] {
             let err = validate_slug(bad).expect_err(bad);
             assert_eq!(err.field, "--repo", "{bad:?}");
@@ -376,13 +403,40 @@ mod tests {
 
     #[test]
     fn branches() {
-        for good in ["main", "agent-runs/run-7", "feature/x.y", "release-1.0", "a@b"] {
+        for good in [
+            "main",
+            "agent-runs/run-7",
+            "feature/x.y",
+            "release-1.0",
+            "a@b",
+        ] {
             assert!(validate_branch_name("--base-ref", good).is_ok(), "{good}");
         }
         for bad in [
-            "", "-x", "a b", "a:b", "a?b", "a*b", "a[b", "a\\b", "a~b", "a^b", "a..b", "a/",
-            "/a", "a//b", "a.", ".a", "a/.b", "a.lock", "a/b.lock/c", "@", "a@{b", "a\tb",
-            "a\u{7f}", "a\u{a0}b",
+            "",
+            "-x",
+            "a b",
+            "a:b",
+            "a?b",
+            "a*b",
+            "a[b",
+            "a\\b",
+            "a~b",
+            "a^b",
+            "a..b",
+            "a/",
+            "/a",
+            "a//b",
+            "a.",
+            ".a",
+            "a/.b",
+            "a.lock",
+            "a/b.lock/c",
+            "@",
+            "a@{b",
+            "a\tb",
+            "a\u{7f}",
+            "a\u{a0}b",
         ] {
             assert!(
                 validate_branch_name("--continue-branch", bad).is_err(),
@@ -455,18 +509,75 @@ mod tests {
         let v = validate_prepare_inputs(&cont).expect("valid");
         assert_eq!(v.fetch_branch, "feature/pr-9");
         assert_eq!(v.work_branch, "feature/pr-9");
-        assert_eq!(v.checkout, PathBuf::from("/cache/.workspaces/run-42/widgets"));
+        assert_eq!(
+            v.checkout,
+            PathBuf::from("/cache/.workspaces/run-42/widgets")
+        );
 
         for (bad, field) in [
-            (PrepareInputs { root: "", ..input.clone() }, "--root"),
-            (PrepareInputs { root: "rel", ..input.clone() }, "--root"),
-            (PrepareInputs { root: "/a/../b", ..input.clone() }, "--root"),
-            (PrepareInputs { root: "/", ..input.clone() }, "--root"),
-            (PrepareInputs { workspace_id: 0, ..input.clone() }, "--workspace-id"),
-            (PrepareInputs { run_id: -1, ..input.clone() }, "--run-id"),
-            (PrepareInputs { continue_branch: "-f", ..input.clone() }, "--continue-branch"),
-            (PrepareInputs { dest_dir: "x/y", ..input.clone() }, "--dest-dir"),
-            (PrepareInputs { remote_url: "", ..input.clone() }, "--remote-url"),
+            (
+                PrepareInputs {
+                    root: "",
+                    ..input.clone()
+                },
+                "--root",
+            ),
+            (
+                PrepareInputs {
+                    root: "rel",
+                    ..input.clone()
+                },
+                "--root",
+            ),
+            (
+                PrepareInputs {
+                    root: "/a/../b",
+                    ..input.clone()
+                },
+                "--root",
+            ),
+            (
+                PrepareInputs {
+                    root: "/",
+                    ..input.clone()
+                },
+                "--root",
+            ),
+            (
+                PrepareInputs {
+                    workspace_id: 0,
+                    ..input.clone()
+                },
+                "--workspace-id",
+            ),
+            (
+                PrepareInputs {
+                    run_id: -1,
+                    ..input.clone()
+                },
+                "--run-id",
+            ),
+            (
+                PrepareInputs {
+                    continue_branch: "-f",
+                    ..input.clone()
+                },
+                "--continue-branch",
+            ),
+            (
+                PrepareInputs {
+                    dest_dir: "x/y",
+                    ..input.clone()
+                },
+                "--dest-dir",
+            ),
+            (
+                PrepareInputs {
+                    remote_url: "",
+                    ..input.clone()
+                },
+                "--remote-url",
+            ),
         ] {
             assert_eq!(validate_prepare_inputs(&bad).expect_err(field).field, field);
         }

@@ -36,7 +36,10 @@ impl WsToml {
     pub fn render(&self) -> String {
         let mut text = format!("[server]\nurl = {}\n", toml_string(&self.server_url));
         if let Some(key) = &self.workspace_key {
-            text.push_str(&format!("\n[defaults]\nworkspace_key = {}\n", toml_string(key)));
+            text.push_str(&format!(
+                "\n[defaults]\nworkspace_key = {}\n",
+                toml_string(key)
+            ));
         }
         text
     }
@@ -128,7 +131,10 @@ mod tests {
             server_url: "https://h/\"x\"\n[evil]".into(),
             workspace_key: None,
         };
-        assert_eq!(cfg.render(), "[server]\nurl = \"https://h/\\\"x\\\"\\n[evil]\"\n");
+        assert_eq!(
+            cfg.render(),
+            "[server]\nurl = \"https://h/\\\"x\\\"\\n[evil]\"\n"
+        );
     }
 
     #[test]
