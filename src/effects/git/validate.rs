@@ -583,3 +583,30 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn on_any_input(
+            root in ".{0,40}", slug in ".{0,40}", remote in ".{0,40}", base in ".{0,40}",
+            cont in ".{0,40}", dest in ".{0,40}", ws in any::<i64>(), run in any::<i64>(),
+            file_ok in any::<bool>(), http_ok in any::<bool>(),
+        ) {
+            let input = PrepareInputs {
+                root: &root, workspace_id: ws, slug: &slug, remote_url: &remote, base_ref: &base,
+                continue_branch: &cont, dest_dir: &dest, run_id: run,
+                policy: TransportPolicy { allow_file_url: file_ok, allow_insecure_http: http_ok },
+            };
+            if let Ok(v) = validate_prepare_inputs(&input) {
+                // Whatever passes stays inside the root (or the given absolute dest).
+                prop_assert!(v.checkout.is_absolute());
+                prop_assert!(!v.checkout.components().any(|c| matches!(c, Component::ParentDir)));
+                prop_assert!(validate_branch_name("b", &v.work_branch).is_ok());
+            }
+        }
+    }
+}
