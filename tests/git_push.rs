@@ -138,9 +138,15 @@ fn the_token_goes_through_askpass_and_is_stored_nowhere() {
         Vec::<PathBuf>::new()
     );
     // No askpass script or config with the token survives in the temp dir either.
-    let leaked: Vec<_> = files_containing(&std::env::temp_dir(), TOKEN)
-        .into_iter()
-        .filter(|p| p.to_string_lossy().contains("windshift-git-"))
+    let leaked: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .expect("list temp dir")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("windshift-git-")
+        })
+        .flat_map(|e| files_containing(&e.path(), TOKEN))
         .collect();
     assert!(leaked.is_empty(), "{leaked:?}");
 }

@@ -353,6 +353,18 @@ pub fn validate_prepare_inputs(
     } else {
         let dest = PathBuf::from(input.dest_dir);
         validate_abs_path("--dest-dir", &dest)?;
+        // The checkout is `rm -rf`ed before cloning: keep that inside the cache root, where
+        // the runner always places it (`<root>/.workspaces/run-<id>/<dir>`).
+        if !dest.starts_with(&root) || dest == root {
+            return Err(ValidationError::new(
+                "--dest-dir",
+                format!(
+                    "{} must be inside the cache root {} (it is wiped before cloning)",
+                    dest.display(),
+                    root.display()
+                ),
+            ));
+        }
         dest
     };
     Ok(ValidatedPrepare {
@@ -567,6 +579,27 @@ mod tests {
             (
                 PrepareInputs {
                     dest_dir: "x/y",
+                    ..input.clone()
+                },
+                "--dest-dir",
+            ),
+            (
+                PrepareInputs {
+                    dest_dir: "/etc",
+                    ..input.clone()
+                },
+                "--dest-dir",
+            ),
+            (
+                PrepareInputs {
+                    dest_dir: "/cache",
+                    ..input.clone()
+                },
+                "--dest-dir",
+            ),
+            (
+                PrepareInputs {
+                    dest_dir: "/cachex/y",
                     ..input.clone()
                 },
                 "--dest-dir",
