@@ -396,3 +396,23 @@ fn a_multi_repo_workspace_gets_sibling_dirs_and_ws_toml_everywhere() {
     );
     assert!(single.mount_path.join("ws.toml").is_file());
 }
+
+#[test]
+fn prepare_waits_for_the_cache_lock_held_by_another_process() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::create(tmp.path(), "origin.git");
+    let root = tmp.path().join("cache");
+    let cache = RepoCache::new(&root, 7, "acme", "widgets");
+    // flock locks belong to an open file description, so this holder conflicts with
+    // prepare's own open exactly as another process would.
+    let held = CacheLock::acquire(&cache.lock_path(), Duration::from_secs(5)).expect("hold");
+    let req = PrepareRequest {
+        lock_timeout: Duration::from_millis(300),
+        ..request(&root, &origin, "acme/widgets", 71)
+    };
+    let err = prepare(&req).expect_err("lock is held");
+    assert!(matches!(err, GitError::LockTimeout { .. }), "{err}");
+    assert!(!cache.bare().exists(), "nothing happened without the lock");
+    drop(held);
+    prepare(&req).expect("proceeds once released");
+}
