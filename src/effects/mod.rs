@@ -1,1 +1,3 @@
-//! placeholder: filled by its issue.
+//! Effect handlers: git cache/prepare/push, containers, the JSONL agent driver.
+
+pub mod git;
