@@ -9,14 +9,15 @@ use super::error::GitError;
 pub const AGENT_UID: u32 = 1000;
 pub const AGENT_GID: u32 = 1000;
 
-/// As root: changes the owner of everything under `checkout` (and `extra_dir` itself, the
+/// As root, or with CAP_CHOWN (the systemd unit grants it to a non-root service user): changes
+/// the owner of everything under `checkout` (and `extra_dir` itself, the
 /// multi-repo workspace root) to 1000:1000, never following symlinks, so a symlink in the
 /// repository cannot redirect the chown onto a host file.
 /// Not root: checks instead that uid 1000, gid 1000 or others can read and traverse it.
 pub fn hand_to_agent(checkout: &Path, extra_dir: Option<&Path>) -> Result<(), GitError> {
     // SAFETY: geteuid has no preconditions.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    if !is_root {
+    let can_chown = unsafe { libc::geteuid() } == 0 || has_effective_cap_chown();
+    if !can_chown {
         for dir in std::iter::once(checkout).chain(extra_dir) {
             let meta = std::fs::metadata(dir)
                 .map_err(|e| GitError::io(format!("stat {}", dir.display()), e))?;
@@ -34,6 +35,19 @@ pub fn hand_to_agent(checkout: &Path, extra_dir: Option<&Path>) -> Result<(), Gi
         lchown(dir)?;
     }
     Ok(())
+}
+
+/// CAP_CHOWN (capability 0) in this process's effective set, read from /proc/self/status.
+fn has_effective_cap_chown() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & 1 == 1)
 }
 
 /// Whether a directory with this owner, group and mode can be read and traversed by
