@@ -112,7 +112,10 @@ pub struct AfterExit {
 /// rejected for good).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, EnumDiscriminants)]
 #[serde(tag = "state", rename_all = "snake_case")]
-#[strum_discriminants(name(StateKind), derive(EnumIter, Display, Hash, Serialize, Deserialize))]
+#[strum_discriminants(
+    name(StateKind),
+    derive(EnumIter, Display, Hash, Serialize, Deserialize)
+)]
 #[strum_discriminants(serde(rename_all = "snake_case"))]
 pub enum RunState {
     Claimed {
@@ -188,15 +191,34 @@ impl RunState {
     pub fn describe(&self) -> String {
         match self {
             RunState::Claimed { prepare, stop, .. } => {
-                format!("claimed, prepare attempt {} started{}", prepare.attempt, stop_note(stop))
+                format!(
+                    "claimed, prepare attempt {} started{}",
+                    prepare.attempt,
+                    stop_note(stop)
+                )
             }
-            RunState::Prepared { container, stop, .. } => {
-                format!("prepared, container {} starting{}", container.name, stop_note(stop))
+            RunState::Prepared {
+                container, stop, ..
+            } => {
+                format!(
+                    "prepared, container {} starting{}",
+                    container.name,
+                    stop_note(stop)
+                )
             }
-            RunState::Running { container, after: None, stop, .. } => {
+            RunState::Running {
+                container,
+                after: None,
+                stop,
+                ..
+            } => {
                 format!("running in container {}{}", container.name, stop_note(stop))
             }
-            RunState::Running { after: Some(after), stop, .. } => match &after.push {
+            RunState::Running {
+                after: Some(after),
+                stop,
+                ..
+            } => match &after.push {
                 None => format!("container exited, inspecting heads{}", stop_note(stop)),
                 Some(push) => format!(
                     "push of {} starting{}",
@@ -252,36 +274,60 @@ impl StateKind {
 /// Text in events (errors) is already redacted by whoever produced it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, EnumDiscriminants)]
 #[serde(tag = "event", rename_all = "snake_case")]
-#[strum_discriminants(name(EventKind), derive(EnumIter, Display, Hash, Serialize, Deserialize))]
+#[strum_discriminants(
+    name(EventKind),
+    derive(EnumIter, Display, Hash, Serialize, Deserialize)
+)]
 #[strum_discriminants(serde(rename_all = "snake_case"))]
 pub enum Event {
     /// The run was claimed; always the first event of a run.
-    Claimed { plan: RunPlan },
+    Claimed {
+        plan: RunPlan,
+    },
     /// (Re)start the checkout with a fresh attempt (recovery of a partial prepare).
     PrepareStarted,
-    CheckoutReady { checkout: Checkout },
-    CheckoutFailed { error: String },
+    CheckoutReady {
+        checkout: Checkout,
+    },
+    CheckoutFailed {
+        error: String,
+    },
     /// (Re)start the container with a fresh attempt and name (recovery).
     ContainerStarting,
     ContainerStarted,
     /// The container exited; `None` when no exit code is available (reported as -1).
-    ContainerExited { code: Option<i32> },
+    ContainerExited {
+        code: Option<i32>,
+    },
     /// The container is gone without an exit code we could collect.
     ContainerVanished,
-    AgentSignal { signal: AgentSignal },
+    AgentSignal {
+        signal: AgentSignal,
+    },
     /// A stdout line exceeded 1 MiB; the rest of the stream was discarded (spec 5.4).
     StreamDegraded,
     /// The repos' heads after the agent (the answer to [`Effect::InspectHeads`]).
-    HeadsInspected { heads: Vec<RepoHead> },
-    PushDone { heads: Vec<RepoHead> },
+    HeadsInspected {
+        heads: Vec<RepoHead>,
+    },
+    PushDone {
+        heads: Vec<RepoHead>,
+    },
     /// Nothing to push: every head equals its base (spec 4.9 "no_changes").
     PushSkipped,
-    PushFailed { error: String },
+    PushFailed {
+        error: String,
+    },
     ReportAccepted,
     /// The result call got 409: the run is no longer running on the server.
     ReportRejected409,
-    ReportFailed { error: String, retryable: bool },
-    CancelRequested { force: bool },
+    ReportFailed {
+        error: String,
+        retryable: bool,
+    },
+    CancelRequested {
+        force: bool,
+    },
     DrainDeadlinePassed,
     RunTimeoutPassed,
     /// The server answered 409 to an event or says the run is final: abandon without report.
@@ -422,7 +468,13 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 Some(reason) => Ok(to_report(plan.clone(), Verdict::stopped(*reason), true)),
                 None => {
                     let events = worktree_ready_events(plan, checkout);
-                    Ok(start_container(plan.clone(), checkout.clone(), 1, None, events))
+                    Ok(start_container(
+                        plan.clone(),
+                        checkout.clone(),
+                        1,
+                        None,
+                        events,
+                    ))
                 }
             },
             Event::CheckoutFailed { error } => {
@@ -432,7 +484,9 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 };
                 Ok(to_report(plan.clone(), verdict, true))
             }
-            Event::CancelRequested { .. } | Event::DrainDeadlinePassed | Event::RunTimeoutPassed => {
+            Event::CancelRequested { .. }
+            | Event::DrainDeadlinePassed
+            | Event::RunTimeoutPassed => {
                 if stop.is_some() {
                     return Err(stopping());
                 }
@@ -501,7 +555,9 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 *code,
             )),
             Event::ContainerVanished => Ok(on_vanished(plan, container, *stop)),
-            Event::CancelRequested { .. } | Event::DrainDeadlinePassed | Event::RunTimeoutPassed => {
+            Event::CancelRequested { .. }
+            | Event::DrainDeadlinePassed
+            | Event::RunTimeoutPassed => {
                 if stop.is_some() {
                     return Err(stopping());
                 }
@@ -659,7 +715,9 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 effects.extend(more);
                 Ok((next, effects))
             }
-            Event::CancelRequested { .. } | Event::DrainDeadlinePassed | Event::RunTimeoutPassed => {
+            Event::CancelRequested { .. }
+            | Event::DrainDeadlinePassed
+            | Event::RunTimeoutPassed => {
                 if stop.is_some() {
                     return Err(stopping());
                 }
@@ -850,7 +908,11 @@ fn on_pushed(
             None => effects.push(lifecycle(plan, repo_field, json!({"phase": "no_changes"}))),
         }
     }
-    let (next, more) = to_report(plan.clone(), with_push(plan, verdict, checkout, pushed), true);
+    let (next, more) = to_report(
+        plan.clone(),
+        with_push(plan, verdict, checkout, pushed),
+        true,
+    );
     effects.extend(more);
     (next, effects)
 }

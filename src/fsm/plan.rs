@@ -14,7 +14,8 @@ const SECRET_ENV_KEYS: [&str; 2] = ["WS_TOKEN", "LLM_API_KEY"];
 
 /// Env key suffixes treated as secrets even though spec 3 does not list them today: a newer
 /// server may forward more credentials, and over-masking costs nothing.
-const SECRET_ENV_SUFFIXES: [&str; 5] = ["_TOKEN", "_API_KEY", "_SECRET", "_PASSWORD", "_CREDENTIAL"];
+const SECRET_ENV_SUFFIXES: [&str; 5] =
+    ["_TOKEN", "_API_KEY", "_SECRET", "_PASSWORD", "_CREDENTIAL"];
 
 /// What the runner needs to carry a claimed run through its life. Holds no secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,8 +184,10 @@ mod tests {
             }],
             ..Default::default()
         };
-        job.env.insert("WS_TOKEN".into(), "tok-secret-123456".into());
-        job.env.insert("LLM_API_KEY".into(), "tok-secret-123456".into());
+        job.env
+            .insert("WS_TOKEN".into(), "tok-secret-123456".into());
+        job.env
+            .insert("LLM_API_KEY".into(), "tok-secret-123456".into());
         job.env.insert("WS_WORKSPACE_KEY".into(), "ACME".into());
         job.env.insert("AGENT_RUN_ID".into(), "42".into());
         job
@@ -195,13 +198,19 @@ mod tests {
         let (plan, secrets) = RunPlan::from_job(&job(), "host-a");
         assert!(!plan.env.contains_key("WS_TOKEN"));
         assert!(!plan.env.contains_key("LLM_API_KEY"));
-        assert_eq!(plan.env.get("WS_WORKSPACE_KEY").map(String::as_str), Some("ACME"));
+        assert_eq!(
+            plan.env.get("WS_WORKSPACE_KEY").map(String::as_str),
+            Some("ACME")
+        );
         let json = serde_json::to_string(&plan).unwrap();
         assert!(!json.contains("tok-secret-123456"), "{json}");
         assert!(!format!("{plan:?}").contains("tok-secret"));
         assert!(!format!("{secrets:?}").contains("tok-secret"));
         let env = plan.container_env(&secrets);
-        assert_eq!(env.get("WS_TOKEN").map(String::as_str), Some("tok-secret-123456"));
+        assert_eq!(
+            env.get("WS_TOKEN").map(String::as_str),
+            Some("tok-secret-123456")
+        );
         assert_eq!(env.get("AGENT_RUN_ID").map(String::as_str), Some("42"));
         assert!(!serde_json::to_string(&secrets.redacted())
             .unwrap()

@@ -95,7 +95,9 @@ pub fn recover(state: &RunState, obs: &Observations) -> RecoveryDecision {
             ..
         } => match (&after.push, stop) {
             (None, Some(_)) => RecoveryDecision::Feed(vec![Event::PushSkipped]),
-            (None, None) if obs.checkout_present => RecoveryDecision::Redo(vec![Effect::InspectHeads]),
+            (None, None) if obs.checkout_present => {
+                RecoveryDecision::Redo(vec![Effect::InspectHeads])
+            }
             (None, None) => RecoveryDecision::Feed(vec![Event::PushFailed {
                 error: "the checkout disappeared before the push (runner restart)".into(),
             }]),

@@ -117,9 +117,9 @@ pub fn decide_on_exit(
     let code_text = code.unwrap_or(-1);
     if !plan.is_coding_agent() {
         return match code {
-            Some(0) if facts.degraded => Verdict::failed(
-                "docker run exited 0 but output drain failed (events truncated)",
-            ),
+            Some(0) if facts.degraded => {
+                Verdict::failed("docker run exited 0 but output drain failed (events truncated)")
+            }
             Some(0) => Verdict::succeeded(""),
             _ => Verdict::failed(format!(
                 "docker run exited with code {code_text}: see the run's stderr events"
