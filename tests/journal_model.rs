@@ -230,7 +230,11 @@ impl StateMachineTest for JournalModelTest {
         assert_eq!(states, model.runs, "runner view differs from the model");
         for run in sut.journal.run_ids().unwrap() {
             let slots = sut.journal.records(run).unwrap();
-            assert_eq!(replay_run(&slots), Vec::<String>::new(), "replay of run {run}");
+            assert_eq!(
+                replay_run(&slots),
+                Vec::<String>::new(),
+                "replay of run {run}"
+            );
             let seqs: Vec<u64> = slots.iter().map(Slot::seq).collect();
             assert_eq!(seqs, (1..=slots.len() as u64).collect::<Vec<_>>());
             // A terminal record is always the last one.
@@ -269,9 +273,16 @@ fn mem_journal_loses_only_unflushed_writes() {
         secrets: None,
     };
     journal.append(&second).unwrap();
-    assert_eq!(journal.records(4).unwrap().len(), 2, "reads see unflushed appends");
+    assert_eq!(
+        journal.records(4).unwrap().len(),
+        2,
+        "reads see unflushed appends"
+    );
     journal.crash();
-    assert_eq!(journal.records(4).unwrap(), vec![Slot::Record(first.clone())]);
+    assert_eq!(
+        journal.records(4).unwrap(),
+        vec![Slot::Record(first.clone())]
+    );
     // Misuse is refused: a gap in the sequence.
     let mut gap = second.clone();
     gap.seq = 3;

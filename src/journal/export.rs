@@ -94,7 +94,9 @@ pub fn import_lines(text: &str, journal: &SledJournal) -> Result<usize, String> 
                 saw_header = true;
             }
             _ if !saw_header => {
-                return Err(format!("line {n}: the export must start with its header line"))
+                return Err(format!(
+                    "line {n}: the export must start with its header line"
+                ))
             }
             ExportLine::Record(record) => {
                 journal
@@ -108,7 +110,8 @@ pub fn import_lines(text: &str, journal: &SledJournal) -> Result<usize, String> 
                 bytes_hex,
                 ..
             } => {
-                let bytes = decode_hex(&bytes_hex).ok_or_else(|| format!("line {n}: bad bytes_hex"))?;
+                let bytes =
+                    decode_hex(&bytes_hex).ok_or_else(|| format!("line {n}: bad bytes_hex"))?;
                 journal
                     .import_raw(run_id, seq, &bytes)
                     .map_err(|e| format!("line {n}: {e}"))?;

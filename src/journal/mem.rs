@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{
-    decode_record, encode_record, Journal, JournalError, Quarantined, Record, Slot,
-};
+use super::{decode_record, encode_record, Journal, JournalError, Quarantined, Record, Slot};
 
 #[derive(Default)]
 struct Inner {
@@ -89,7 +87,9 @@ impl Journal for MemJournal {
     fn append(&self, record: &Record) -> Result<(), JournalError> {
         let mut inner = self.lock();
         let view = inner.view();
-        let last = view.range((record.run_id, 0)..=(record.run_id, u64::MAX)).next_back();
+        let last = view
+            .range((record.run_id, 0)..=(record.run_id, u64::MAX))
+            .next_back();
         let expected = match last {
             None => 1,
             Some((k, bytes)) => {

@@ -41,9 +41,8 @@ impl SledJournal {
         fs::create_dir_all(dir).map_err(|e| {
             JournalError::Io(format!("cannot create journal dir {}: {e}", dir.display()))
         })?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| {
-            JournalError::Io(format!("cannot set 0700 on {}: {e}", dir.display()))
-        })?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| JournalError::Io(format!("cannot set 0700 on {}: {e}", dir.display())))?;
         Self::open_dir(dir)
     }
 
@@ -240,36 +239,39 @@ impl Journal for SledJournal {
         let mut ended_value = [0u8; 16];
         ended_value[..8].copy_from_slice(&record.at_ms.to_be_bytes());
         ended_value[8..].copy_from_slice(&record.seq.to_be_bytes());
-        let result = (&self.records, &self.active, &self.ended).transaction(|(records, active, ended)| {
-            // No IO in here: sled may run this closure more than once.
-            if ended.get(rkey)?.is_some() {
-                return Err(ConflictableTransactionError::Abort(format!(
-                    "run {} is already terminal; it takes no more records",
-                    record.run_id
-                )));
-            }
-            let last = match active.get(rkey)? {
-                Some(v) => Some(v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
-                    ConflictableTransactionError::Abort("bad active index value".to_owned())
-                })?),
-                None => None,
-            };
-            let expected = last.map_or(1, |s| s + 1);
-            if record.seq != expected {
-                return Err(ConflictableTransactionError::Abort(format!(
-                    "run {} seq {} is not contiguous (expected {expected})",
-                    record.run_id, record.seq
-                )));
-            }
-            records.insert(&key, bytes.as_slice())?;
-            if terminal {
-                active.remove(&rkey)?;
-                ended.insert(&rkey, &ended_value)?;
-            } else {
-                active.insert(&rkey, &record.seq.to_be_bytes())?;
-            }
-            Ok(())
-        });
+        let result =
+            (&self.records, &self.active, &self.ended).transaction(|(records, active, ended)| {
+                // No IO in here: sled may run this closure more than once.
+                if ended.get(rkey)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(format!(
+                        "run {} is already terminal; it takes no more records",
+                        record.run_id
+                    )));
+                }
+                let last = match active.get(rkey)? {
+                    Some(v) => {
+                        Some(v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
+                            ConflictableTransactionError::Abort("bad active index value".to_owned())
+                        })?)
+                    }
+                    None => None,
+                };
+                let expected = last.map_or(1, |s| s + 1);
+                if record.seq != expected {
+                    return Err(ConflictableTransactionError::Abort(format!(
+                        "run {} seq {} is not contiguous (expected {expected})",
+                        record.run_id, record.seq
+                    )));
+                }
+                records.insert(&key, bytes.as_slice())?;
+                if terminal {
+                    active.remove(&rkey)?;
+                    ended.insert(&rkey, &ended_value)?;
+                } else {
+                    active.insert(&rkey, &record.seq.to_be_bytes())?;
+                }
+                Ok(())
+            });
         match result {
             Ok(()) => Ok(()),
             Err(TransactionError::Abort(msg)) => Err(JournalError::Misuse(msg)),

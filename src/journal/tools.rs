@@ -11,8 +11,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{
-    export_lines, import_lines, replay_run, ExportLine, Journal, JournalError, Record,
-    SledJournal, Slot,
+    export_lines, import_lines, replay_run, ExportLine, Journal, JournalError, Record, SledJournal,
+    Slot,
 };
 use crate::fsm::{describe_verdict, Event};
 
@@ -75,7 +75,11 @@ pub fn run(args: &JournalArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 
     match run_inner(args, out) {
         Ok(code) => code,
         Err(message) => {
-            let _ = writeln!(err, "windshift-runner journal: {}", crate::redact::redact(&message));
+            let _ = writeln!(
+                err,
+                "windshift-runner journal: {}",
+                crate::redact::redact(&message)
+            );
             EXIT_CANNOT_RUN
         }
     }
@@ -85,7 +89,11 @@ fn run_inner(args: &JournalArgs, out: &mut dyn Write) -> Result<i32, String> {
     if let JournalCommand::Import { file } = &args.command {
         return import(&args.db, file, out);
     }
-    if let JournalCommand::Archive { older_than_days, to } = &args.command {
+    if let JournalCommand::Archive {
+        older_than_days,
+        to,
+    } = &args.command
+    {
         if args.copy {
             return Err("archive changes the journal; it cannot run on a --copy".into());
         }
@@ -118,8 +126,8 @@ fn run_inner(args: &JournalArgs, out: &mut dyn Write) -> Result<i32, String> {
         JournalCommand::Show { run } => show(&journal, *run, args.json, out),
         JournalCommand::Replay => replay(&journal, args.json, out),
         JournalCommand::Verify { retention_days } => {
-            let findings = verify(&journal, *retention_days, super::now_ms())
-                .map_err(|e| e.to_string())?;
+            let findings =
+                verify(&journal, *retention_days, super::now_ms()).map_err(|e| e.to_string())?;
             report_findings("verify", &findings, args.json, out)
         }
         JournalCommand::Export => {
@@ -181,7 +189,9 @@ fn copy_dir(src: &Path, dest: &Path) -> std::io::Result<()> {
 fn register_secrets(journal: &SledJournal) {
     if let Ok(ids) = journal.run_ids() {
         for run in ids {
-            if let Ok(Some(Slot::Record(first))) = journal.records(run).map(|s| s.into_iter().next()) {
+            if let Ok(Some(Slot::Record(first))) =
+                journal.records(run).map(|s| s.into_iter().next())
+            {
                 for value in first.secrets.iter().flat_map(|s| s.env.values()) {
                     crate::redact::register_secret(value);
                 }
@@ -271,7 +281,10 @@ fn list(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i32
     } else {
         emit(
             out,
-            &format!("{:<8} {:<9} {:>7}  {:<24}  {}\n", "RUN", "STATE", "RECORDS", "LAST (UTC)", "NOW"),
+            &format!(
+                "{:<8} {:<9} {:>7}  {:<24}  {}\n",
+                "RUN", "STATE", "RECORDS", "LAST (UTC)", "NOW"
+            ),
         )?;
         for row in &rows {
             let note = if row["quarantined"].as_u64() > Some(0) {
@@ -293,13 +306,24 @@ fn list(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i32
             )?;
         }
     }
-    Ok(if quarantined > 0 { EXIT_FINDINGS } else { EXIT_CLEAN })
+    Ok(if quarantined > 0 {
+        EXIT_FINDINGS
+    } else {
+        EXIT_CLEAN
+    })
 }
 
-fn show(journal: &SledJournal, run: i64, as_json: bool, out: &mut dyn Write) -> Result<i32, String> {
+fn show(
+    journal: &SledJournal,
+    run: i64,
+    as_json: bool,
+    out: &mut dyn Write,
+) -> Result<i32, String> {
     let slots = journal.records(run).map_err(|e| e.to_string())?;
     if slots.is_empty() {
-        return Err(format!("run {run} is not in this journal (see `journal list`)"));
+        return Err(format!(
+            "run {run} is not in this journal (see `journal list`)"
+        ));
     }
     let mut quarantined = 0;
     if as_json {
@@ -321,15 +345,26 @@ fn show(journal: &SledJournal, run: i64, as_json: bool, out: &mut dyn Write) -> 
                 &format!(
                     "run {run}: kind {}, image {}, repos [{}], instance {}\n",
                     plan.kind,
-                    if plan.image.is_empty() { "(default)" } else { &plan.image },
+                    if plan.image.is_empty() {
+                        "(default)"
+                    } else {
+                        &plan.image
+                    },
                     repos.join(", "),
-                    if plan.instance.is_empty() { "-" } else { &plan.instance },
+                    if plan.instance.is_empty() {
+                        "-"
+                    } else {
+                        &plan.instance
+                    },
                 ),
             )?;
         }
         emit(
             out,
-            &format!("{:>4}  {:<24}  {:>9}  {:<36}  STATE\n", "SEQ", "TIME (UTC)", "SINCE", "EVENT"),
+            &format!(
+                "{:>4}  {:<24}  {:>9}  {:<36}  STATE\n",
+                "SEQ", "TIME (UTC)", "SINCE", "EVENT"
+            ),
         )?;
         let mut prev: Option<i64> = None;
         for slot in &slots {
@@ -369,7 +404,11 @@ fn show(journal: &SledJournal, run: i64, as_json: bool, out: &mut dyn Write) -> 
             }
         }
     }
-    Ok(if quarantined > 0 { EXIT_FINDINGS } else { EXIT_CLEAN })
+    Ok(if quarantined > 0 {
+        EXIT_FINDINGS
+    } else {
+        EXIT_CLEAN
+    })
 }
 
 fn replay(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i32, String> {
@@ -381,7 +420,10 @@ fn replay(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i
         findings.extend(replay_run(&slots));
     }
     if !as_json && findings.is_empty() {
-        emit(out, &format!("replayed {runs} runs: every recorded state matches\n"))?;
+        emit(
+            out,
+            &format!("replayed {runs} runs: every recorded state matches\n"),
+        )?;
         return Ok(EXIT_CLEAN);
     }
     report_findings("replay", &findings, as_json, out)
@@ -396,7 +438,10 @@ fn report_findings(
     if as_json {
         emit(
             out,
-            &format!("{}\n", json!({"command": what, "clean": findings.is_empty(), "findings": findings})),
+            &format!(
+                "{}\n",
+                json!({"command": what, "clean": findings.is_empty(), "findings": findings})
+            ),
         )?;
     } else if findings.is_empty() {
         emit(out, &format!("{what}: clean\n"))?;
@@ -406,11 +451,19 @@ fn report_findings(
         }
         emit(out, &format!("{what}: {} finding(s)\n", findings.len()))?;
     }
-    Ok(if findings.is_empty() { EXIT_CLEAN } else { EXIT_FINDINGS })
+    Ok(if findings.is_empty() {
+        EXIT_CLEAN
+    } else {
+        EXIT_FINDINGS
+    })
 }
 
 /// The `verify` checks. Each finding is one human-readable line.
-pub fn verify(journal: &SledJournal, retention_days: u32, now_ms: i64) -> Result<Vec<String>, JournalError> {
+pub fn verify(
+    journal: &SledJournal,
+    retention_days: u32,
+    now_ms: i64,
+) -> Result<Vec<String>, JournalError> {
     let mut findings = Vec::new();
     let active = journal.active_index()?;
     let ended = journal.ended_index()?;
@@ -480,7 +533,10 @@ fn import(db: &Path, file: &Path, out: &mut dyn Write) -> Result<i32, String> {
         ));
     }
     let n = import_lines(&text, &journal)?;
-    emit(out, &format!("imported {n} records into {}\n", db.display()))?;
+    emit(
+        out,
+        &format!("imported {n} records into {}\n", db.display()),
+    )?;
     Ok(EXIT_CLEAN)
 }
 

@@ -170,7 +170,9 @@ pub fn happy_path(plan: &RunPlan) -> Vec<Event> {
     }
     script.push(Event::ContainerStarted);
     script.push(signal(r#"{"type":"lifecycle","phase":"entrypoint"}"#));
-    script.push(signal(r#"{"type":"finish","outcome":"completed","summary":"done"}"#));
+    script.push(signal(
+        r#"{"type":"finish","outcome":"completed","summary":"done"}"#,
+    ));
     script.push(signal(r#"{"type":"session_idle"}"#));
     script.push(Event::ContainerExited { code: Some(0) });
     if !plan.repos.is_empty() {
