@@ -117,6 +117,7 @@ pub struct AfterExit {
     derive(EnumIter, Display, Hash, Serialize, Deserialize)
 )]
 #[strum_discriminants(serde(rename_all = "snake_case"))]
+#[strum_discriminants(strum(serialize_all = "snake_case"))]
 pub enum RunState {
     Claimed {
         plan: RunPlan,
@@ -279,6 +280,7 @@ impl StateKind {
     derive(EnumIter, Display, Hash, Serialize, Deserialize)
 )]
 #[strum_discriminants(serde(rename_all = "snake_case"))]
+#[strum_discriminants(strum(serialize_all = "snake_case"))]
 pub enum Event {
     /// The run was claimed; always the first event of a run.
     Claimed {

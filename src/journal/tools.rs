@@ -283,7 +283,7 @@ fn list(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i32
             out,
             &format!(
                 "{:<8} {:<9} {:>7}  {:<24}  {}\n",
-                "RUN", "STATE", "RECORDS", "LAST (UTC)", "NOW"
+                "RUN", "STATE", "RECORDS", "LAST (UTC)", "DETAIL"
             ),
         )?;
         for row in &rows {
@@ -296,9 +296,9 @@ fn list(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i32
                 out,
                 &format!(
                     "{:<8} {:<9} {:>7}  {:<24}  {}{}\n",
-                    row["run_id"],
+                    row["run_id"].as_i64().unwrap_or_default(),
                     row["state"].as_str().unwrap_or("?"),
-                    row["records"],
+                    row["records"].as_u64().unwrap_or_default(),
                     row["last_at"].as_str().unwrap_or("-"),
                     row["describe"].as_str().unwrap_or("unreadable"),
                     note
