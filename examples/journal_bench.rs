@@ -34,8 +34,10 @@ fn plan(run_id: i64) -> RunPlan {
         }],
         ..Default::default()
     };
-    job.env.insert("WS_TOKEN".into(), "bench-token-0123456789".into());
-    job.env.insert("WS_API_URL".into(), "https://ws.example/api".into());
+    job.env
+        .insert("WS_TOKEN".into(), "bench-token-0123456789".into());
+    job.env
+        .insert("WS_API_URL".into(), "https://ws.example/api".into());
     RunPlan::from_job(&job, "bench").0
 }
 
@@ -67,7 +69,9 @@ fn events(plan: &RunPlan) -> Vec<Event> {
         sig(r#"{"type":"finish","outcome":"completed","summary":"fixed"}"#),
         sig(r#"{"type":"session_idle"}"#),
         Event::ContainerExited { code: Some(0) },
-        Event::HeadsInspected { heads: head.clone() },
+        Event::HeadsInspected {
+            heads: head.clone(),
+        },
         Event::PushDone { heads: head },
         Event::ReportAccepted,
     ]
@@ -174,13 +178,17 @@ fn open_time(dir: &Path) -> (Duration, usize) {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let dir: PathBuf = args.next().map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/journal-bench")
-    });
+    let dir: PathBuf = args
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/journal-bench"));
     let rounds: usize = args.next().and_then(|r| r.parse().ok()).unwrap_or(3);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench dir");
-    println!("journal bench in {} ({rounds} rounds, {TRANSITIONS} samples each)", dir.display());
+    println!(
+        "journal bench in {} ({rounds} rounds, {TRANSITIONS} samples each)",
+        dir.display()
+    );
     let (mut c50, mut c99, mut r50, mut r99) = (vec![], vec![], vec![], vec![]);
     for round in 1..=rounds {
         let rd = dir.join(format!("round-{round}"));
@@ -199,7 +207,10 @@ fn main() {
     let (open, active) = open_time(&dir);
     println!(
         "median: commit p50 {:.0} us, p99 {:.0} us; raw write+fsync p50 {:.0} us, p99 {:.0} us",
-        median(c50), median(c99), median(r50), median(r99)
+        median(c50),
+        median(c99),
+        median(r50),
+        median(r99)
     );
     println!(
         "open + read active index, {TERMINAL_RUNS} terminal + {ACTIVE_RUNS} active runs: median of {OPENS} = {:.1} ms ({active} active found)",

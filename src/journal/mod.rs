@@ -75,6 +75,8 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record, String> {
 }
 
 /// A stored record, or the bytes of one that could not be read.
+// Slots are read a run at a time; boxing the common variant would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Slot {
     Record(Record),

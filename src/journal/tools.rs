@@ -487,12 +487,13 @@ pub fn verify(
         let in_ended = ended.iter().find(|(r, _)| *r == run).map(|(_, s)| *s);
         match last {
             Some(Slot::Record(r)) if r.state.is_terminal() => {
-                if in_ended != Some(r.seq) || in_active.is_some() {
-                    findings.push(format!(
+                let consistent = in_ended == Some(r.seq) && in_active.is_none();
+                findings.extend((!consistent).then(|| {
+                    format!(
                         "run {run}: terminal at seq {} but the indexes say active={in_active:?} ended={in_ended:?}",
                         r.seq
-                    ));
-                }
+                    )
+                }));
             }
             Some(last) => {
                 if in_active != Some(last.seq()) {
