@@ -54,7 +54,7 @@ fn list_show_replay_verify_on_a_clean_journal() {
     let (_dir, db) = imported("mixed.jsonl");
     let (code, out, _) = text(&journal(&db, &["list"]));
     assert_eq!(code, 0, "{out}");
-    for needle in ["reported", "running", "2026-01-01T00:0"] {
+    for needle in ["reported", "running", "2024-01-01T00:0"] {
         assert!(out.contains(needle), "list lacks {needle}:\n{out}");
     }
     assert_eq!(out.lines().count(), 5, "header + 4 runs:\n{out}");
@@ -75,7 +75,7 @@ fn list_show_replay_verify_on_a_clean_journal() {
         (0, "replayed 4 runs: every recorded state matches")
     );
 
-    // Run 8 is still active and its last record is from 2026-01-01: past a 1-day retention
+    // Run 8 is still active and its last record is from 2024-01-01: past a 1-day retention
     // (clock-independent: "now" is always later than the fixture), within a huge one.
     let (code, out, _) = text(&journal(&db, &["verify", "--retention-days", "1"]));
     assert_eq!(code, 1, "{out}");
@@ -245,4 +245,52 @@ fn bad_arguments_are_usage_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value"));
+}
+
+#[test]
+fn archive_moves_old_terminal_runs_to_jsonl_and_keeps_active_ones() {
+    let (dir, db) = imported("mixed.jsonl");
+    let archive = dir.path().join("archive.jsonl");
+    let (code, out, err) = text(&journal(
+        &db,
+        &[
+            "archive",
+            "--older-than-days",
+            "1",
+            "--to",
+            archive.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("archived 3 runs"), "{out}");
+    let (_, out, _) = text(&journal(&db, &["list", "--json"]));
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        rows.as_array().unwrap().len(),
+        1,
+        "only the active run 8 stays: {out}"
+    );
+    assert_eq!(rows[0]["run_id"], 8);
+    // The archive is itself an export: it imports and replays.
+    let file = archive.clone();
+    let restored = dir.path().join("restored");
+    assert_eq!(
+        text(&journal(&restored, &["import", file.to_str().unwrap()])).0,
+        0
+    );
+    assert_eq!(text(&journal(&restored, &["replay"])).0, 0);
+    // Archiving a --copy is refused: it would change nothing real.
+    let (code, _, err) = text(&journal(
+        &db,
+        &[
+            "--copy",
+            "archive",
+            "--older-than-days",
+            "1",
+            "--to",
+            archive.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(code, 2);
+    assert!(err.contains("--copy"), "{err}");
 }

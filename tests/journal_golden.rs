@@ -13,7 +13,7 @@ use windshift_runner::journal::{
     Slot, SCHEMA_VERSION,
 };
 
-const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+const T0: i64 = 1_704_067_200_000; // 2024-01-01T00:00:00Z
 
 fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/journals")

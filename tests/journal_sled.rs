@@ -91,9 +91,15 @@ fn retention_archives_old_terminal_runs_then_deletes_them() {
     assert_eq!(j.run_ids().unwrap(), vec![5, 8]);
     assert_eq!(j.ended_index().unwrap().len(), 1);
     let text = std::fs::read_to_string(&archive).unwrap();
-    assert_eq!(text.lines().count(), summary.records);
+    assert_eq!(
+        text.lines().count(),
+        summary.records + 1,
+        "header + records"
+    );
+    assert!(text.lines().next().unwrap().starts_with("{\"header\":"));
     assert!(text
         .lines()
+        .skip(1)
         .all(|l| l.starts_with("{\"record\":{\"schema\":1,\"run_id\":4,")));
     assert!(!text.contains(common::TOKEN), "archives are redacted");
     assert_eq!(

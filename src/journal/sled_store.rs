@@ -158,6 +158,12 @@ impl SledJournal {
             .mode(0o600)
             .open(archive)
             .map_err(|e| JournalError::Io(format!("cannot open {}: {e}", archive.display())))?;
+        // A new archive starts with the export header, so it imports like any export.
+        let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
+        if empty {
+            file.write_all(ExportLine::header().to_json_line().as_bytes())
+                .map_err(|e| JournalError::Io(format!("archive write failed: {e}")))?;
+        }
         let mut keys = Vec::new();
         for run in &old {
             for slot in self.records(*run)? {
