@@ -45,6 +45,12 @@ fn db_dir_is_created_0700_and_tightened() {
         std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
         0o700
     );
+    // The files holding records (and the run token) are 0600.
+    let mode = std::fs::metadata(db.join("db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 #[test]

@@ -43,7 +43,9 @@ impl SledJournal {
         })?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| JournalError::Io(format!("cannot set 0700 on {}: {e}", dir.display())))?;
-        Self::open_dir(dir)
+        let journal = Self::open_dir(dir)?;
+        tighten_files(dir);
+        Ok(journal)
     }
 
     /// Opens an existing journal (offline tools: never create one by mistake).
@@ -212,6 +214,23 @@ impl SledJournal {
                 error,
             }),
         })
+    }
+}
+
+/// Best effort: sled creates its files with the process umask; the run token lives in them,
+/// so make them 0600 (the 0700 directory already keeps other users out; files sled creates
+/// later, like new snapshots, are covered by that).
+fn tighten_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            tighten_files(&path);
+        } else {
+            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+        }
     }
 }
 
