@@ -1,2 +1,21 @@
 //! The pure run state machine (no IO, no clock, no randomness).
+//!
+//! - [`plan`]: what a claimed job becomes (secrets split off).
+//! - [`machine`]: states, events, effects, [`transition`].
+//! - [`verdict`]: spec 6.5 / 5.4 / 4.9 verdict rules.
+//! - [`recover`](mod@recover): the start-up recovery table.
 pub mod contract;
+pub mod machine;
+pub mod plan;
+pub mod recover;
+pub mod verdict;
+
+pub use contract::AgentSignal;
+pub use machine::{
+    apply, claim, describe_verdict, transition, AfterExit, AgentFacts, Checkout, CheckoutRepo,
+    ContainerStarting, Effect, Event, EventKind, Finish, PrepareStarted, PushStarting, Rejected,
+    RepoHead, ReportStarting, RunState, StateKind, StopReason, Transition,
+};
+pub use plan::{RunPlan, RunSecrets};
+pub use recover::{recover, ContainerObservation, Observations, RecoveryDecision};
+pub use verdict::{Status, Verdict, CANCELED_ERROR};

@@ -1,0 +1,236 @@
+//! The run plan: the parts of a claimed [`JobSpec`] the state machine needs, with every secret
+//! moved out into [`RunSecrets`] so that plans can be printed, journaled and exported freely.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::wire::{JobSpec, RepoSpec, KIND_CODING_AGENT};
+
+/// Env keys that always hold a secret (spec 3: `WS_TOKEN` is the run token, `LLM_API_KEY` is
+/// the run token again when the binding has an LLM grant).
+const SECRET_ENV_KEYS: [&str; 2] = ["WS_TOKEN", "LLM_API_KEY"];
+
+/// Env key suffixes treated as secrets even though spec 3 does not list them today: a newer
+/// server may forward more credentials, and over-masking costs nothing.
+const SECRET_ENV_SUFFIXES: [&str; 5] =
+    ["_TOKEN", "_API_KEY", "_SECRET", "_PASSWORD", "_CREDENTIAL"];
+
+/// What the runner needs to carry a claimed run through its life. Holds no secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPlan {
+    pub run_id: i64,
+    /// The effective job kind (`coding_agent` when the server sent none).
+    pub kind: String,
+    /// The image to run; empty means the runner's default agent image (coding_agent only).
+    #[serde(default)]
+    pub image: String,
+    /// Repos to check out, primary first (`repos`, else the deprecated `repo`).
+    #[serde(default)]
+    pub repos: Vec<RepoSpec>,
+    /// The initial prompt written to the agent's stdin.
+    #[serde(default)]
+    pub prompt: String,
+    /// The container env without secret values (those live in [`RunSecrets`]).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// This runner instance's name: part of the deterministic container name and labels, so a
+    /// restarted runner finds its own containers and never another instance's.
+    #[serde(default)]
+    pub instance: String,
+}
+
+impl RunPlan {
+    /// Splits a claimed job into the plan and the secrets it carried. `instance` is the runner
+    /// instance name used in container names (see [`RunPlan::container_name`]).
+    pub fn from_job(job: &JobSpec, instance: &str) -> (RunPlan, RunSecrets) {
+        let token = job.run_token().map(str::to_owned);
+        let mut env = BTreeMap::new();
+        let mut secret_env = BTreeMap::new();
+        for (key, value) in &job.env {
+            let is_secret = SECRET_ENV_KEYS.contains(&key.as_str())
+                || SECRET_ENV_SUFFIXES.iter().any(|s| key.ends_with(s))
+                || token.as_deref().is_some_and(|t| t == value);
+            if is_secret {
+                secret_env.insert(key.clone(), value.clone());
+            } else {
+                env.insert(key.clone(), value.clone());
+            }
+        }
+        let plan = RunPlan {
+            run_id: job.run_id,
+            kind: job.effective_kind().to_owned(),
+            image: job.image.clone(),
+            repos: job.effective_repos(),
+            prompt: job.initial_prompt.clone(),
+            env,
+            instance: instance.to_owned(),
+        };
+        (plan, RunSecrets { env: secret_env })
+    }
+
+    /// True for the coding-agent kind (JSONL contract, spec 6.5 verdict table); every other
+    /// kind is a plain container job (spec 5.2, 5.4).
+    pub fn is_coding_agent(&self) -> bool {
+        self.kind == KIND_CODING_AGENT
+    }
+
+    /// The deterministic container name for an attempt: `wsr-<instance>-run-<id>-<attempt>`
+    /// (`wsr-run-<id>-<attempt>` when the instance name is empty).
+    pub fn container_name(&self, attempt: u32) -> String {
+        let instance = sanitize_name(&self.instance);
+        if instance.is_empty() {
+            format!("wsr-run-{}-{}", self.run_id, attempt)
+        } else {
+            format!("wsr-{}-run-{}-{}", instance, self.run_id, attempt)
+        }
+    }
+
+    /// The branch a repo's work is pushed to: its continuation branch, else
+    /// `agent-runs/run-<id>` (spec 3, 4.9).
+    pub fn branch_for(&self, repo: &RepoSpec) -> String {
+        if repo.continue_branch.is_empty() {
+            format!("agent-runs/run-{}", self.run_id)
+        } else {
+            repo.continue_branch.clone()
+        }
+    }
+
+    /// The full container env: the plan's env, the secrets, and `AGENT_RUN_ID`, which always
+    /// wins (spec 5.3).
+    pub fn container_env(&self, secrets: &RunSecrets) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        env.extend(secrets.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.insert("AGENT_RUN_ID".into(), self.run_id.to_string());
+        env
+    }
+}
+
+/// Docker names allow `[a-zA-Z0-9_.-]`; anything else in an instance name becomes `-`.
+fn sanitize_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+impl fmt::Debug for RunPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunPlan")
+            .field("run_id", &self.run_id)
+            .field("kind", &self.kind)
+            .field("image", &self.image)
+            .field("repos", &self.repos)
+            .field("prompt_len", &self.prompt.len())
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("instance", &self.instance)
+            .finish()
+    }
+}
+
+/// Secret env values of a run (the run token and anything shaped like a credential). Kept
+/// apart from the plan so that only the journal's dedicated field ever holds them; every
+/// printer and exporter masks them ([`RunSecrets::redacted`]).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSecrets {
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+impl RunSecrets {
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty()
+    }
+
+    /// The same keys with every value replaced by [`crate::redact::MASK`].
+    pub fn redacted(&self) -> RunSecrets {
+        RunSecrets {
+            env: self
+                .env
+                .keys()
+                .map(|k| (k.clone(), crate::redact::MASK.to_owned()))
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Debug for RunSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunSecrets")
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> JobSpec {
+        let mut job = JobSpec {
+            run_id: 42,
+            initial_prompt: "fix it".into(),
+            repos: vec![RepoSpec {
+                workspace_id: 1,
+                slug: "acme/app".into(),
+                base_ref: "main".into(),
+                continue_branch: String::new(),
+            }],
+            ..Default::default()
+        };
+        job.env
+            .insert("WS_TOKEN".into(), "tok-secret-123456".into());
+        job.env
+            .insert("LLM_API_KEY".into(), "tok-secret-123456".into());
+        job.env.insert("WS_WORKSPACE_KEY".into(), "ACME".into());
+        job.env.insert("AGENT_RUN_ID".into(), "42".into());
+        job
+    }
+
+    #[test]
+    fn secrets_leave_the_plan_and_come_back_for_the_container() {
+        let (plan, secrets) = RunPlan::from_job(&job(), "host-a");
+        assert!(!plan.env.contains_key("WS_TOKEN"));
+        assert!(!plan.env.contains_key("LLM_API_KEY"));
+        assert_eq!(
+            plan.env.get("WS_WORKSPACE_KEY").map(String::as_str),
+            Some("ACME")
+        );
+        let json = serde_json::to_string(&plan).unwrap();
+        assert!(!json.contains("tok-secret-123456"), "{json}");
+        assert!(!format!("{plan:?}").contains("tok-secret"));
+        assert!(!format!("{secrets:?}").contains("tok-secret"));
+        let env = plan.container_env(&secrets);
+        assert_eq!(
+            env.get("WS_TOKEN").map(String::as_str),
+            Some("tok-secret-123456")
+        );
+        assert_eq!(env.get("AGENT_RUN_ID").map(String::as_str), Some("42"));
+        assert!(!serde_json::to_string(&secrets.redacted())
+            .unwrap()
+            .contains("tok-secret"));
+    }
+
+    #[test]
+    fn container_names_are_deterministic_and_docker_safe() {
+        let (mut plan, _) = RunPlan::from_job(&job(), "host a/1");
+        assert_eq!(plan.container_name(2), "wsr-host-a-1-run-42-2");
+        plan.instance.clear();
+        assert_eq!(plan.container_name(1), "wsr-run-42-1");
+    }
+
+    #[test]
+    fn continuation_repo_pushes_its_own_branch() {
+        let (plan, _) = RunPlan::from_job(&job(), "x");
+        assert_eq!(plan.branch_for(&plan.repos[0]), "agent-runs/run-42");
+        let mut repo = plan.repos[0].clone();
+        repo.continue_branch = "feature/x".into();
+        assert_eq!(plan.branch_for(&repo), "feature/x");
+    }
+}

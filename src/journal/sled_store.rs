@@ -1,0 +1,350 @@
+//! The sled-backed journal.
+//!
+//! Trees: `records` ((run, seq) → record JSON), `active` (run → last seq, non-terminal runs
+//! only: start-up reads this instead of history), `ended` (run → terminal time and last seq:
+//! what retention walks), `meta` (schema version).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{
+    decode_record, encode_record, parse_record_key, record_key, run_key, ExportLine, Journal,
+    JournalError, Quarantined, Record, Slot, SCHEMA_VERSION,
+};
+
+/// The sled journal. Cheap to clone (sled handles are reference counted).
+#[derive(Clone)]
+pub struct SledJournal {
+    db: sled::Db,
+    records: sled::Tree,
+    active: sled::Tree,
+    ended: sled::Tree,
+    path: PathBuf,
+}
+
+/// What a retention pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveSummary {
+    pub runs: usize,
+    pub records: usize,
+}
+
+impl SledJournal {
+    /// Opens (creating if needed) the journal in `dir`, which is created with mode 0700 and
+    /// tightened to 0700 if it exists (sled's own `Config::mode` is ignored in 0.34.7).
+    pub fn open(dir: &Path) -> Result<SledJournal, JournalError> {
+        fs::create_dir_all(dir).map_err(|e| {
+            JournalError::Io(format!("cannot create journal dir {}: {e}", dir.display()))
+        })?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| JournalError::Io(format!("cannot set 0700 on {}: {e}", dir.display())))?;
+        let journal = Self::open_dir(dir)?;
+        tighten_files(dir);
+        Ok(journal)
+    }
+
+    /// Opens an existing journal (offline tools: never create one by mistake).
+    pub fn open_existing(dir: &Path) -> Result<SledJournal, JournalError> {
+        if !dir.join("conf").exists() && !dir.join("db").exists() {
+            return Err(JournalError::Missing {
+                path: dir.display().to_string(),
+            });
+        }
+        Self::open_dir(dir)
+    }
+
+    fn open_dir(dir: &Path) -> Result<SledJournal, JournalError> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                JournalError::Locked {
+                    path: dir.display().to_string(),
+                }
+            }
+            other => JournalError::from(other),
+        })?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema")? {
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| JournalError::Corruption("meta.schema is not a u32".into()))?;
+                if found > SCHEMA_VERSION {
+                    return Err(JournalError::Misuse(format!(
+                        "the journal was written by a newer windshift-runner (schema {found}, \
+                         this build reads up to {SCHEMA_VERSION}); upgrade before opening it"
+                    )));
+                }
+            }
+            None => {
+                meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
+            }
+        }
+        Ok(SledJournal {
+            records: db.open_tree("records")?,
+            active: db.open_tree("active")?,
+            ended: db.open_tree("ended")?,
+            db,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes raw record bytes at (run, seq) and advances the active index to `seq`, without
+    /// decoding: the importer uses it to restore quarantined records exactly.
+    pub fn import_raw(&self, run_id: i64, seq: u64, bytes: &[u8]) -> Result<(), JournalError> {
+        self.records.insert(record_key(run_id, seq), bytes)?;
+        if self.ended.get(run_key(run_id))?.is_none() {
+            self.active.insert(run_key(run_id), &seq.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Raw view of the active index: run → last seq (for `journal verify`).
+    pub fn active_index(&self) -> Result<Vec<(i64, u64)>, JournalError> {
+        index_entries(&self.active)
+    }
+
+    /// Raw view of the ended index: run → last seq.
+    pub fn ended_index(&self) -> Result<Vec<(i64, u64)>, JournalError> {
+        let mut out = Vec::new();
+        for entry in self.ended.iter() {
+            let (k, v) = entry?;
+            let run = key_run(&k)?;
+            let seq = v
+                .get(8..16)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| JournalError::Corruption("bad ended index value".into()))?;
+            out.push((run, seq));
+        }
+        Ok(out)
+    }
+
+    /// Retention: appends every terminal run that ended before `cutoff_ms` to `archive`
+    /// (JSONL, secrets masked, 0600), fsyncs it, then deletes those runs from the journal
+    /// and flushes. A crash in between leaves a run both archived and journaled, never lost.
+    pub fn archive_terminal_before(
+        &self,
+        cutoff_ms: i64,
+        archive: &Path,
+    ) -> Result<ArchiveSummary, JournalError> {
+        let mut old = Vec::new();
+        for entry in self.ended.iter() {
+            let (k, v) = entry?;
+            let ended_at = v
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(i64::from_be_bytes)
+                .ok_or_else(|| JournalError::Corruption("bad ended index value".into()))?;
+            if ended_at < cutoff_ms {
+                old.push(key_run(&k)?);
+            }
+        }
+        let mut summary = ArchiveSummary::default();
+        if old.is_empty() {
+            return Ok(summary);
+        }
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(archive)
+            .map_err(|e| JournalError::Io(format!("cannot open {}: {e}", archive.display())))?;
+        // A new archive starts with the export header, so it imports like any export.
+        let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
+        if empty {
+            file.write_all(ExportLine::header().to_json_line().as_bytes())
+                .map_err(|e| JournalError::Io(format!("archive write failed: {e}")))?;
+        }
+        let mut keys = Vec::new();
+        for run in &old {
+            for slot in self.records(*run)? {
+                let line = ExportLine::from_slot(&slot).to_json_line();
+                file.write_all(line.as_bytes())
+                    .map_err(|e| JournalError::Io(format!("archive write failed: {e}")))?;
+                keys.push(record_key(*run, slot.seq()));
+                summary.records += 1;
+            }
+            summary.runs += 1;
+        }
+        file.sync_all()
+            .map_err(|e| JournalError::Io(format!("archive fsync failed: {e}")))?;
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(&key);
+        }
+        self.records.apply_batch(batch)?;
+        let mut ended = sled::Batch::default();
+        for run in &old {
+            ended.remove(&run_key(*run));
+        }
+        self.ended.apply_batch(ended)?;
+        self.db.flush()?;
+        Ok(summary)
+    }
+
+    fn slot_from(&self, key: &[u8], value: &[u8]) -> Result<Slot, JournalError> {
+        let (run_id, seq) = parse_record_key(key)
+            .ok_or_else(|| JournalError::Corruption(format!("bad record key {key:02x?}")))?;
+        Ok(match decode_record(value) {
+            Ok(r) if r.run_id == run_id && r.seq == seq => Slot::Record(r),
+            Ok(r) => Slot::Quarantined(Quarantined {
+                run_id,
+                seq,
+                bytes: value.to_vec(),
+                error: format!(
+                    "record says run {} seq {} but is stored at run {run_id} seq {seq}",
+                    r.run_id, r.seq
+                ),
+            }),
+            Err(error) => Slot::Quarantined(Quarantined {
+                run_id,
+                seq,
+                bytes: value.to_vec(),
+                error,
+            }),
+        })
+    }
+}
+
+/// Best effort: sled creates its files with the process umask; the run token lives in them,
+/// so make them 0600 (the 0700 directory already keeps other users out; files sled creates
+/// later, like new snapshots, are covered by that).
+fn tighten_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            tighten_files(&path);
+        } else {
+            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
+fn key_run(key: &[u8]) -> Result<i64, JournalError> {
+    let b: [u8; 8] = key
+        .try_into()
+        .map_err(|_| JournalError::Corruption(format!("bad index key {key:02x?}")))?;
+    Ok((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
+}
+
+fn index_entries(tree: &sled::Tree) -> Result<Vec<(i64, u64)>, JournalError> {
+    let mut out = Vec::new();
+    for entry in tree.iter() {
+        let (k, v) = entry?;
+        let seq = v
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| JournalError::Corruption("bad active index value".into()))?;
+        out.push((key_run(&k)?, seq));
+    }
+    Ok(out)
+}
+
+impl Journal for SledJournal {
+    fn append(&self, record: &Record) -> Result<(), JournalError> {
+        let bytes = encode_record(record);
+        let rkey = run_key(record.run_id);
+        let key = record_key(record.run_id, record.seq);
+        let terminal = record.state.is_terminal();
+        let mut ended_value = [0u8; 16];
+        ended_value[..8].copy_from_slice(&record.at_ms.to_be_bytes());
+        ended_value[8..].copy_from_slice(&record.seq.to_be_bytes());
+        let result =
+            (&self.records, &self.active, &self.ended).transaction(|(records, active, ended)| {
+                // No IO in here: sled may run this closure more than once.
+                if ended.get(rkey)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(format!(
+                        "run {} is already terminal; it takes no more records",
+                        record.run_id
+                    )));
+                }
+                let last = match active.get(rkey)? {
+                    Some(v) => {
+                        Some(v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
+                            ConflictableTransactionError::Abort("bad active index value".to_owned())
+                        })?)
+                    }
+                    None => None,
+                };
+                let expected = last.map_or(1, |s| s + 1);
+                if record.seq != expected {
+                    return Err(ConflictableTransactionError::Abort(format!(
+                        "run {} seq {} is not contiguous (expected {expected})",
+                        record.run_id, record.seq
+                    )));
+                }
+                records.insert(&key, bytes.as_slice())?;
+                if terminal {
+                    active.remove(&rkey)?;
+                    ended.insert(&rkey, &ended_value)?;
+                } else {
+                    active.insert(&rkey, &record.seq.to_be_bytes())?;
+                }
+                Ok(())
+            });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(msg)) => Err(JournalError::Misuse(msg)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    fn flush(&self) -> Result<(), JournalError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn active(&self) -> Result<Vec<Slot>, JournalError> {
+        let mut out = Vec::new();
+        for (run, seq) in index_entries(&self.active)? {
+            let key = record_key(run, seq);
+            match self.records.get(key)? {
+                Some(v) => out.push(self.slot_from(&key, &v)?),
+                None => out.push(Slot::Quarantined(Quarantined {
+                    run_id: run,
+                    seq,
+                    bytes: Vec::new(),
+                    error: "the active index points at a missing record".into(),
+                })),
+            }
+        }
+        Ok(out)
+    }
+
+    fn run_ids(&self) -> Result<Vec<i64>, JournalError> {
+        let mut out: Vec<i64> = Vec::new();
+        for key in self.records.iter().keys() {
+            let key = key?;
+            if let Some((run, _)) = parse_record_key(&key) {
+                if out.last() != Some(&run) {
+                    out.push(run);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn records(&self, run_id: i64) -> Result<Vec<Slot>, JournalError> {
+        let mut out = Vec::new();
+        for entry in self.records.scan_prefix(run_key(run_id)) {
+            let (k, v) = entry?;
+            out.push(self.slot_from(&k, &v)?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,859 @@
+//! The run state machine: the exhaustive state × event table, the verdict rules (spec 6.5,
+//! 5.4, 4.9) and the recovery table.
+
+use std::collections::BTreeMap;
+
+use strum::IntoEnumIterator;
+use windshift_runner::control::wire::{JobSpec, RepoSpec, KIND_ACTION_CONTAINER};
+use windshift_runner::fsm::*;
+
+fn plan_with(repos: &[&str], kind: &str) -> RunPlan {
+    let mut job = JobSpec {
+        run_id: 42,
+        kind: kind.into(),
+        image: "agent:local".into(),
+        initial_prompt: "do it".into(),
+        repos: repos
+            .iter()
+            .map(|slug| RepoSpec {
+                workspace_id: 1,
+                slug: (*slug).into(),
+                base_ref: "main".into(),
+                continue_branch: String::new(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    job.env.insert("WS_TOKEN".into(), "tok-0123456789".into());
+    RunPlan::from_job(&job, "h1").0
+}
+
+fn plan() -> RunPlan {
+    plan_with(&["acme/app"], "")
+}
+
+const BASE: &str = "1111111111111111111111111111111111111111";
+const HEAD: &str = "2222222222222222222222222222222222222222";
+
+fn checkout_for(plan: &RunPlan) -> Checkout {
+    Checkout {
+        root: "/cache/run-42".into(),
+        repos: plan
+            .repos
+            .iter()
+            .map(|r| CheckoutRepo {
+                slug: r.slug.clone(),
+                path: format!("/cache/run-42/{}", r.slug),
+                branch: plan.branch_for(r),
+                base_commit: BASE.into(),
+            })
+            .collect(),
+    }
+}
+
+/// Folds events from a claim, panicking with context on a rejection.
+fn run(plan: RunPlan, events: &[Event]) -> (RunState, Vec<Effect>) {
+    let (mut state, mut all) = claim(plan);
+    for e in events {
+        let (next, effects) = transition(&state, e)
+            .unwrap_or_else(|r| panic!("{e:?} rejected in {}: {r}", state.describe()));
+        state = next;
+        all.extend(effects);
+    }
+    (state, all)
+}
+
+fn sig(line: &str) -> Event {
+    Event::AgentSignal {
+        signal: windshift_runner::fsm::contract::classify_stdout_line(line).expect("contract line"),
+    }
+}
+
+fn ready(plan: &RunPlan) -> Event {
+    Event::CheckoutReady {
+        checkout: checkout_for(plan),
+    }
+}
+
+fn exited(code: i32) -> Event {
+    Event::ContainerExited { code: Some(code) }
+}
+
+fn reports(effects: &[Effect]) -> Vec<ReportRequest> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Report(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+use windshift_runner::control::wire::ReportRequest;
+
+fn lifecycle_phases(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::SendEvent {
+                event_type,
+                payload_json,
+            } if event_type == "lifecycle" => {
+                let v: serde_json::Value = serde_json::from_str(payload_json).unwrap();
+                Some(v["phase"].as_str().unwrap().to_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+// ---------- the exhaustive table ----------
+
+/// One representative state per kind (plus the post-exit Running variants below).
+fn sample_state(kind: StateKind) -> RunState {
+    let p = plan();
+    match kind {
+        StateKind::Claimed => claim(p).0,
+        StateKind::Prepared => run(p.clone(), &[ready(&p)]).0,
+        StateKind::Running => run(p.clone(), &[ready(&p), Event::ContainerStarted]).0,
+        StateKind::Pushed => run(p.clone(), &[Event::CheckoutFailed { error: "x".into() }]).0,
+        StateKind::Reported => {
+            run(
+                p.clone(),
+                &[
+                    Event::CheckoutFailed { error: "x".into() },
+                    Event::ReportAccepted,
+                ],
+            )
+            .0
+        }
+        StateKind::Failed => run(p, &[Event::RunNoLongerRunning]).0,
+    }
+}
+
+fn sample_event(kind: EventKind) -> Event {
+    let p = plan();
+    match kind {
+        EventKind::Claimed => Event::Claimed { plan: p },
+        EventKind::PrepareStarted => Event::PrepareStarted,
+        EventKind::CheckoutReady => ready(&p),
+        EventKind::CheckoutFailed => Event::CheckoutFailed {
+            error: "boom".into(),
+        },
+        EventKind::ContainerStarting => Event::ContainerStarting,
+        EventKind::ContainerStarted => Event::ContainerStarted,
+        EventKind::ContainerExited => exited(0),
+        EventKind::ContainerVanished => Event::ContainerVanished,
+        EventKind::AgentSignal => sig(r#"{"type":"starting"}"#),
+        EventKind::StreamDegraded => Event::StreamDegraded,
+        EventKind::HeadsInspected => Event::HeadsInspected {
+            heads: vec![RepoHead {
+                slug: "acme/app".into(),
+                head: HEAD.into(),
+            }],
+        },
+        EventKind::PushDone => Event::PushDone {
+            heads: vec![RepoHead {
+                slug: "acme/app".into(),
+                head: HEAD.into(),
+            }],
+        },
+        EventKind::PushSkipped => Event::PushSkipped,
+        EventKind::PushFailed => Event::PushFailed {
+            error: "denied".into(),
+        },
+        EventKind::ReportAccepted => Event::ReportAccepted,
+        EventKind::ReportRejected409 => Event::ReportRejected409,
+        EventKind::ReportFailed => Event::ReportFailed {
+            error: "503".into(),
+            retryable: true,
+        },
+        EventKind::CancelRequested => Event::CancelRequested { force: false },
+        EventKind::DrainDeadlinePassed => Event::DrainDeadlinePassed,
+        EventKind::RunTimeoutPassed => Event::RunTimeoutPassed,
+        EventKind::RunNoLongerRunning => Event::RunNoLongerRunning,
+    }
+}
+
+/// The expected table for the representative states: `Ok(next kind)` or the rejection name.
+fn expected(state: StateKind, event: EventKind) -> Result<StateKind, &'static str> {
+    use EventKind as E;
+    use StateKind as S;
+    if state.is_terminal() {
+        return Err("Terminal");
+    }
+    if event == E::Claimed {
+        return Err("AlreadyClaimed");
+    }
+    if event == E::RunNoLongerRunning {
+        return Ok(S::Failed);
+    }
+    let stop = matches!(
+        event,
+        E::CancelRequested | E::DrainDeadlinePassed | E::RunTimeoutPassed
+    );
+    match (state, event) {
+        (S::Claimed, E::PrepareStarted) => Ok(S::Claimed),
+        (S::Claimed, E::CheckoutReady) => Ok(S::Prepared),
+        (S::Claimed, E::CheckoutFailed) => Ok(S::Pushed),
+        (S::Claimed, _) if stop => Ok(S::Claimed),
+        (S::Prepared, E::ContainerStarting) => Ok(S::Prepared),
+        (S::Prepared, E::ContainerStarted) => Ok(S::Running),
+        // exit 0 without a single contract event: failed, straight to the report.
+        (S::Prepared, E::ContainerExited | E::ContainerVanished) => Ok(S::Pushed),
+        (S::Prepared, _) if stop => Ok(S::Prepared),
+        (S::Running, E::AgentSignal | E::StreamDegraded) => Ok(S::Running),
+        (S::Running, E::ContainerExited | E::ContainerVanished) => Ok(S::Pushed),
+        (S::Running, _) if stop => Ok(S::Running),
+        (S::Pushed, E::ReportAccepted) => Ok(S::Reported),
+        (S::Pushed, E::ReportRejected409) => Ok(S::Failed),
+        (S::Pushed, E::ReportFailed) => Ok(S::Pushed),
+        _ => Err("NotApplicable"),
+    }
+}
+
+fn rejection_name(r: &Rejected) -> &'static str {
+    match r {
+        Rejected::Terminal { .. } => "Terminal",
+        Rejected::NotApplicable { .. } => "NotApplicable",
+        Rejected::AlreadyStopping { .. } => "AlreadyStopping",
+        Rejected::AlreadyClaimed { .. } => "AlreadyClaimed",
+        Rejected::NotClaimedYet { .. } => "NotClaimedYet",
+    }
+}
+
+#[test]
+fn every_state_event_pair_is_a_transition_or_a_typed_rejection() {
+    let mut pairs = 0;
+    for sk in StateKind::iter() {
+        let state = sample_state(sk);
+        assert_eq!(state.kind(), sk);
+        for ek in EventKind::iter() {
+            let event = sample_event(ek);
+            assert_eq!(event.kind(), ek);
+            let got = transition(&state, &event)
+                .map(|(next, _)| next.kind())
+                .map_err(|r| rejection_name(&r));
+            assert_eq!(got, expected(sk, ek), "state {sk} × event {ek}");
+            if let Err(r) = transition(&state, &event) {
+                // Rejections name the pair so the daemon's log line says what was ignored.
+                let text = r.to_string();
+                assert!(
+                    text.contains(&ek.to_string()) || text.contains("claimed"),
+                    "{text}"
+                );
+            }
+            pairs += 1;
+        }
+    }
+    assert_eq!(pairs, StateKind::iter().count() * EventKind::iter().count());
+}
+
+#[test]
+fn post_exit_running_variants_never_panic_and_accept_only_push_outcomes() {
+    let p = plan();
+    let base = [
+        ready(&p),
+        Event::ContainerStarted,
+        sig(r#"{"type":"finish","outcome":"completed","summary":"done"}"#),
+        exited(0),
+    ];
+    let (inspecting, effects) = run(p.clone(), &base);
+    assert_eq!(effects.last(), Some(&Effect::InspectHeads));
+    let mut with_push = base.to_vec();
+    with_push.push(sample_event(EventKind::HeadsInspected));
+    let (pushing, effects) = run(p, &with_push);
+    assert!(matches!(effects.last(), Some(Effect::Push { heads }) if heads[0].head == HEAD));
+    for (state, accepted) in [
+        (
+            &inspecting,
+            &[
+                EventKind::HeadsInspected,
+                EventKind::PushSkipped,
+                EventKind::CancelRequested,
+                EventKind::DrainDeadlinePassed,
+                EventKind::RunTimeoutPassed,
+                EventKind::RunNoLongerRunning,
+            ][..],
+        ),
+        (
+            &pushing,
+            &[
+                EventKind::PushDone,
+                EventKind::PushSkipped,
+                EventKind::PushFailed,
+                EventKind::CancelRequested,
+                EventKind::DrainDeadlinePassed,
+                EventKind::RunTimeoutPassed,
+                EventKind::RunNoLongerRunning,
+            ][..],
+        ),
+    ] {
+        for ek in EventKind::iter() {
+            let ok = transition(state, &sample_event(ek)).is_ok();
+            assert_eq!(ok, accepted.contains(&ek), "{} × {ek}", state.describe());
+        }
+    }
+}
+
+#[test]
+fn the_first_event_must_be_claimed() {
+    for ek in EventKind::iter() {
+        let r = apply(None, &sample_event(ek));
+        if ek == EventKind::Claimed {
+            assert_eq!(r.unwrap().0.kind(), StateKind::Claimed);
+        } else {
+            assert!(matches!(r, Err(Rejected::NotClaimedYet { .. })), "{ek}");
+        }
+    }
+}
+
+#[test]
+fn a_repeated_cancel_is_rejected_as_already_stopping() {
+    // The heartbeat repeats the abort id until the run is final (spec 2.7).
+    let p = plan();
+    let (state, effects) = run(
+        p.clone(),
+        &[
+            ready(&p),
+            Event::ContainerStarted,
+            Event::CancelRequested { force: false },
+        ],
+    );
+    assert!(effects.contains(&Effect::KillContainer {
+        name: "wsr-h1-run-42-1".into()
+    }));
+    assert!(matches!(
+        transition(&state, &Event::CancelRequested { force: false }),
+        Err(Rejected::AlreadyStopping { .. })
+    ));
+}
+
+// ---------- verdict rules (spec 6.5) ----------
+
+fn agent_verdict(lines: &[&str], degraded: bool, code: Option<i32>) -> Verdict {
+    let p = plan_with(&[], "");
+    let mut events = vec![Event::ContainerStarted];
+    events.extend(lines.iter().map(|l| sig(l)));
+    if degraded {
+        events.push(Event::StreamDegraded);
+    }
+    events.push(Event::ContainerExited { code });
+    let (state, effects) = run(p, &events);
+    assert_eq!(state.kind(), StateKind::Pushed);
+    let verdict = state.verdict().unwrap().clone();
+    assert_eq!(reports(&effects), vec![verdict.to_report()]);
+    verdict
+}
+
+#[test]
+fn verdict_row_1_cancel_wins_over_everything() {
+    let p = plan_with(&[], "");
+    let (state, effects) = run(
+        p,
+        &[
+            Event::ContainerStarted,
+            sig(r#"{"type":"finish","outcome":"completed","summary":"ok"}"#),
+            Event::CancelRequested { force: false },
+            exited(0),
+        ],
+    );
+    let r = &reports(&effects)[0];
+    assert_eq!(
+        (r.status.as_str(), r.error.as_str()),
+        ("canceled", "context canceled")
+    );
+    assert_eq!(state.verdict().unwrap().status, Status::Canceled);
+}
+
+#[test]
+fn verdict_row_2_exit_0_without_contract_events_fails() {
+    let v = agent_verdict(&[], false, Some(0));
+    assert_eq!(v.status, Status::Failed);
+    assert!(v
+        .error
+        .starts_with("agent subprocess exited without emitting a single JSONL contract event — "));
+}
+
+#[test]
+fn verdict_row_3_degraded_stream_fails() {
+    let v = agent_verdict(&[r#"{"type":"starting"}"#], true, Some(0));
+    assert!(
+        v.error.starts_with("agent event stream degraded — "),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn verdict_row_4_blocked_fails_with_summary() {
+    let v = agent_verdict(
+        &[r#"{"type":"finish","outcome":"blocked","summary":"no access to repo"}"#],
+        false,
+        Some(0),
+    );
+    assert_eq!(
+        (v.status, v.error.as_str()),
+        (Status::Failed, "agent blocked: no access to repo")
+    );
+}
+
+#[test]
+fn verdict_row_5_error_without_finish_fails_with_last_error() {
+    let v = agent_verdict(
+        &[
+            r#"{"type":"error","message":"first"}"#,
+            r#"{"type":"error","message":"broker down"}"#,
+            r#"{"type":"session_idle"}"#,
+        ],
+        false,
+        Some(0),
+    );
+    assert_eq!(v.error, "agent error: broker down");
+}
+
+#[test]
+fn verdict_row_6_completed_needs_info_or_no_finish_succeed() {
+    let v = agent_verdict(
+        &[
+            r#"{"type":"error","message":"transient"}"#,
+            r#"{"type":"finish","outcome":"needs_info","summary":"which db?"}"#,
+        ],
+        false,
+        Some(0),
+    );
+    assert_eq!(
+        (v.status, v.summary.as_str(), v.error.as_str()),
+        (Status::Succeeded, "which db?", "")
+    );
+    let v = agent_verdict(
+        &[r#"{"type":"lifecycle","phase":"entrypoint"}"#],
+        false,
+        Some(0),
+    );
+    assert_eq!((v.status, v.summary.as_str()), (Status::Succeeded, ""));
+    assert_eq!(v.to_report().status, "succeeded");
+}
+
+#[test]
+fn verdict_row_7_nonzero_exit_fails_with_code_or_minus_one() {
+    let v = agent_verdict(
+        &[r#"{"type":"finish","outcome":"completed","summary":"x"}"#],
+        false,
+        Some(2),
+    );
+    assert!(
+        v.error.starts_with("agent subprocess exited with code 2: "),
+        "{v:?}"
+    );
+    let v = agent_verdict(&[], false, None);
+    assert!(
+        v.error
+            .starts_with("agent subprocess exited with code -1: "),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn container_kinds_use_the_simpler_rules() {
+    let p = plan_with(&[], KIND_ACTION_CONTAINER);
+    let verdict = |events: &[Event]| run(p.clone(), events).0.verdict().unwrap().clone();
+    assert_eq!(
+        verdict(&[Event::ContainerStarted, exited(0)]).status,
+        Status::Succeeded
+    );
+    assert_eq!(
+        verdict(&[Event::ContainerStarted, Event::StreamDegraded, exited(0)]).error,
+        "docker run exited 0 but output drain failed (events truncated)"
+    );
+    assert!(verdict(&[Event::ContainerStarted, exited(3)])
+        .error
+        .starts_with("docker run exited with code 3"));
+    let mut no_image = p.clone();
+    no_image.image.clear();
+    let (state, _) = claim(no_image);
+    assert_eq!(state.verdict().unwrap().error, "container job has no image");
+}
+
+// ---------- push outcome (spec 4.9) ----------
+
+fn finished_ok() -> Vec<Event> {
+    vec![
+        Event::ContainerStarted,
+        sig(r#"{"type":"finish","outcome":"completed","summary":"did it"}"#),
+        sig(r#"{"type":"session_idle"}"#),
+        exited(0),
+    ]
+}
+
+#[test]
+fn success_with_commits_reports_the_run_branch_and_base() {
+    let p = plan();
+    let mut events = vec![ready(&p)];
+    events.extend(finished_ok());
+    let head = vec![RepoHead {
+        slug: "acme/app".into(),
+        head: HEAD.into(),
+    }];
+    events.push(Event::HeadsInspected {
+        heads: head.clone(),
+    });
+    events.push(Event::PushDone { heads: head });
+    let (state, effects) = run(p, &events);
+    let r = &reports(&effects)[0];
+    assert_eq!(r.status, "succeeded");
+    assert_eq!(r.branch, "agent-runs/run-42");
+    assert_eq!(r.base_commit, BASE);
+    assert_eq!(r.summary, "did it");
+    assert!(r.repos.is_empty(), "single-repo runs use the scalar fields");
+    assert_eq!(lifecycle_phases(&effects), vec!["worktree_ready", "pushed"]);
+    assert!(effects.contains(&Effect::RemoveCheckout));
+    let (done, _) = transition(&state, &Event::ReportAccepted).unwrap();
+    assert_eq!(done.kind(), StateKind::Reported);
+}
+
+#[test]
+fn success_without_commits_reports_no_branch() {
+    let p = plan();
+    let mut events = vec![ready(&p)];
+    events.extend(finished_ok());
+    events.push(Event::HeadsInspected {
+        heads: vec![RepoHead {
+            slug: "acme/app".into(),
+            head: BASE.into(),
+        }],
+    });
+    let (_, effects) = run(p, &events);
+    let r = &reports(&effects)[0];
+    assert_eq!(
+        (r.status.as_str(), r.branch.as_str(), r.base_commit.as_str()),
+        ("succeeded", "", "")
+    );
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Push { .. })));
+    assert_eq!(
+        lifecycle_phases(&effects),
+        vec!["worktree_ready", "no_changes"]
+    );
+}
+
+#[test]
+fn push_error_fails_the_run_with_triage_push_prefix() {
+    let p = plan();
+    let mut events = vec![ready(&p)];
+    events.extend(finished_ok());
+    events.push(sample_event(EventKind::HeadsInspected));
+    events.push(Event::PushFailed {
+        error: "remote rejected".into(),
+    });
+    let (_, effects) = run(p, &events);
+    let r = &reports(&effects)[0];
+    assert_eq!(
+        (r.status.as_str(), r.error.as_str()),
+        ("failed", "triage push: remote rejected")
+    );
+    assert_eq!(
+        lifecycle_phases(&effects),
+        vec!["worktree_ready", "push_failed"]
+    );
+}
+
+#[test]
+fn failed_agent_is_not_pushed() {
+    let p = plan();
+    let (_, effects) = run(p.clone(), &[ready(&p), Event::ContainerStarted, exited(1)]);
+    assert!(!effects
+        .iter()
+        .any(|e| matches!(e, Effect::Push { .. } | Effect::InspectHeads)));
+    assert_eq!(reports(&effects)[0].status, "failed");
+}
+
+#[test]
+fn multi_repo_lists_every_repo_and_mirrors_the_primary() {
+    let mut p = plan_with(&["acme/app", "acme/lib"], "");
+    p.repos[1].continue_branch = "feature/lib".into();
+    let mut events = vec![ready(&p)];
+    events.extend(finished_ok());
+    let heads = vec![
+        RepoHead {
+            slug: "acme/app".into(),
+            head: BASE.into(),
+        },
+        RepoHead {
+            slug: "acme/lib".into(),
+            head: HEAD.into(),
+        },
+    ];
+    events.push(Event::HeadsInspected { heads });
+    events.push(Event::PushDone {
+        heads: vec![RepoHead {
+            slug: "acme/lib".into(),
+            head: HEAD.into(),
+        }],
+    });
+    let (_, effects) = run(p, &events);
+    let r = &reports(&effects)[0];
+    assert_eq!(r.repos.len(), 2);
+    assert_eq!(
+        (r.repos[0].repo_slug.as_str(), r.repos[0].branch.as_str()),
+        ("acme/app", "")
+    );
+    assert_eq!(
+        (r.repos[1].branch.as_str(), r.repos[1].base_commit.as_str()),
+        ("feature/lib", BASE)
+    );
+    // The scalar fields mirror repos[0], which had no changes.
+    assert_eq!((r.branch.as_str(), r.base_commit.as_str()), ("", ""));
+    let repos_in_events: Vec<String> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::SendEvent { payload_json, .. } => {
+                let v: serde_json::Value = serde_json::from_str(payload_json).unwrap();
+                Some(format!("{}:{}", v["phase"].as_str()?, v["repo"].as_str()?))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        repos_in_events,
+        vec![
+            "worktree_ready:acme/app",
+            "worktree_ready:acme/lib",
+            "no_changes:acme/app",
+            "pushed:acme/lib"
+        ]
+    );
+}
+
+#[test]
+fn cancel_during_prepare_or_push_reports_canceled() {
+    // Upstream reports failed "triage prepare/push: …"; we report what the user asked for.
+    let p = plan();
+    let (_, effects) = run(
+        p.clone(),
+        &[
+            Event::CancelRequested { force: false },
+            Event::CheckoutFailed {
+                error: "killed".into(),
+            },
+        ],
+    );
+    assert_eq!(reports(&effects)[0].status, "canceled");
+    let mut events = vec![ready(&p)];
+    events.extend(finished_ok());
+    events.push(sample_event(EventKind::HeadsInspected));
+    events.push(Event::DrainDeadlinePassed);
+    events.push(sample_event(EventKind::PushDone));
+    let (_, effects) = run(p, &events);
+    let r = reports(&effects).pop().unwrap();
+    assert_eq!(
+        (r.status.as_str(), r.error.as_str(), r.branch.as_str()),
+        ("canceled", "context canceled", "")
+    );
+}
+
+#[test]
+fn run_timeout_fails_and_kills_the_container() {
+    let p = plan_with(&[], "");
+    let (state, effects) = run(
+        p,
+        &[
+            Event::ContainerStarted,
+            Event::RunTimeoutPassed,
+            Event::ContainerExited { code: Some(137) },
+        ],
+    );
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::KillContainer { .. })));
+    assert!(state.verdict().unwrap().error.contains("wall-clock limit"));
+}
+
+#[test]
+fn report_retry_409_and_permanent_failure() {
+    let p = plan_with(&[], "");
+    let (pushed, _) = run(p, &[Event::ContainerStarted, exited(0)]);
+    let (again, effects) = transition(
+        &pushed,
+        &Event::ReportFailed {
+            error: "503".into(),
+            retryable: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        reports(&effects),
+        vec![pushed.verdict().unwrap().to_report()]
+    );
+    assert!(matches!(&again, RunState::Pushed { report, .. } if report.attempt == 2));
+    let (gone, effects) = transition(&again, &Event::ReportRejected409).unwrap();
+    assert!(effects.is_empty());
+    assert_eq!(gone.kind(), StateKind::Failed);
+    let (rejected, _) = transition(
+        &again,
+        &Event::ReportFailed {
+            error: "400 bad status".into(),
+            retryable: false,
+        },
+    )
+    .unwrap();
+    assert!(matches!(&rejected, RunState::Failed { reason, .. } if reason.contains("400")));
+}
+
+#[test]
+fn abandon_kills_the_container_and_removes_the_checkout_without_report() {
+    let p = plan();
+    let (state, effects) = run(
+        p.clone(),
+        &[
+            ready(&p),
+            Event::ContainerStarted,
+            Event::RunNoLongerRunning,
+        ],
+    );
+    assert_eq!(state.kind(), StateKind::Failed);
+    assert!(reports(&effects).is_empty());
+    let tail = &effects[effects.len() - 2..];
+    assert_eq!(
+        tail,
+        &[
+            Effect::KillContainer {
+                name: "wsr-h1-run-42-1".into()
+            },
+            Effect::RemoveCheckout
+        ]
+    );
+}
+
+#[test]
+fn container_restart_uses_a_fresh_attempt_name() {
+    let p = plan();
+    let (state, effects) = run(p.clone(), &[ready(&p), Event::ContainerStarting]);
+    assert!(matches!(&state, RunState::Prepared { container, .. } if container.attempt == 2));
+    assert_eq!(
+        &effects[effects.len() - 2..],
+        &[
+            Effect::KillContainer {
+                name: "wsr-h1-run-42-1".into()
+            },
+            Effect::StartContainer {
+                name: "wsr-h1-run-42-2".into(),
+                attempt: 2
+            }
+        ]
+    );
+}
+
+#[test]
+fn states_round_trip_through_json() {
+    let p = plan();
+    let mut events = vec![ready(&p)];
+    events.extend(finished_ok());
+    events.push(sample_event(EventKind::HeadsInspected));
+    let (mut state, _) = claim(p);
+    for e in &events {
+        state = transition(&state, e).unwrap().0;
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(!json.contains("tok-0123456789"));
+        let back: RunState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        let ejson = serde_json::to_string(e).unwrap();
+        assert_eq!(&serde_json::from_str::<Event>(&ejson).unwrap(), e);
+    }
+}
+
+// ---------- recovery table ----------
+
+fn obs(container: ContainerObservation) -> Observations {
+    Observations {
+        container,
+        checkout_present: true,
+        remote_heads: Vec::new(),
+        server_says_final: false,
+    }
+}
+
+#[test]
+fn recovery_table() {
+    let p = plan();
+    let gone = obs(ContainerObservation::Gone);
+    let running = obs(ContainerObservation::Running);
+    // Claimed: wipe and prepare again.
+    let claimed = claim(p.clone()).0;
+    assert_eq!(
+        recover(&claimed, &gone),
+        RecoveryDecision::Feed(vec![Event::PrepareStarted])
+    );
+    let (again, effects) = transition(&claimed, &Event::PrepareStarted).unwrap();
+    assert_eq!(
+        effects,
+        vec![Effect::RemoveCheckout, Effect::Prepare { attempt: 2 }]
+    );
+    assert!(matches!(again, RunState::Claimed { prepare, .. } if prepare.attempt == 2));
+    // Prepared: start the container (fresh attempt), or re-attach / harvest if it exists.
+    let prepared = run(p.clone(), &[ready(&p)]).0;
+    assert_eq!(
+        recover(&prepared, &gone),
+        RecoveryDecision::Feed(vec![Event::ContainerStarting])
+    );
+    assert_eq!(
+        recover(&prepared, &running),
+        RecoveryDecision::Reattach {
+            name: "wsr-h1-run-42-1".into(),
+            feed: vec![Event::ContainerStarted]
+        }
+    );
+    // Running: re-attach, harvest the exit, or fail as interrupted.
+    let running_state = run(p.clone(), &[ready(&p), Event::ContainerStarted]).0;
+    assert!(
+        matches!(recover(&running_state, &running), RecoveryDecision::Reattach { feed, .. } if feed.is_empty())
+    );
+    assert_eq!(
+        recover(
+            &running_state,
+            &obs(ContainerObservation::Exited { code: Some(0) })
+        ),
+        RecoveryDecision::Feed(vec![exited(0)])
+    );
+    let decision = recover(&running_state, &gone);
+    assert_eq!(
+        decision,
+        RecoveryDecision::Feed(vec![Event::ContainerVanished])
+    );
+    let (after, _) = transition(&running_state, &Event::ContainerVanished).unwrap();
+    assert!(after.verdict().unwrap().error.contains("disappeared"));
+    // Push intent: check the remote ref; push again only if it is not at the sha.
+    let mut events = vec![ready(&p)];
+    events.extend(finished_ok());
+    events.push(sample_event(EventKind::HeadsInspected));
+    let pushing = run(p.clone(), &events).0;
+    let mut at_sha = gone.clone();
+    at_sha.remote_heads = vec![("acme/app".into(), Some(HEAD.into()))];
+    assert!(
+        matches!(recover(&pushing, &at_sha), RecoveryDecision::Feed(e) if matches!(e[0], Event::PushDone { .. }))
+    );
+    let mut elsewhere = gone.clone();
+    elsewhere.remote_heads = vec![("acme/app".into(), Some(BASE.into()))];
+    assert!(
+        matches!(recover(&pushing, &elsewhere), RecoveryDecision::Redo(e) if matches!(e[0], Effect::Push { .. }))
+    );
+    // Pushed / report intent: report again.
+    let pushed = run(p.clone(), &[Event::CheckoutFailed { error: "x".into() }]).0;
+    assert!(
+        matches!(recover(&pushed, &gone), RecoveryDecision::Redo(e) if matches!(e[0], Effect::Report(_)))
+    );
+    // 409 from the server: abandon.
+    let mut final_ = running.clone();
+    final_.server_says_final = true;
+    assert_eq!(
+        recover(&running_state, &final_),
+        RecoveryDecision::Feed(vec![Event::RunNoLongerRunning])
+    );
+    // Terminal: nothing.
+    let done = transition(&pushed, &Event::ReportAccepted).unwrap().0;
+    assert_eq!(recover(&done, &final_), RecoveryDecision::Nothing);
+}
+
+#[test]
+fn plan_keeps_env_without_secrets() {
+    let p = plan();
+    assert_eq!(p.env, BTreeMap::new());
+}

@@ -1,0 +1,162 @@
+//! The sled journal's own contract: directory mode, one transaction per transition with
+//! sequence checks, the active/ended indexes, retention, schema guard, the async helper.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use windshift_runner::fsm::StateKind;
+use windshift_runner::journal::{
+    commit_event, commit_event_async, Journal, JournalError, Record, SledJournal, Slot,
+};
+
+/// Commits a run's happy path up to (excluding) the last `keep_back` events.
+fn commit_run(j: &dyn Journal, run: i64, keep_back: usize, at_ms: i64) -> Record {
+    let (plan, secrets) = common::plan_and_secrets(run);
+    let events = common::happy_path(&plan);
+    let mut last: Option<Record> = None;
+    for event in &events[..events.len() - keep_back] {
+        let c = commit_event(
+            j,
+            last.as_ref(),
+            event.clone(),
+            at_ms,
+            Some(secrets.clone()),
+        )
+        .unwrap();
+        last = c.record.or(last);
+    }
+    last.unwrap()
+}
+
+#[test]
+fn db_dir_is_created_0700_and_tightened() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state/journal");
+    drop(SledJournal::open(&db).unwrap());
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(SledJournal::open(&db).unwrap());
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // The files holding records (and the run token) are 0600.
+    let mode = std::fs::metadata(db.join("db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn sequence_rules_and_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = SledJournal::open(&dir.path().join("db")).unwrap();
+    let done = commit_run(&j, 4, 0, 1_000);
+    assert_eq!(done.state.kind(), StateKind::Reported);
+    let active = commit_run(&j, 8, 3, 2_000);
+    assert_eq!(j.active_index().unwrap(), vec![(8, active.seq)]);
+    assert_eq!(j.ended_index().unwrap(), vec![(4, done.seq)]);
+    let slots = j.active().unwrap();
+    assert_eq!(slots, vec![Slot::Record(active.clone())]);
+
+    // A gap, a repeat and an append after terminal are misuse, and change nothing.
+    let mut gap = active.clone();
+    gap.seq += 2;
+    assert!(matches!(j.append(&gap), Err(JournalError::Misuse(m)) if m.contains("not contiguous")));
+    assert!(matches!(j.append(&active), Err(JournalError::Misuse(_))));
+    let mut after_end = done.clone();
+    after_end.seq += 1;
+    assert!(matches!(j.append(&after_end), Err(JournalError::Misuse(m)) if m.contains("terminal")));
+    assert_eq!(j.records(8).unwrap().len() as u64, active.seq);
+    // Only the first record carries the secrets.
+    let firsts: Vec<bool> = j
+        .records(4)
+        .unwrap()
+        .iter()
+        .map(|s| matches!(s, Slot::Record(r) if r.secrets.is_some()))
+        .collect();
+    assert!(firsts[0] && firsts[1..].iter().all(|b| !b));
+}
+
+#[test]
+fn retention_archives_old_terminal_runs_then_deletes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = SledJournal::open(&dir.path().join("db")).unwrap();
+    commit_run(&j, 4, 0, 1_000); // old, terminal
+    commit_run(&j, 5, 0, 9_000); // recent, terminal
+    commit_run(&j, 8, 2, 1_000); // old but active: never archived
+    let archive = dir.path().join("archive.jsonl");
+    let summary = j.archive_terminal_before(5_000, &archive).unwrap();
+    assert_eq!(summary.runs, 1);
+    assert_eq!(j.run_ids().unwrap(), vec![5, 8]);
+    assert_eq!(j.ended_index().unwrap().len(), 1);
+    let text = std::fs::read_to_string(&archive).unwrap();
+    assert_eq!(
+        text.lines().count(),
+        summary.records + 1,
+        "header + records"
+    );
+    assert!(text.lines().next().unwrap().starts_with("{\"header\":"));
+    assert!(text
+        .lines()
+        .skip(1)
+        .all(|l| l.starts_with("{\"record\":{\"schema\":1,\"run_id\":4,")));
+    assert!(!text.contains(common::TOKEN), "archives are redacted");
+    assert_eq!(
+        std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Nothing left to archive: a second pass is a no-op.
+    assert_eq!(j.archive_terminal_before(5_000, &archive).unwrap().runs, 0);
+}
+
+#[test]
+fn a_journal_from_a_newer_schema_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let db = sled::open(&path).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema", &99u32.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledJournal::open(&path).err().expect("refused");
+    assert!(err.to_string().contains("newer windshift-runner"), "{err}");
+}
+
+#[test]
+fn records_survive_reopen_and_the_async_helper_commits_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (plan, secrets) = common::plan_and_secrets(4);
+    let events = common::happy_path(&plan);
+    {
+        let j: Arc<dyn Journal> = Arc::new(SledJournal::open(&path).unwrap());
+        let mut last: Option<Record> = None;
+        for event in &events[..4] {
+            let c = rt
+                .block_on(commit_event_async(
+                    j.clone(),
+                    last.clone(),
+                    event.clone(),
+                    5,
+                    Some(secrets.clone()),
+                ))
+                .unwrap();
+            last = c.record.or(last);
+        }
+    }
+    let j = SledJournal::open(&path).unwrap();
+    let slots = j.records(4).unwrap();
+    assert_eq!(slots.len(), 4);
+    assert_eq!(j.active().unwrap().len(), 1);
+}
