@@ -294,6 +294,12 @@ async fn pump(
                         stream: stream.to_owned(),
                     })
                     .await;
+                    // Nothing on this stream is read any more, so a later session_idle
+                    // would be missed: the run is failed anyway (verdict row 3), so the
+                    // handshake starts now instead of waiting for an idle that never comes.
+                    if let Some(tx) = idle.take() {
+                        let _ = tx.send(());
+                    }
                 }
             }
         }
