@@ -46,6 +46,9 @@ root:x:0:
 agent:x:1000:
 GR
 chown 1000:1000 "$ROOTFS/home/agent" "$ROOTFS/workspace"
+# Docker 20.10 gives a --tmpfs mount the mode of the image directory it covers (its own
+# mode=1777 is overridden) and root ownership, so the home dir must be 1777 in the image.
+chmod 1777 "$ROOTFS/home/agent"
 
 # Content hash of the rootfs (paths, modes and bytes) plus this script.
 HASH="$( (cd "$ROOTFS" && find . -print0 | LC_ALL=C sort -z | xargs -0 stat -c '%n %a %u' ; \
@@ -56,35 +59,31 @@ current_hash() {
   "$DOCKER" image inspect --format '{{index .Config.Labels "org.windshift.test-agent.hash"}}' "$1" 2>/dev/null || true
 }
 
-build() { # build TAG LABEL-LINE
+build() { # build TAG CONTRACT-LABEL-VALUE (empty: no label)
   local tag="$1" contract_label="$2"
   if [ "$(current_hash "$IMAGE:$tag")" = "$HASH" ]; then
     echo "test agent image $IMAGE:$tag is up to date ($HASH)"
     return
   fi
-  local ctx
-  ctx="$(mktemp -d)"
-  cp -a "$ROOTFS" "$ctx/rootfs"
-  cat > "$ctx/Dockerfile" <<DF
-FROM scratch
-COPY rootfs/ /
-$contract_label
-LABEL org.windshift.test-agent.hash="$HASH"
-ENV HOME=/home/agent PATH=/usr/local/bin:/usr/bin:/bin
-USER 1000:1000
-WORKDIR /workspace
-ENTRYPOINT ["/usr/local/bin/windshift-test-agent"]
-DF
+  # docker import (not a Dockerfile COPY) keeps the rootfs ownership: /home/agent belongs to
+  # uid 1000 like in the real agent image, which the /home/agent tmpfs copy-up inherits.
+  local changes=(--change 'ENV HOME=/home/agent' --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin'
+    --change 'USER 1000:1000' --change 'WORKDIR /workspace'
+    --change 'ENTRYPOINT ["/usr/local/bin/windshift-test-agent"]'
+    --change "LABEL org.windshift.test-agent.hash=$HASH")
+  if [ -n "$contract_label" ]; then
+    changes+=(--change "LABEL org.windshift.agent-contract=$contract_label")
+  fi
   local log
-  if ! log="$("$DOCKER" build --quiet -t "$IMAGE:$tag" "$ctx" 2>&1)"; then
+  if ! log="$(tar -C "$ROOTFS" --numeric-owner --sort=name --mtime=@0 -cf - . \
+      | "$DOCKER" import "${changes[@]}" - "$IMAGE:$tag" 2>&1)"; then
     echo "$log" >&2
     echo "building $IMAGE:$tag failed" >&2
     exit 1
   fi
-  rm -rf "$ctx"
   echo "built test agent image $IMAGE:$tag ($HASH)"
 }
 
-build dev 'LABEL org.windshift.agent-contract="v1"'
+build dev v1
 build unlabeled ''
-build v0 'LABEL org.windshift.agent-contract="v0"'
+build v0 v0

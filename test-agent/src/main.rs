@@ -405,6 +405,15 @@ fn first_readable(paths: &[&str]) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// `{"uid":…,"gid":…,"mode":"1777"}` of a path, or null.
+fn owner_and_mode(path: &str) -> Value {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => json!({"uid": m.uid(), "gid": m.gid(), "mode": format!("{:o}", m.mode() & 0o7777)}),
+        Err(_) => Value::Null,
+    }
+}
+
 fn try_write(path: &str) -> Value {
     match std::fs::write(path, b"probe") {
         Ok(()) => {
@@ -470,6 +479,7 @@ fn probe(connect: Option<&str>) -> Value {
         "root": try_write("/.windshift-probe"),
         "tmp": try_write("/tmp/.windshift-probe"),
         "home_dir": try_write(&format!("{home}/.windshift-probe")),
+        "home_owner": owner_and_mode(&home),
         "workspace": try_write("/workspace/.windshift-probe"),
         "mounts": mounts,
         "interfaces": interfaces,
