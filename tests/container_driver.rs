@@ -27,9 +27,18 @@ async fn commit_then_completed_lands_a_commit_in_the_checkout() {
     assert_eq!(driven.result.exit_code, Some(0), "{:?}", driven.outputs);
     let done = driven.of_type("tool_done");
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0]["ok"], true, "git inside the image failed: {}", done[0]);
+    assert_eq!(
+        done[0]["ok"], true,
+        "git inside the image failed: {}",
+        done[0]
+    );
     let signals = driven.signals();
-    assert_eq!(signals[0], AgentSignal::Event { event_type: "lifecycle".into() });
+    assert_eq!(
+        signals[0],
+        AgentSignal::Event {
+            event_type: "lifecycle".into()
+        }
+    );
     assert!(signals.contains(&AgentSignal::Finish {
         outcome: "completed".into(),
         summary: "did it".into()
@@ -89,14 +98,24 @@ async fn blocked_and_error_are_signalled() {
     .await;
     assert_eq!(driven.result.exit_code, Some(0));
     let signals = driven.signals();
-    assert!(signals.contains(&AgentSignal::Error { message: "broker down".into() }));
-    assert!(!signals.iter().any(|s| matches!(s, AgentSignal::Finish { .. })));
+    assert!(signals.contains(&AgentSignal::Error {
+        message: "broker down".into()
+    }));
+    assert!(!signals
+        .iter()
+        .any(|s| matches!(s, AgentSignal::Finish { .. })));
 }
 
 #[tokio::test]
 async fn exit_code_is_reported_without_idle() {
     let (engine, _cleanup) = test_engine(&unique_instance("exit"));
-    let driven = run_script(&engine, &spec(105, LaunchKind::CodingAgent, None), "say bye; exit 7", GRACE).await;
+    let driven = run_script(
+        &engine,
+        &spec(105, LaunchKind::CodingAgent, None),
+        "say bye; exit 7",
+        GRACE,
+    )
+    .await;
     assert_eq!(driven.result.exit_code, Some(7));
     assert!(!driven.result.saw_session_idle);
     assert!(!driven.result.killed_after_grace);
@@ -114,10 +133,15 @@ async fn non_json_and_stderr_lines_are_wrapped() {
     )
     .await;
     let stdout = driven.payloads("stdout");
-    assert!(stdout.contains(&serde_json::json!({"line": "plain text, not json"})), "{stdout:?}");
+    assert!(
+        stdout.contains(&serde_json::json!({"line": "plain text, not json"})),
+        "{stdout:?}"
+    );
     // Valid JSON is forwarded verbatim even without a type; blank lines are skipped.
     assert!(stdout.contains(&serde_json::json!([1, 2])));
-    assert!(!stdout.iter().any(|p| p == &serde_json::json!({"line": "   "})));
+    assert!(!stdout
+        .iter()
+        .any(|p| p == &serde_json::json!({"line": "   "})));
     assert_eq!(
         driven.payloads("stderr"),
         vec![serde_json::json!({"line": "warning: something"})]
@@ -151,7 +175,10 @@ async fn a_line_over_one_mib_degrades_the_stream_once() {
     assert!(texts[0].starts_with("[runner] stdout scan aborted:"));
     assert!(texts[0].ends_with("remaining output will be drained and discarded"));
     // Nothing after the long line is forwarded.
-    assert!(driven.of_type("content").iter().all(|p| p["text"] == "before"));
+    assert!(driven
+        .of_type("content")
+        .iter()
+        .all(|p| p["text"] == "before"));
 }
 
 #[tokio::test]
@@ -214,12 +241,24 @@ async fn cancel_of_an_agent_ignoring_abort_kills_the_container() {
     let eng = engine.clone();
     let nm = name.clone();
     let driver = tokio::spawn(async move {
-        agent_driver::drive(&eng, &nm, stdin, options, async { let _ = cancel_rx.await; }, tx).await
+        agent_driver::drive(
+            &eng,
+            &nm,
+            stdin,
+            options,
+            async {
+                let _ = cancel_rx.await;
+            },
+            tx,
+        )
+        .await
     });
     // Cancel once the agent is demonstrably working.
     loop {
         match rx.recv().await {
-            Some(DriverOutput::Event { payload_json, .. }) if payload_json.contains("started") => break,
+            Some(DriverOutput::Event { payload_json, .. }) if payload_json.contains("started") => {
+                break
+            }
             Some(_) => {}
             None => panic!("driver ended before the agent started"),
         }
@@ -232,7 +271,10 @@ async fn cancel_of_an_agent_ignoring_abort_kills_the_container() {
     assert!(result.killed_after_grace, "a hanging agent must be killed");
     assert_eq!(result.exit_code, Some(137));
     assert!(
-        wait_until(GRACE + Duration::from_secs(10), || async { !is_running(&name) }).await,
+        wait_until(GRACE + Duration::from_secs(10), || async {
+            !is_running(&name)
+        })
+        .await,
         "container still running after grace"
     );
 }
@@ -251,12 +293,24 @@ async fn cancel_of_a_cooperative_agent_ends_it_by_abort_and_eof() {
     let eng = engine.clone();
     let nm = name.clone();
     let driver = tokio::spawn(async move {
-        agent_driver::drive(&eng, &nm, stdin, options, async { let _ = cancel_rx.await; }, tx).await
+        agent_driver::drive(
+            &eng,
+            &nm,
+            stdin,
+            options,
+            async {
+                let _ = cancel_rx.await;
+            },
+            tx,
+        )
+        .await
     });
     let mut seen = Vec::new();
     loop {
         match rx.recv().await {
-            Some(DriverOutput::Event { payload_json, .. }) if payload_json.contains("started") => break,
+            Some(DriverOutput::Event { payload_json, .. }) if payload_json.contains("started") => {
+                break
+            }
             Some(o) => seen.push(o),
             None => panic!("driver ended early: {seen:?}"),
         }
@@ -270,8 +324,13 @@ async fn cancel_of_a_cooperative_agent_ends_it_by_abort_and_eof() {
     assert!(result.cancelled);
     assert!(!result.killed_after_grace, "the agent honours abort + EOF");
     assert_eq!(result.exit_code, Some(0));
-    assert!(!rest.iter().any(|o| matches!(o, DriverOutput::Event { payload_json, .. } if payload_json.contains("never"))));
-    assert!(!result.saw_session_idle, "an aborted run emits no session_idle");
+    assert!(!rest.iter().any(
+        |o| matches!(o, DriverOutput::Event { payload_json, .. } if payload_json.contains("never"))
+    ));
+    assert!(
+        !result.saw_session_idle,
+        "an aborted run emits no session_idle"
+    );
     assert!(!is_running(&name));
 }
 
@@ -301,7 +360,11 @@ async fn reattach_after_the_driver_dies_collects_the_rest() {
     let mut last_stdout_line;
     loop {
         match rx.recv().await {
-            Some(DriverOutput::Event { event_type, payload_json, line }) if event_type == "stdout" => {
+            Some(DriverOutput::Event {
+                event_type,
+                payload_json,
+                line,
+            }) if event_type == "stdout" => {
                 last_stdout_line = line;
                 if payload_json.contains("\"one\"") {
                     break;
@@ -314,7 +377,10 @@ async fn reattach_after_the_driver_dies_collects_the_rest() {
     first.abort();
     let _ = first.await;
     drop(rx);
-    assert!(is_running(&name), "the agent keeps running without a driver");
+    assert!(
+        is_running(&name),
+        "the agent keeps running without a driver"
+    );
 
     // Second driver: re-opens stdin and skips what was seen.
     let stdin = StdinChannel::reopen(&name, run_dir.path());
@@ -333,20 +399,32 @@ async fn reattach_after_the_driver_dies_collects_the_rest() {
         skip_stdout_lines: last_stdout_line,
         ..DriveOptions::default()
     };
-    let result = agent_driver::drive(&engine, &name, stdin, options, std::future::pending::<()>(), tx)
-        .await
-        .expect("re-attached drive");
+    let result = agent_driver::drive(
+        &engine,
+        &name,
+        stdin,
+        options,
+        std::future::pending::<()>(),
+        tx,
+    )
+    .await
+    .expect("re-attached drive");
     let outputs = collector.await.expect("collector");
     let texts: Vec<String> = outputs
         .iter()
         .filter_map(|o| match o {
-            DriverOutput::Event { event_type, payload_json, .. } if event_type == "stdout" => {
-                Some(payload_json.clone())
-            }
+            DriverOutput::Event {
+                event_type,
+                payload_json,
+                ..
+            } if event_type == "stdout" => Some(payload_json.clone()),
             _ => None,
         })
         .collect();
-    assert!(!texts.iter().any(|t| t.contains("\"one\"")), "no duplicates: {texts:?}");
+    assert!(
+        !texts.iter().any(|t| t.contains("\"one\"")),
+        "no duplicates: {texts:?}"
+    );
     assert!(texts.iter().any(|t| t.contains("\"two\"")), "{texts:?}");
     assert!(outputs.contains(&DriverOutput::Signal(AgentSignal::Finish {
         outcome: "completed".into(),

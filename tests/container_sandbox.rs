@@ -53,7 +53,9 @@ async fn probe_sees_the_hardened_sandbox() {
     let mounts = p["mounts"].as_array().expect("mounts");
     for target in ["/tmp", "/home/agent"] {
         assert!(
-            mounts.iter().any(|m| m["target"] == target && m["fstype"] == "tmpfs"),
+            mounts
+                .iter()
+                .any(|m| m["target"] == target && m["fstype"] == "tmpfs"),
             "{target} is a tmpfs: {mounts:?}"
         );
     }
@@ -61,7 +63,11 @@ async fn probe_sees_the_hardened_sandbox() {
     assert_eq!(p["connect"]["connected"], false);
     assert_eq!(p["pids_max"], "64");
     assert_eq!(p["memory_max"], (256u64 << 20).to_string());
-    assert_eq!(p["memory_swap_max"], (256u64 << 20).to_string(), "no swap beyond memory");
+    assert_eq!(
+        p["memory_swap_max"],
+        (256u64 << 20).to_string(),
+        "no swap beyond memory"
+    );
 }
 
 #[tokio::test]
@@ -81,8 +87,16 @@ async fn writes_outside_the_checkout_fail_and_change_nothing() {
     for e in &escapes {
         assert_eq!(e["succeeded"], false, "escape succeeded: {e}");
     }
-    assert_eq!(list_dir(co.root.path()), parent_before, "nothing new beside the checkout");
-    assert_eq!(docker_diff(&driven.name), "", "the container filesystem is unchanged");
+    assert_eq!(
+        list_dir(co.root.path()),
+        parent_before,
+        "nothing new beside the checkout"
+    );
+    assert_eq!(
+        docker_diff(&driven.name),
+        "",
+        "the container filesystem is unchanged"
+    );
     assert_eq!(git(&co.path, &["status", "--porcelain"]), "");
 }
 
@@ -118,7 +132,10 @@ async fn memory_beyond_the_limit_is_refused() {
     )
     .await;
     assert!(
-        !driven.of_type("escape").iter().any(|e| e["succeeded"] == true),
+        !driven
+            .of_type("escape")
+            .iter()
+            .any(|e| e["succeeded"] == true),
         "allocated past the limit: {:?}",
         driven.of_type("escape")
     );

@@ -139,8 +139,8 @@ impl StdinChannel {
             // Its own process group: a Ctrl-C or group kill aimed at the runner spares it.
             .process_group(0)
             .spawn()?;
-        let holder_pid = i32::try_from(child.id())
-            .map_err(|_| io::Error::other("holder pid out of range"))?;
+        let holder_pid =
+            i32::try_from(child.id()).map_err(|_| io::Error::other("holder pid out of range"))?;
         std::fs::write(run_dir.join(HOLDER_PID_FILE), format!("{holder_pid}\n"))?;
         Ok(StdinChannel {
             fifo,
@@ -160,7 +160,8 @@ impl StdinChannel {
         // Guard against pid reuse: the process must still be our attach for this container.
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let ours = args.iter().any(|a| *a == b"attach") && args.iter().any(|a| *a == name.as_bytes());
+        let ours =
+            args.iter().any(|a| *a == b"attach") && args.iter().any(|a| *a == name.as_bytes());
         let fifo = run_dir.join(FIFO_NAME);
         (ours && fifo.exists()).then_some(StdinChannel {
             fifo,
@@ -481,7 +482,10 @@ pub async fn drive(
         // No stdin (container kinds): ask politely, the engine kills after the grace.
         let secs = options.grace.as_secs().to_string();
         let _ = engine
-            .cli(&["stop", "--time", &secs, name], options.grace + Duration::from_secs(60))
+            .cli(
+                &["stop", "--time", &secs, name],
+                options.grace + Duration::from_secs(60),
+            )
             .await;
     }
 
@@ -509,7 +513,10 @@ pub async fn drive(
         Ok(both) => both,
         Err(_) => {
             let _ = logs.kill().await;
-            tracing::warn!(container = name, "output drain did not finish in 60 s after the container stopped");
+            tracing::warn!(
+                container = name,
+                "output drain did not finish in 60 s after the container stopped"
+            );
             result.stream_degraded = true;
             (StreamStats::default(), StreamStats::default())
         }

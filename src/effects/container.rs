@@ -127,7 +127,11 @@ impl ContainerConfig {
         instance: &str,
         get: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ContainerError> {
-        let get = |name: &str| get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let get = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
         let mut cfg = ContainerConfig {
             instance: sanitize_name_part(instance),
             ..ContainerConfig::default()
@@ -139,11 +143,15 @@ impl ContainerConfig {
             cfg.network = v;
         }
         if let Some(v) = get("WSRUNNER_PIDS_LIMIT") {
-            cfg.pids_limit = v.parse().ok().filter(|n| *n > 0).ok_or(ContainerError::Config {
-                name: "WSRUNNER_PIDS_LIMIT",
-                value: v,
-                why: "must be a positive whole number",
-            })?;
+            cfg.pids_limit = v
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(ContainerError::Config {
+                    name: "WSRUNNER_PIDS_LIMIT",
+                    value: v,
+                    why: "must be a positive whole number",
+                })?;
         }
         if let Some(v) = get("WSRUNNER_MEMORY") {
             let ok = v.len() > 1
@@ -212,7 +220,10 @@ pub fn sanitize_name_part(raw: &str) -> String {
 
 /// The deterministic container name of one run attempt.
 pub fn container_name(instance: &str, run_id: i64, attempt: u32) -> String {
-    format!("wsr-{}-run-{run_id}-{attempt}", sanitize_name_part(instance))
+    format!(
+        "wsr-{}-run-{run_id}-{attempt}",
+        sanitize_name_part(instance)
+    )
 }
 
 /// Which launch shape a job gets (spec 5.1 vs 5.2).
@@ -408,7 +419,10 @@ pub enum ContainerState {
     Created,
     Running,
     /// Stopped with this exit code (`OOMKilled` when the kernel killed it for memory).
-    Exited { code: i32, oom_killed: bool },
+    Exited {
+        code: i32,
+        oom_killed: bool,
+    },
     /// Any other engine state (paused, restarting, removing, dead, …), as reported.
     Other(String),
 }
@@ -567,7 +581,10 @@ impl Engine {
     pub async fn contract_label(&self, image: &str) -> Result<String, ContainerError> {
         let format = format!("{{{{index .Config.Labels \"{CONTRACT_LABEL}\"}}}}");
         let out = self
-            .cli_ok(&["image", "inspect", "--format", &format, image], CLI_TIMEOUT)
+            .cli_ok(
+                &["image", "inspect", "--format", &format, image],
+                CLI_TIMEOUT,
+            )
             .await?;
         let value = out.trim();
         // A missing key prints "<no value>" on docker and podman.
@@ -718,7 +735,9 @@ impl Engine {
 
     /// Waits until the container stopped and returns its exit code (`None` if it is gone).
     pub async fn wait_exit(&self, name: &str) -> Result<Option<i32>, ContainerError> {
-        let out = self.cli(&["wait", name], Duration::from_secs(24 * 3600)).await?;
+        let out = self
+            .cli(&["wait", name], Duration::from_secs(24 * 3600))
+            .await?;
         if out.success {
             if let Ok(code) = out.stdout.trim().parse::<i32>() {
                 return Ok(Some(code));

@@ -226,7 +226,8 @@ impl Run {
                 let count = step.number(1, "flood N")?;
                 let mut out = std::io::stdout().lock();
                 for seq in 0..count {
-                    let line = json!({"type": "content", "seq": seq, "text": format!("flood {seq}")});
+                    let line =
+                        json!({"type": "content", "seq": seq, "text": format!("flood {seq}")});
                     let _ = writeln!(out, "{line}");
                 }
                 let _ = out.flush();
@@ -245,7 +246,9 @@ impl Run {
             "probe" => emit(probe(step.opt("connect"))),
             "write" => {
                 let path = step.word(1).ok_or("write needs a PATH")?;
-                let content = step.opt("content").unwrap_or("written by windshift-test-agent\n");
+                let content = step
+                    .opt("content")
+                    .unwrap_or("written by windshift-test-agent\n");
                 let result = std::fs::write(path, content);
                 emit(escape_report("write", path, result.map(|_| json!(null))));
             }
@@ -256,7 +259,11 @@ impl Run {
                 let path = format!("/workspace/.git/hooks/{name}");
                 let script = "#!/bin/sh\n# planted by windshift-test-agent: must never run on the host\ntouch \"${WSR_PLANTED_HOOK_MARKER:-/tmp/windshift-planted-hook-ran}\"\n";
                 let result = write_executable(&path, script);
-                emit(escape_report("plant-hook", &path, result.map(|_| json!(null))));
+                emit(escape_report(
+                    "plant-hook",
+                    &path,
+                    result.map(|_| json!(null)),
+                ));
             }
             "plant-insteadof" => {
                 let url = step.word(1).ok_or("plant-insteadof needs a URL")?;
@@ -266,7 +273,11 @@ impl Run {
                     .append(true)
                     .open(path)
                     .and_then(|mut f| f.write_all(entry.as_bytes()));
-                emit(escape_report("plant-insteadof", path, result.map(|_| json!(null))));
+                emit(escape_report(
+                    "plant-insteadof",
+                    path,
+                    result.map(|_| json!(null)),
+                ));
             }
             other => return Err(format!("unknown command {other:?} (see --help)")),
         }
@@ -277,7 +288,9 @@ impl Run {
         let file = step.opt("file").unwrap_or("agent.txt");
         let msg = step.opt("msg").unwrap_or("test agent commit");
         let content = step.opt("content").unwrap_or(msg);
-        emit(json!({"type": "tool_start", "id": "commit", "tool": "commit", "args": {"file": file, "msg": msg}}));
+        emit(
+            json!({"type": "tool_start", "id": "commit", "tool": "commit", "args": {"file": file, "msg": msg}}),
+        );
         let mut output = String::new();
         let mut ok = std::fs::write(format!("/workspace/{file}"), format!("{content}\n"))
             .map_err(|e| output.push_str(&format!("write {file}: {e}\n")))
@@ -314,7 +327,9 @@ impl Run {
                 }
             }
         }
-        emit(json!({"type": "tool_done", "id": "commit", "tool": "commit", "ok": ok, "output": output}));
+        emit(
+            json!({"type": "tool_done", "id": "commit", "tool": "commit", "ok": ok, "output": output}),
+        );
     }
 
     fn forkbomb(&mut self, max: Option<&str>) {
@@ -386,7 +401,9 @@ fn alloc(mib: u64) {
             emit(json!({"type": "alloc_progress", "mib": i + 1}));
         }
     }
-    emit(json!({"type": "escape", "attempt": "memory", "target": "memory", "succeeded": true, "mib": held.len()}));
+    emit(
+        json!({"type": "escape", "attempt": "memory", "target": "memory", "succeeded": true, "mib": held.len()}),
+    );
 }
 
 fn read_trimmed(path: &str) -> Value {
@@ -409,7 +426,9 @@ fn first_readable(paths: &[&str]) -> Value {
 fn owner_and_mode(path: &str) -> Value {
     use std::os::unix::fs::MetadataExt;
     match std::fs::metadata(path) {
-        Ok(m) => json!({"uid": m.uid(), "gid": m.gid(), "mode": format!("{:o}", m.mode() & 0o7777)}),
+        Ok(m) => {
+            json!({"uid": m.uid(), "gid": m.gid(), "mode": format!("{:o}", m.mode() & 0o7777)})
+        }
         Err(_) => Value::Null,
     }
 }
@@ -434,7 +453,11 @@ fn probe(connect: Option<&str>) -> Value {
     };
     let first_id = |name: &str| -> Value {
         field(name)
-            .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+            .and_then(|v| {
+                v.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
             .map(Value::from)
             .unwrap_or(Value::Null)
     };
@@ -513,7 +536,8 @@ fn parse_script(script: &str) -> Result<Vec<Step>, String> {
                     if !was_quoted
                         && !plain.is_empty()
                         && !k.is_empty()
-                        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
                 {
                     opts.insert(k.to_owned(), Value::String(v.to_owned()));
                 }
@@ -577,8 +601,9 @@ mod tests {
 
     #[test]
     fn parses_words_quotes_and_options() {
-        let steps = parse_script(r#"commit file=a.txt msg="hello world"; finish completed "all done""#)
-            .expect("parses");
+        let steps =
+            parse_script(r#"commit file=a.txt msg="hello world"; finish completed "all done""#)
+                .expect("parses");
         assert_eq!(steps.len(), 2);
         assert_eq!(steps[0].words, vec!["commit"]);
         assert_eq!(steps[0].opt("file"), Some("a.txt"));

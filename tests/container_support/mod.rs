@@ -164,9 +164,9 @@ impl Driven {
                     event_type,
                     payload_json,
                     ..
-                } if event_type == stream => Some(
-                    serde_json::from_str(payload_json).expect("payloads are valid JSON"),
-                ),
+                } if event_type == stream => {
+                    Some(serde_json::from_str(payload_json).expect("payloads are valid JSON"))
+                }
                 _ => None,
             })
             .collect()
@@ -245,8 +245,16 @@ where
 /// Whether `docker ps` (running containers only) lists the name.
 pub fn is_running(name: &str) -> bool {
     let out = std::process::Command::new("docker")
-        .args(["ps", "--filter", &format!("name=^{name}$"), "--format", "{{.Names}}"])
+        .args([
+            "ps",
+            "--filter",
+            &format!("name=^{name}$"),
+            "--format",
+            "{{.Names}}",
+        ])
         .output()
         .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == name)
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == name)
 }
