@@ -160,8 +160,7 @@ impl StdinChannel {
         // Guard against pid reuse: the process must still be our attach for this container.
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let ours =
-            args.iter().any(|a| *a == b"attach") && args.iter().any(|a| *a == name.as_bytes());
+        let ours = args.iter().any(|a| *a == b"attach") && args.contains(&name.as_bytes());
         let fifo = run_dir.join(FIFO_NAME);
         (ours && fifo.exists()).then_some(StdinChannel {
             fifo,
