@@ -1,3 +1,5 @@
-//! Effect handlers: git cache/prepare/push, containers, the JSONL agent driver.
-
+//! Effect handlers: the work of a run that touches the outside world (git, containers,
+//! the JSONL agent driver). They return outcomes; they never write the journal.
+pub mod agent_driver;
+pub mod container;
 pub mod git;

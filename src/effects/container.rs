@@ -1,0 +1,900 @@
+//! The container engine, driven through its CLI (`docker`, or rootful `podman`): the hardened
+//! argv of spec 5.1/5.2, the env file of 5.3, the agent network of 4.1 step 4, the image
+//! contract label of 4.8, and the names, labels and lifecycle calls that let a restarted runner
+//! find, re-attach to, kill and remove its containers (docs/containers.md).
+//!
+//! Only CLI features docker and podman share are used. Secrets never reach an argv: job env
+//! goes through a 0600 env file in a private 0700 directory, deleted as soon as `create` read it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::redact::redact;
+
+/// The image label naming the agent contract version (spec 4.8).
+pub const CONTRACT_LABEL: &str = "org.windshift.agent-contract";
+/// The contract version this runner speaks.
+pub const CONTRACT_VERSION: &str = "v1";
+/// Labels on every container this runner creates (ours, not upstream's).
+pub const LABEL_INSTANCE: &str = "org.windshift.runner.instance";
+pub const LABEL_RUN_ID: &str = "org.windshift.runner.run-id";
+pub const LABEL_ATTEMPT: &str = "org.windshift.runner.attempt";
+/// The agent network upstream always uses (spec 4.1).
+pub const DEFAULT_NETWORK: &str = "coding-agent-egress";
+/// Network names that are never created, only warned about (spec 4.1).
+pub const BUILTIN_NETWORKS: [&str; 3] = ["bridge", "host", "none"];
+const NETWORK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a single engine CLI call (inspect, create, kill, …) may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What went wrong talking to the engine; every message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("could not run the container CLI {docker:?}: {source}; install docker or podman, or set WSRUNNER_DOCKER")]
+    Spawn {
+        docker: String,
+        source: std::io::Error,
+    },
+    #[error("`{docker} {what}` failed: {detail}")]
+    Cli {
+        docker: String,
+        what: String,
+        detail: String,
+    },
+    #[error("`{docker} {what}` did not finish within {secs} s; is the engine daemon healthy?")]
+    Timeout {
+        docker: String,
+        what: String,
+        secs: u64,
+    },
+    #[error("env variable {key:?} has a value with a newline; the env file format (spec 5.3) cannot carry it, remove the newline from the job env")]
+    EnvNewline { key: String },
+    #[error("env variable name {key:?} is not valid: use letters, digits and '_', not starting with a digit")]
+    EnvKey { key: String },
+    #[error("writing the env file in {dir}: {source}")]
+    EnvFile {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("image {image} is not in the runner image allowlist")]
+    ImageNotAllowed { image: String },
+    #[error("Image is required: set WSRUNNER_IMAGE or send an image with the job")]
+    NoImage,
+    #[error("container job has no image")]
+    NoContainerImage,
+    #[error("image {image} has no {CONTRACT_LABEL} label; set WSRUNNER_ALLOW_UNLABELED_IMAGE=1 to accept it")]
+    Unlabeled { image: String },
+    #[error("image {image} speaks agent contract {found:?} but this runner speaks {CONTRACT_VERSION:?}; upgrade the runner or pin a matching image")]
+    WrongContract { image: String, found: String },
+    #[error("image {image} is not available and could not be pulled: {detail}")]
+    ImageUnavailable { image: String, detail: String },
+    #[error("invalid {name}={value:?}: {why}")]
+    Config {
+        name: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// Engine and sandbox settings (spec 4.7 plus our tunables; defaults equal upstream's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerConfig {
+    /// The CLI binary (`WSRUNNER_DOCKER`).
+    pub docker: String,
+    /// `WSRUNNER_NETWORK`.
+    pub network: String,
+    /// `WSRUNNER_PIDS_LIMIT`.
+    pub pids_limit: u32,
+    /// `WSRUNNER_MEMORY`; also used as `--memory-swap` so the container gets no swap.
+    pub memory: String,
+    /// `WSRUNNER_CPUS`.
+    pub cpus: String,
+    /// `WSRUNNER_IMAGE`.
+    pub default_image: String,
+    /// `WSRUNNER_ALLOWED_IMAGES` (exact references).
+    pub allowed_images: Vec<String>,
+    /// `WSRUNNER_ALLOW_UNLABELED_IMAGE=1`.
+    pub allow_unlabeled: bool,
+    /// The runner instance these containers belong to (names and labels).
+    pub instance: String,
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        ContainerConfig {
+            docker: "docker".into(),
+            network: DEFAULT_NETWORK.into(),
+            pids_limit: 512,
+            memory: "4g".into(),
+            cpus: "2".into(),
+            default_image: String::new(),
+            allowed_images: Vec::new(),
+            allow_unlabeled: false,
+            instance: "default".into(),
+        }
+    }
+}
+
+impl ContainerConfig {
+    /// Reads the settings from a variable lookup (unset or empty means default, spec 4.7).
+    pub fn from_lookup(
+        instance: &str,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ContainerError> {
+        let get = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut cfg = ContainerConfig {
+            instance: sanitize_name_part(instance),
+            ..ContainerConfig::default()
+        };
+        if let Some(v) = get("WSRUNNER_DOCKER") {
+            cfg.docker = v;
+        }
+        if let Some(v) = get("WSRUNNER_NETWORK") {
+            cfg.network = v;
+        }
+        if let Some(v) = get("WSRUNNER_PIDS_LIMIT") {
+            cfg.pids_limit = v
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(ContainerError::Config {
+                    name: "WSRUNNER_PIDS_LIMIT",
+                    value: v,
+                    why: "must be a positive whole number",
+                })?;
+        }
+        if let Some(v) = get("WSRUNNER_MEMORY") {
+            let ok = v.len() > 1
+                && v[..v.len() - 1].chars().all(|c| c.is_ascii_digit())
+                && v.ends_with(['b', 'k', 'm', 'g', 'B', 'K', 'M', 'G'])
+                || !v.is_empty() && v.chars().all(|c| c.is_ascii_digit());
+            if !ok {
+                return Err(ContainerError::Config {
+                    name: "WSRUNNER_MEMORY",
+                    value: v,
+                    why: "must be a byte count like 4g, 512m or 1073741824",
+                });
+            }
+            cfg.memory = v;
+        }
+        if let Some(v) = get("WSRUNNER_CPUS") {
+            if !v.parse::<f64>().is_ok_and(|c| c > 0.0 && c.is_finite()) {
+                return Err(ContainerError::Config {
+                    name: "WSRUNNER_CPUS",
+                    value: v,
+                    why: "must be a positive number like 2 or 1.5",
+                });
+            }
+            cfg.cpus = v;
+        }
+        if let Some(v) = get("WSRUNNER_IMAGE") {
+            cfg.default_image = v;
+        }
+        if let Some(v) = get("WSRUNNER_ALLOWED_IMAGES") {
+            cfg.allowed_images = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        cfg.allow_unlabeled = get("WSRUNNER_ALLOW_UNLABELED_IMAGE").as_deref() == Some("1");
+        Ok(cfg)
+    }
+
+    /// Reads the settings from the process environment.
+    pub fn from_env(instance: &str) -> Result<Self, ContainerError> {
+        Self::from_lookup(instance, |name| std::env::var(name).ok())
+    }
+}
+
+/// Keeps a name part to the characters container names allow (`[a-zA-Z0-9_.-]`).
+pub fn sanitize_name_part(raw: &str) -> String {
+    let cleaned: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed = cleaned.trim_start_matches(['-', '.', '_']);
+    if trimmed.is_empty() {
+        "default".into()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// The deterministic container name of one run attempt.
+pub fn container_name(instance: &str, run_id: i64, attempt: u32) -> String {
+    format!(
+        "wsr-{}-run-{run_id}-{attempt}",
+        sanitize_name_part(instance)
+    )
+}
+
+/// Which launch shape a job gets (spec 5.1 vs 5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchKind {
+    /// `coding_agent`: stdin kept open for the JSONL commands, `/home/agent` tmpfs.
+    CodingAgent,
+    /// `action_container` / `ci_task`: no stdin, no home tmpfs.
+    Container,
+}
+
+impl LaunchKind {
+    /// The job kind's launch shape (an empty kind is `coding_agent`, spec 5.2).
+    pub fn for_job_kind(kind: &str) -> Self {
+        if kind.is_empty() || kind == crate::control::wire::KIND_CODING_AGENT {
+            LaunchKind::CodingAgent
+        } else {
+            LaunchKind::Container
+        }
+    }
+}
+
+/// One container to create.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ContainerSpec {
+    pub run_id: i64,
+    pub attempt: u32,
+    pub kind: LaunchKind,
+    pub image: String,
+    /// Job env (spec 5.3); `AGENT_RUN_ID` is added and always wins.
+    pub env: BTreeMap<String, String>,
+    /// Mounted at `/workspace` when present.
+    pub checkout: Option<PathBuf>,
+    /// Extra engine arguments before the image (empty on the remote runner, spec 5.1 item 6).
+    pub extra_args: Vec<String>,
+}
+
+impl std::fmt::Debug for ContainerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Env values may be secrets: print only the keys.
+        f.debug_struct("ContainerSpec")
+            .field("run_id", &self.run_id)
+            .field("attempt", &self.attempt)
+            .field("kind", &self.kind)
+            .field("image", &self.image)
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("checkout", &self.checkout)
+            .field("extra_args", &self.extra_args)
+            .finish()
+    }
+}
+
+/// The baseline sandbox flags every job kind gets (spec 5.1 item 2), in upstream's order.
+pub fn baseline_flags(cfg: &ContainerConfig) -> Vec<String> {
+    vec![
+        "--cap-drop=ALL".into(),
+        "--security-opt=no-new-privileges".into(),
+        "--user=1000:1000".into(),
+        "--read-only".into(),
+        "--tmpfs=/tmp:rw,nosuid,nodev,size=256m,mode=1777".into(),
+        format!("--network={}", cfg.network),
+        format!("--pids-limit={}", cfg.pids_limit),
+        format!("--memory={}", cfg.memory),
+        format!("--memory-swap={}", cfg.memory),
+        format!("--cpus={}", cfg.cpus),
+    ]
+}
+
+/// Spec 5.1 items 2–7 (5.2 for container kinds): sandbox flags, env file, mount, extras, image.
+pub fn sandbox_args(cfg: &ContainerConfig, spec: &ContainerSpec, env_file: &Path) -> Vec<String> {
+    let mut args = baseline_flags(cfg);
+    if spec.kind == LaunchKind::CodingAgent {
+        args.push("--tmpfs=/home/agent:rw,nosuid,nodev,size=512m,mode=1777".into());
+    }
+    args.push("--env-file".into());
+    args.push(env_file.display().to_string());
+    if let Some(checkout) = &spec.checkout {
+        args.push("-v".into());
+        args.push(format!("{}:/workspace:Z", checkout.display()));
+    }
+    args.extend(spec.extra_args.iter().cloned());
+    args.push(spec.image.clone());
+    args
+}
+
+/// Our additions before the sandbox flags: the deterministic name and the finding labels.
+pub fn identity_args(cfg: &ContainerConfig, spec: &ContainerSpec) -> Vec<String> {
+    vec![
+        "--name".into(),
+        container_name(&cfg.instance, spec.run_id, spec.attempt),
+        "--label".into(),
+        format!("{LABEL_INSTANCE}={}", cfg.instance),
+        "--label".into(),
+        format!("{LABEL_RUN_ID}={}", spec.run_id),
+        "--label".into(),
+        format!("{LABEL_ATTEMPT}={}", spec.attempt),
+    ]
+}
+
+/// The full `create` argv: `create [-i]`, identity, then spec 5.1/5.2 items 2–7 in order.
+/// `create -i` + a separate start replaces upstream's `run -i --rm` so that the container
+/// outlives the runner process and can be re-attached (docs/containers.md).
+pub fn create_argv(cfg: &ContainerConfig, spec: &ContainerSpec, env_file: &Path) -> Vec<String> {
+    let mut argv = vec!["create".to_owned()];
+    if spec.kind == LaunchKind::CodingAgent {
+        argv.push("-i".into());
+    }
+    argv.extend(identity_args(cfg, spec));
+    argv.extend(sandbox_args(cfg, spec, env_file));
+    argv
+}
+
+/// A 0600 env file in its own private 0700 directory; both vanish on drop.
+pub struct EnvFile {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl EnvFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The private directory holding the file.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Validates an env key (what the env file format and the engines accept).
+fn valid_env_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Renders the env file text: job env, then `AGENT_RUN_ID` which always wins (spec 5.3).
+pub fn render_env_file(
+    env: &BTreeMap<String, String>,
+    run_id: i64,
+) -> Result<String, ContainerError> {
+    let mut text = String::new();
+    for (key, value) in env {
+        if !valid_env_key(key) {
+            return Err(ContainerError::EnvKey { key: key.clone() });
+        }
+        if value.contains(['\n', '\r']) {
+            return Err(ContainerError::EnvNewline { key: key.clone() });
+        }
+        if key == "AGENT_RUN_ID" {
+            continue;
+        }
+        text.push_str(key);
+        text.push('=');
+        text.push_str(value);
+        text.push('\n');
+    }
+    text.push_str(&format!("AGENT_RUN_ID={run_id}\n"));
+    Ok(text)
+}
+
+/// Writes the env file (0600) into a fresh private directory (0700) under `parent`.
+pub fn write_env_file(
+    parent: &Path,
+    env: &BTreeMap<String, String>,
+    run_id: i64,
+) -> Result<EnvFile, ContainerError> {
+    let text = render_env_file(env, run_id)?;
+    let io_err = |source| ContainerError::EnvFile {
+        dir: parent.to_owned(),
+        source,
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("windshift-agent-env-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)
+        .map_err(io_err)?;
+    let path = dir.path().join("agent.env");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err)?;
+    file.write_all(text.as_bytes()).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    Ok(EnvFile { dir, path })
+}
+
+/// A container's state as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Created, not started yet.
+    Created,
+    Running,
+    /// Stopped with this exit code (`OOMKilled` when the kernel killed it for memory).
+    Exited {
+        code: i32,
+        oom_killed: bool,
+    },
+    /// Any other engine state (paused, restarting, removing, dead, …), as reported.
+    Other(String),
+}
+
+/// A container found by its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundContainer {
+    pub name: String,
+    pub run_id: Option<i64>,
+    pub attempt: Option<u32>,
+    pub state: ContainerState,
+}
+
+/// Result of [`Engine::ensure_network`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkStatus {
+    /// It existed already.
+    Present,
+    /// We created it (egress unfiltered: warned).
+    Created,
+    /// A built-in name (`bridge`, `host`, `none`): never created, only warned about.
+    Builtin,
+}
+
+/// Outcome of the boot-time image check (spec 4.8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootImageCheck {
+    /// Labelled `v1`.
+    Ok,
+    /// No label, accepted because `WSRUNNER_ALLOW_UNLABELED_IMAGE=1` (warned).
+    UnlabeledAllowed,
+    /// Inspect and pull failed: warned, check skipped (the per-run check will fail instead).
+    Skipped { reason: String },
+    /// `WSRUNNER_IMAGE` is empty: warned, coding jobs will fail "Image is required".
+    NoDefaultImage,
+}
+
+/// The engine CLI.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub cfg: ContainerConfig,
+}
+
+/// Output of one CLI call.
+pub struct CliOutput {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Engine {
+    pub fn new(cfg: ContainerConfig) -> Self {
+        Engine { cfg }
+    }
+
+    /// A command for the engine CLI with the given arguments (stdin closed).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.cfg.docker);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs one CLI call with a timeout; a non-zero exit is returned, not an error.
+    pub async fn cli(&self, args: &[&str], timeout: Duration) -> Result<CliOutput, ContainerError> {
+        let child = self
+            .command(args)
+            .spawn()
+            .map_err(|source| ContainerError::Spawn {
+                docker: self.cfg.docker.clone(),
+                source,
+            })?;
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Err(_) => Err(ContainerError::Timeout {
+                docker: self.cfg.docker.clone(),
+                what: args.iter().take(3).copied().collect::<Vec<_>>().join(" "),
+                secs: timeout.as_secs(),
+            }),
+            Ok(Err(source)) => Err(ContainerError::Spawn {
+                docker: self.cfg.docker.clone(),
+                source,
+            }),
+            Ok(Ok(out)) => Ok(CliOutput {
+                success: out.status.success(),
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: redact(String::from_utf8_lossy(&out.stderr).trim()).into_owned(),
+            }),
+        }
+    }
+
+    /// Like [`Engine::cli`] but a non-zero exit is an error naming the call.
+    async fn cli_ok(&self, args: &[&str], timeout: Duration) -> Result<String, ContainerError> {
+        let out = self.cli(args, timeout).await?;
+        if out.success {
+            Ok(out.stdout)
+        } else {
+            Err(ContainerError::Cli {
+                docker: self.cfg.docker.clone(),
+                what: args.iter().take(2).copied().collect::<Vec<_>>().join(" "),
+                detail: if out.stderr.is_empty() {
+                    format!("exit code {:?}", out.code)
+                } else {
+                    out.stderr
+                },
+            })
+        }
+    }
+
+    /// Spec 4.1 step 4: make sure the agent network exists (30 s timeout).
+    pub async fn ensure_network(&self) -> Result<NetworkStatus, ContainerError> {
+        let name = self.cfg.network.as_str();
+        if BUILTIN_NETWORKS.contains(&name) {
+            tracing::warn!(network = name, "agent network is a built-in network; it is used as is, and egress is not filtered by the runner");
+            return Ok(NetworkStatus::Builtin);
+        }
+        let work = async {
+            let inspect = self
+                .cli(&["network", "inspect", name], NETWORK_TIMEOUT)
+                .await?;
+            if inspect.success {
+                return Ok(NetworkStatus::Present);
+            }
+            tracing::warn!(network = name, "agent network missing: creating it as a plain bridge; EGRESS IS UNFILTERED, restrict it with host firewall rules");
+            let create = self
+                .cli(
+                    &["network", "create", "--driver", "bridge", name],
+                    NETWORK_TIMEOUT,
+                )
+                .await?;
+            if create.success || create.stderr.contains("already exists") {
+                Ok(NetworkStatus::Created)
+            } else {
+                Err(ContainerError::Cli {
+                    docker: self.cfg.docker.clone(),
+                    what: "network create".into(),
+                    detail: create.stderr,
+                })
+            }
+        };
+        match tokio::time::timeout(NETWORK_TIMEOUT, work).await {
+            Ok(result) => result,
+            Err(_) => Err(ContainerError::Timeout {
+                docker: self.cfg.docker.clone(),
+                what: format!("network inspect/create {name}"),
+                secs: NETWORK_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    /// The image's contract label (`""` when absent); an error when the image is not local.
+    pub async fn contract_label(&self, image: &str) -> Result<String, ContainerError> {
+        let format = format!("{{{{index .Config.Labels \"{CONTRACT_LABEL}\"}}}}");
+        let out = self
+            .cli_ok(
+                &["image", "inspect", "--format", &format, image],
+                CLI_TIMEOUT,
+            )
+            .await?;
+        let value = out.trim();
+        // A missing key prints "<no value>" on docker and podman.
+        Ok(if value == "<no value>" {
+            String::new()
+        } else {
+            value.to_owned()
+        })
+    }
+
+    /// Inspect; when that fails, pull and inspect again (spec 4.8).
+    async fn label_with_pull(&self, image: &str) -> Result<String, ContainerError> {
+        if let Ok(label) = self.contract_label(image).await {
+            return Ok(label);
+        }
+        let pull = self.cli(&["pull", image], CLI_TIMEOUT * 5).await?;
+        if !pull.success {
+            return Err(ContainerError::ImageUnavailable {
+                image: image.to_owned(),
+                detail: pull.stderr,
+            });
+        }
+        self.contract_label(image)
+            .await
+            .map_err(|e| ContainerError::ImageUnavailable {
+                image: image.to_owned(),
+                detail: e.to_string(),
+            })
+    }
+
+    fn judge_label(&self, image: &str, label: String) -> Result<bool, ContainerError> {
+        if label == CONTRACT_VERSION {
+            Ok(false)
+        } else if label.is_empty() {
+            if self.cfg.allow_unlabeled {
+                tracing::warn!(
+                    image,
+                    "image has no agent contract label; accepted (WSRUNNER_ALLOW_UNLABELED_IMAGE=1)"
+                );
+                Ok(true)
+            } else {
+                Err(ContainerError::Unlabeled {
+                    image: image.to_owned(),
+                })
+            }
+        } else {
+            Err(ContainerError::WrongContract {
+                image: image.to_owned(),
+                found: label,
+            })
+        }
+    }
+
+    /// Boot check of the default image (spec 4.8). An `Err` is fatal for the daemon.
+    pub async fn boot_check_image(&self) -> Result<BootImageCheck, ContainerError> {
+        let image = self.cfg.default_image.as_str();
+        if image.is_empty() {
+            tracing::warn!("WSRUNNER_IMAGE is empty: coding jobs without an image will fail");
+            return Ok(BootImageCheck::NoDefaultImage);
+        }
+        match self.label_with_pull(image).await {
+            Err(ContainerError::ImageUnavailable { detail, .. }) => {
+                tracing::warn!(image, %detail, "default image unavailable; contract check skipped at boot");
+                Ok(BootImageCheck::Skipped { reason: detail })
+            }
+            Err(other) => Err(other),
+            Ok(label) => Ok(if self.judge_label(image, label)? {
+                BootImageCheck::UnlabeledAllowed
+            } else {
+                BootImageCheck::Ok
+            }),
+        }
+    }
+
+    /// Per-run image choice and check for `coding_agent` (spec 4.8): returns the image to run.
+    pub async fn check_run_image(&self, requested: Option<&str>) -> Result<String, ContainerError> {
+        let requested = requested.map(str::trim).filter(|s| !s.is_empty());
+        let image = requested.unwrap_or(&self.cfg.default_image).to_owned();
+        if image.is_empty() {
+            return Err(ContainerError::NoImage);
+        }
+        if image != self.cfg.default_image && !self.cfg.allowed_images.contains(&image) {
+            return Err(ContainerError::ImageNotAllowed { image });
+        }
+        let label = self.label_with_pull(&image).await?;
+        self.judge_label(&image, label)?;
+        Ok(image)
+    }
+
+    /// Creates the container (env file written, read by `create`, then deleted). Idempotent per
+    /// (run, attempt): a container that already exists under the name is kept and reused.
+    pub async fn create(
+        &self,
+        spec: &ContainerSpec,
+        env_dir: &Path,
+    ) -> Result<String, ContainerError> {
+        if spec.image.trim().is_empty() {
+            return Err(match spec.kind {
+                LaunchKind::CodingAgent => ContainerError::NoImage,
+                LaunchKind::Container => ContainerError::NoContainerImage,
+            });
+        }
+        let name = container_name(&self.cfg.instance, spec.run_id, spec.attempt);
+        if self.state(&name).await?.is_some() {
+            return Ok(name);
+        }
+        let env_file = write_env_file(env_dir, &spec.env, spec.run_id)?;
+        let argv = create_argv(&self.cfg, spec, env_file.path());
+        let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let result = self.cli_ok(&args, CLI_TIMEOUT).await;
+        // The engine copied the env at create time: the secrets leave the disk now.
+        drop(env_file);
+        result.map(|_| name)
+    }
+
+    /// Starts a created container (no-op when it already runs).
+    pub async fn start(&self, name: &str) -> Result<(), ContainerError> {
+        self.cli_ok(&["start", name], CLI_TIMEOUT).await.map(|_| ())
+    }
+
+    /// The container's state, `None` when no such container exists.
+    pub async fn state(&self, name: &str) -> Result<Option<ContainerState>, ContainerError> {
+        let out = self
+            .cli(
+                &[
+                    "container",
+                    "inspect",
+                    "--format",
+                    "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}",
+                    name,
+                ],
+                CLI_TIMEOUT,
+            )
+            .await?;
+        if !out.success {
+            let lower = out.stderr.to_lowercase();
+            if lower.contains("no such") || lower.contains("not found") {
+                return Ok(None);
+            }
+            return Err(ContainerError::Cli {
+                docker: self.cfg.docker.clone(),
+                what: "container inspect".into(),
+                detail: out.stderr,
+            });
+        }
+        Ok(Some(parse_state(out.stdout.trim())))
+    }
+
+    /// Waits until the container stopped and returns its exit code (`None` if it is gone).
+    pub async fn wait_exit(&self, name: &str) -> Result<Option<i32>, ContainerError> {
+        let out = self
+            .cli(&["wait", name], Duration::from_secs(24 * 3600))
+            .await?;
+        if out.success {
+            if let Ok(code) = out.stdout.trim().parse::<i32>() {
+                return Ok(Some(code));
+            }
+        }
+        Ok(match self.state(name).await? {
+            Some(ContainerState::Exited { code, .. }) => Some(code),
+            _ => None,
+        })
+    }
+
+    /// Kills the container itself (SIGKILL); a container that is not running is fine.
+    pub async fn kill(&self, name: &str) -> Result<(), ContainerError> {
+        let out = self.cli(&["kill", name], CLI_TIMEOUT).await?;
+        if out.success {
+            return Ok(());
+        }
+        match self.state(name).await? {
+            None | Some(ContainerState::Exited { .. }) | Some(ContainerState::Created) => Ok(()),
+            Some(_) => Err(ContainerError::Cli {
+                docker: self.cfg.docker.clone(),
+                what: "kill".into(),
+                detail: out.stderr,
+            }),
+        }
+    }
+
+    /// Removes the container, killing it first if needed; a missing container is fine.
+    pub async fn remove(&self, name: &str) -> Result<(), ContainerError> {
+        let out = self.cli(&["rm", "-f", name], CLI_TIMEOUT).await?;
+        if out.success || self.state(name).await?.is_none() {
+            Ok(())
+        } else {
+            Err(ContainerError::Cli {
+                docker: self.cfg.docker.clone(),
+                what: "rm -f".into(),
+                detail: out.stderr,
+            })
+        }
+    }
+
+    /// Every container labelled for this runner instance, running or not.
+    pub async fn find_instance_containers(&self) -> Result<Vec<FoundContainer>, ContainerError> {
+        let filter = format!("label={LABEL_INSTANCE}={}", self.cfg.instance);
+        let names = self
+            .cli_ok(
+                &["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"],
+                CLI_TIMEOUT,
+            )
+            .await?;
+        let mut found = Vec::new();
+        for name in names.lines().map(str::trim).filter(|n| !n.is_empty()) {
+            let format = format!(
+                "{{{{.State.Status}}}} {{{{.State.ExitCode}}}} {{{{.State.OOMKilled}}}}|{{{{index .Config.Labels \"{LABEL_RUN_ID}\"}}}}|{{{{index .Config.Labels \"{LABEL_ATTEMPT}\"}}}}"
+            );
+            let out = self
+                .cli(
+                    &["container", "inspect", "--format", &format, name],
+                    CLI_TIMEOUT,
+                )
+                .await?;
+            if !out.success {
+                continue; // removed between ps and inspect
+            }
+            let mut parts = out.stdout.trim().split('|');
+            let state = parse_state(parts.next().unwrap_or_default());
+            let run_id = parts.next().and_then(|v| v.trim().parse().ok());
+            let attempt = parts.next().and_then(|v| v.trim().parse().ok());
+            found.push(FoundContainer {
+                name: name.to_owned(),
+                run_id,
+                attempt,
+                state,
+            });
+        }
+        Ok(found)
+    }
+}
+
+/// Parses `"<status> <exit code> <oom killed>"` from inspect.
+fn parse_state(text: &str) -> ContainerState {
+    let mut parts = text.split_whitespace();
+    let status = parts.next().unwrap_or_default();
+    let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(-1);
+    let oom_killed = parts.next() == Some("true");
+    match status {
+        "created" | "configured" => ContainerState::Created,
+        "running" => ContainerState::Running,
+        "exited" | "stopped" => ContainerState::Exited { code, oom_killed },
+        other => ContainerState::Other(other.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_rejects_newlines_and_bad_keys() {
+        let mut env = BTreeMap::new();
+        env.insert("A".to_owned(), "x\ny".to_owned());
+        assert!(matches!(
+            render_env_file(&env, 1),
+            Err(ContainerError::EnvNewline { key }) if key == "A"
+        ));
+        let mut env = BTreeMap::new();
+        env.insert("1BAD".to_owned(), "x".to_owned());
+        assert!(matches!(
+            render_env_file(&env, 1),
+            Err(ContainerError::EnvKey { .. })
+        ));
+    }
+
+    #[test]
+    fn agent_run_id_always_wins() {
+        let mut env = BTreeMap::new();
+        env.insert("AGENT_RUN_ID".to_owned(), "999".to_owned());
+        env.insert("WS_TOKEN".to_owned(), "tok=en".to_owned());
+        let text = render_env_file(&env, 42).expect("valid env");
+        assert_eq!(text, "WS_TOKEN=tok=en\nAGENT_RUN_ID=42\n");
+    }
+
+    #[test]
+    fn config_defaults_equal_upstream_and_reject_garbage() {
+        let cfg = ContainerConfig::from_lookup("host a", |_| None).expect("defaults");
+        assert_eq!(cfg.network, "coding-agent-egress");
+        assert_eq!(cfg.pids_limit, 512);
+        assert_eq!(cfg.memory, "4g");
+        assert_eq!(cfg.cpus, "2");
+        assert_eq!(cfg.instance, "host-a");
+        for (name, value) in [
+            ("WSRUNNER_PIDS_LIMIT", "many"),
+            ("WSRUNNER_MEMORY", "4 gigs"),
+            ("WSRUNNER_CPUS", "-1"),
+        ] {
+            let err = ContainerConfig::from_lookup("x", |n| (n == name).then(|| value.into()))
+                .expect_err("garbage must be rejected");
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn names_are_deterministic_and_safe() {
+        assert_eq!(container_name("a b/c", 42, 3), "wsr-a-b-c-run-42-3");
+        assert_eq!(sanitize_name_part("///"), "default");
+    }
+
+    #[test]
+    fn parses_states() {
+        assert_eq!(parse_state("running 0 false"), ContainerState::Running);
+        assert_eq!(
+            parse_state("exited 137 true"),
+            ContainerState::Exited {
+                code: 137,
+                oom_killed: true
+            }
+        );
+        assert_eq!(parse_state("created 0 false"), ContainerState::Created);
+    }
+}
