@@ -144,6 +144,9 @@ fn sample_event(kind: EventKind) -> Event {
         EventKind::ContainerStarted => Event::ContainerStarted,
         EventKind::ContainerExited => exited(0),
         EventKind::ContainerVanished => Event::ContainerVanished,
+        EventKind::ContainerStartFailed => Event::ContainerStartFailed {
+            error: "image refused".into(),
+        },
         EventKind::AgentSignal => sig(r#"{"type":"starting"}"#),
         EventKind::StreamDegraded => Event::StreamDegraded,
         EventKind::HeadsInspected => Event::HeadsInspected {
@@ -200,7 +203,9 @@ fn expected(state: StateKind, event: EventKind) -> Result<StateKind, &'static st
         (S::Prepared, E::ContainerStarting) => Ok(S::Prepared),
         (S::Prepared, E::ContainerStarted) => Ok(S::Running),
         // exit 0 without a single contract event: failed, straight to the report.
-        (S::Prepared, E::ContainerExited | E::ContainerVanished) => Ok(S::Pushed),
+        (S::Prepared, E::ContainerExited | E::ContainerVanished | E::ContainerStartFailed) => {
+            Ok(S::Pushed)
+        }
         (S::Prepared, _) if stop => Ok(S::Prepared),
         (S::Running, E::AgentSignal | E::StreamDegraded) => Ok(S::Running),
         (S::Running, E::ContainerExited | E::ContainerVanished) => Ok(S::Pushed),
@@ -856,4 +861,43 @@ fn recovery_table() {
 fn plan_keeps_env_without_secrets() {
     let p = plan();
     assert_eq!(p.env, BTreeMap::new());
+}
+
+#[test]
+fn container_start_failure_reports_failed_with_the_reason_and_removes_the_checkout() {
+    let p = plan();
+    let (state, effects) = run(
+        p.clone(),
+        &[
+            Event::CheckoutReady {
+                checkout: checkout_for(&p),
+            },
+            Event::ContainerStartFailed {
+                error: "image other:1 is not in the runner image allowlist".into(),
+            },
+        ],
+    );
+    let verdict = state.verdict().expect("verdict decided");
+    assert_eq!(verdict.status, Status::Failed);
+    assert_eq!(
+        verdict.error,
+        "image other:1 is not in the runner image allowlist"
+    );
+    assert!(effects.contains(&Effect::RemoveCheckout));
+    assert!(matches!(effects.last(), Some(Effect::Report(r)) if r.status == "failed"));
+
+    // A stop that arrived while starting wins: the user asked to cancel.
+    let (state, _) = run(
+        p.clone(),
+        &[
+            Event::CheckoutReady {
+                checkout: checkout_for(&p),
+            },
+            Event::CancelRequested { force: false },
+            Event::ContainerStartFailed {
+                error: "engine down".into(),
+            },
+        ],
+    );
+    assert_eq!(state.verdict().map(|v| v.status), Some(Status::Canceled));
 }

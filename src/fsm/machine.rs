@@ -303,6 +303,11 @@ pub enum Event {
     },
     /// The container is gone without an exit code we could collect.
     ContainerVanished,
+    /// The container could not be created or started (image refused by the allow-list or
+    /// the contract label, no image, no prompt, engine error). Nothing ran.
+    ContainerStartFailed {
+        error: String,
+    },
     AgentSignal {
         signal: AgentSignal,
     },
@@ -557,6 +562,13 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 *code,
             )),
             Event::ContainerVanished => Ok(on_vanished(plan, container, *stop)),
+            Event::ContainerStartFailed { error } => {
+                let verdict = match stop {
+                    Some(reason) => Verdict::stopped(*reason),
+                    None => Verdict::failed(error.clone()),
+                };
+                Ok(to_report(plan.clone(), verdict, true))
+            }
             Event::CancelRequested { .. }
             | Event::DrainDeadlinePassed
             | Event::RunTimeoutPassed => {
