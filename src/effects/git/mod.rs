@@ -27,7 +27,7 @@ pub use error::GitError;
 pub use lock::CacheLock;
 pub use ownership::{hand_to_agent, readable_by_agent, AGENT_GID, AGENT_UID};
 pub use prepare::{prepare, GitTransport, PrepareOutput, PrepareRequest, DEFAULT_LOCK_TIMEOUT};
-pub use push::{push, remote_ref_sha, PushOutcome, PushRequest};
+pub use push::{branch_head, push, remote_ref_sha, PushOutcome, PushRequest};
 pub use validate::{
     run_branch, validate_branch_name, validate_prepare_inputs, validate_slug, PrepareInputs,
     TransportPolicy, ValidatedPrepare, ValidationError,

@@ -177,6 +177,18 @@ pub fn push(req: &PushRequest) -> Result<PushOutcome, GitError> {
     Err(session.failure("push", &out))
 }
 
+/// The commit `refs/heads/<branch>` points at in the agent's checkout (read-only, local, with
+/// the same hardening and `.git` pointer checks as [`push`]). The daemon's `InspectHeads`
+/// step uses it so the push intent it journals names the exact commit.
+pub fn branch_head(checkout: &Path, branch: &str) -> Result<String, GitError> {
+    validate_abs_path("checkout", checkout)?;
+    validate_branch_name("branch", branch)?;
+    let git_dir = checked_git_dir(checkout)?;
+    let session = GitSession::new(None, TransportPolicy::default(), RemoteScheme::File)?;
+    session.set_safe_directories(&[checkout, &git_dir])?;
+    rev_parse(&session, &git_dir, &format!("refs/heads/{branch}"))
+}
+
 /// The commit `refs/heads/<branch>` points at on the remote, or `None` when the branch does
 /// not exist. Recovery uses it to decide whether a journaled push already landed.
 pub fn remote_ref_sha(
