@@ -387,7 +387,9 @@ impl Core {
 
     // ----- runner protocol -----
 
-    pub fn register(&self, body: &RegisterBody) -> Result<Registered, ApiError> {
+    /// The register endpoint's own limiter (upstream: per IP, 5/min, burst 10), applied
+    /// before the body is read.
+    pub fn register_rate_check(&self) -> Result<(), ApiError> {
         {
             let mut lim = self
                 .register_limiter
@@ -401,6 +403,10 @@ impl Core {
                 ));
             }
         }
+        Ok(())
+    }
+
+    pub fn register(&self, body: &RegisterBody) -> Result<Registered, ApiError> {
         let invalid = || ApiError::unauthorized("invalid or expired registration token");
         let token = body.registration_token.trim();
         if token.is_empty() {

@@ -132,6 +132,7 @@ async fn version() -> Json<Version> {
 
 async fn register(State(core): State<Shared>, req: Request) -> Result<Response, ApiError> {
     core.check_harness()?;
+    core.register_rate_check()?;
     let bytes = read_body(req.into_body(), MAX_CONTROL_BODY + 1).await?;
     let body: RegisterBody = parse_body(&bytes)?;
     let out = core.register(&body)?;
