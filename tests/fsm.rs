@@ -275,6 +275,7 @@ fn post_exit_running_variants_never_panic_and_accept_only_push_outcomes() {
             &[
                 EventKind::HeadsInspected,
                 EventKind::PushSkipped,
+                EventKind::PushFailed,
                 EventKind::CancelRequested,
                 EventKind::DrainDeadlinePassed,
                 EventKind::RunTimeoutPassed,

@@ -709,10 +709,9 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 }
                 Ok(on_pushed(plan, checkout, &after.verdict, &[]))
             }
+            // Also accepted before the push intent: reading the heads can fail too (the agent
+            // deleted its branch or broke `.git`), and that is a push failure (spec 4.9).
             Event::PushFailed { error } => {
-                if after.push.is_none() {
-                    return Err(na());
-                }
                 if let Some(reason) = stop {
                     return Ok(to_report(plan.clone(), Verdict::stopped(*reason), true));
                 }
