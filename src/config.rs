@@ -256,6 +256,12 @@ fn positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigE
 }
 
 impl RunnerConfig {
+    /// Reads the two secret settings, which have no command-line flag.
+    pub fn read_secrets_from_env(&mut self) {
+        self.registration_token = std::env::var("WSRUNNER_REGISTRATION_TOKEN").ok();
+        self.credential = std::env::var("WSRUNNER_CREDENTIAL").ok();
+    }
+
     /// Checks every setting and resolves defaults. `hostname` is the machine's name (passed in
     /// so validation stays free of IO).
     pub fn validate(&self, hostname: Option<&str>) -> Result<ValidConfig, ConfigError> {

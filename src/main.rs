@@ -1,6 +1,9 @@
 //! The `windshift-runner` command line.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use windshift_runner::config::RunnerConfig;
+use windshift_runner::control::EXIT_CONFIG;
+use windshift_runner::daemon::{self, DaemonOptions, Shutdown};
 use windshift_runner::journal::tools::{self as journal_tools, JournalArgs};
 
 /// Crash-tolerant runner host for Windshift coding-agent runs.
@@ -13,23 +16,74 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the runner daemon (the default command). Arrives with the daemon issue.
-    Run,
+    /// Run the runner daemon (the default command). Every flag also reads its environment
+    /// variable; flags win. The secrets WSRUNNER_REGISTRATION_TOKEN and WSRUNNER_CREDENTIAL
+    /// are read from the environment only. Exit codes: 0 stopped, 1 fatal error,
+    /// 77 credential rejected, 78 configuration error.
+    Run(RunArgs),
     /// Read, replay, verify and export the run journal offline (exit 0 clean, 1 findings,
     /// 2 cannot run).
     Journal(JournalArgs),
 }
 
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Take one run, finish it, and exit 0 (ephemeral hosts).
+    #[arg(long)]
+    once: bool,
+    #[command(flatten)]
+    config: RunnerConfig,
+}
+
 fn main() {
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => {
-            eprintln!("windshift-runner: the daemon is not built yet (see README)");
-            std::process::exit(2);
+    // No subcommand means `run`, configured from the environment.
+    let cli = match Cli::parse() {
+        Cli { command: None } => Cli::parse_from(["windshift-runner", "run"]),
+        cli => cli,
+    };
+    let code = match cli.command {
+        Some(Command::Run(args)) => run(args),
+        Some(Command::Journal(args)) => {
+            journal_tools::run(&args, &mut std::io::stdout(), &mut std::io::stderr())
         }
-        Command::Journal(args) => {
-            let code = journal_tools::run(&args, &mut std::io::stdout(), &mut std::io::stderr());
-            std::process::exit(code);
+        None => 2,
+    };
+    std::process::exit(code);
+}
+
+fn run(mut args: RunArgs) -> i32 {
+    args.config.read_secrets_from_env();
+    let cfg = match args.config.validate(hostname().as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("windshift-runner: {e}");
+            return EXIT_CONFIG;
         }
-    }
+    };
+    windshift_runner::logging::init(cfg.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("windshift-runner: cannot start the async runtime: {e}");
+            return daemon::EXIT_FATAL;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = Shutdown::default();
+        if let Err(e) = shutdown.install_signal_handlers() {
+            eprintln!("windshift-runner: cannot install signal handlers: {e}");
+            return daemon::EXIT_FATAL;
+        }
+        let mut opts = DaemonOptions::new(shutdown);
+        opts.once = args.once;
+        daemon::run(cfg, opts).await
+    })
+}
+
+/// The machine's host name (the default display name).
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
 }

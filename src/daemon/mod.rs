@@ -1,2 +1,696 @@
-//! The runner daemon: start-up, recovery, the claim loop, heartbeats, drain.
+//! The runner daemon (`windshift-runner run`): start-up in spec 4.1's order, journal recovery
+//! before the first claim, then the claim loop, the heartbeat loop and one task per run, with
+//! one shutdown path (drain on the first signal, cancel on the second).
+//!
+//! Exit codes: 0 clean stop, 1 fatal runtime error, 77 credential rejected at runtime
+//! ([`crate::control::EXIT_CREDENTIAL_REJECTED`]), 78 configuration error
+//! ([`crate::control::EXIT_CONFIG`]).
+
+pub mod http;
+mod recovery;
+mod run_task;
 pub mod systemd;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn, Instrument};
+
+use crate::config::ValidConfig;
+use crate::control::client::{Client, ClientConfig, ControlError, Preflight};
+use crate::control::credential::{obtain_credential, CredentialError, CredentialInputs, CredentialSource};
+use crate::control::events::{EventSender, EventSenderConfig};
+use crate::control::{EXIT_CONFIG, EXIT_CREDENTIAL_REJECTED};
+use crate::effects::container::{
+    sanitize_name_part, BootImageCheck, ContainerConfig, ContainerError, Engine, NetworkStatus,
+};
+use crate::effects::git::TransportPolicy;
+use crate::fsm::{Event, RunPlan};
+use crate::journal::{commit_event_async, now_ms, Journal, SledJournal};
+use crate::metrics::{Health, Metrics};
+use run_task::{RunTask, Start, StopRequest};
+use systemd::Notifier;
+
+/// Exit code for a fatal runtime error (journal, Docker, server unreachable at registration).
+pub const EXIT_FATAL: i32 = 1;
+
+/// Shutdown requests: the first asks to drain, the second to cancel at once.
+#[derive(Clone)]
+pub struct Shutdown {
+    level: Arc<watch::Sender<u8>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            level: Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+impl Shutdown {
+    /// One more request: 1 = drain, 2 = cancel now.
+    pub fn request(&self) {
+        self.level.send_modify(|l| *l = (*l + 1).min(2));
+    }
+
+    pub fn level(&self) -> u8 {
+        *self.level.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u8> {
+        self.level.subscribe()
+    }
+
+    /// SIGTERM and SIGINT each count as one request.
+    pub fn install_signal_handlers(&self) -> std::io::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                this.request();
+                match this.level() {
+                    1 => info!("signal received: draining (no new claims; a second signal cancels in-flight runs)"),
+                    _ => warn!("second signal: cancelling in-flight runs now"),
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// How the daemon runs beyond its configuration.
+pub struct DaemonOptions {
+    /// Take one run, finish it, exit 0 (ephemeral hosts).
+    pub once: bool,
+    pub notifier: Notifier,
+    pub shutdown: Shutdown,
+    pub metrics: Arc<Metrics>,
+    /// Abort-to-kill grace of the JSONL handshake (spec 6.4: 10 s).
+    pub grace: Duration,
+    /// Pause between report attempts once the client's own retry budget is spent.
+    pub report_retry_pause: Duration,
+    /// Client tuning (retry budgets); `None` uses the documented defaults.
+    pub client: Option<ClientConfig>,
+}
+
+impl DaemonOptions {
+    pub fn new(shutdown: Shutdown) -> Self {
+        DaemonOptions {
+            once: false,
+            notifier: Notifier::from_env(),
+            shutdown,
+            metrics: Arc::new(Metrics::default()),
+            grace: crate::effects::agent_driver::DEFAULT_GRACE,
+            report_retry_pause: Duration::from_secs(30),
+            client: None,
+        }
+    }
+}
+
+/// What every run task shares.
+pub(crate) struct Ctx {
+    pub cfg: ValidConfig,
+    pub client: Client,
+    pub events: EventSender,
+    pub journal: Arc<dyn Journal>,
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+    pub grace: Duration,
+    pub report_retry_pause: Duration,
+    pub git_policy: TransportPolicy,
+    /// Private (0700) per-container files: env file while creating, stdin FIFO, progress.
+    pub containers_dir: PathBuf,
+}
+
+impl Ctx {
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.shutdown.level() > 0
+    }
+}
+
+/// A short label for a control-plane error, for metrics.
+pub(crate) fn outcome_label(e: &ControlError) -> String {
+    match e {
+        ControlError::CredentialRejected(s) => format!("http_{}", s.status),
+        ControlError::Status(s) if s.status >= 500 => "http_5xx".into(),
+        ControlError::Status(s) => format!("http_{}", s.status),
+        ControlError::Transport { .. } => "network".into(),
+        _ => "error".into(),
+    }
+}
+
+/// A start-up failure: the exit code and what to tell the operator.
+struct BootError {
+    code: i32,
+    message: String,
+}
+
+fn boot_err(code: i32, message: impl Into<String>) -> BootError {
+    BootError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// The runner instance name used in container names and labels: the display name plus a
+/// short hash of the journal directory, so two runners on one host never sweep each other's
+/// containers, and a restarted runner finds its own.
+pub fn instance_name(cfg: &ValidConfig) -> String {
+    // FNV-1a: stable across builds and platforms (std's hasher is not).
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in cfg.journal_dir.to_string_lossy().bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    sanitize_name_part(&format!("{}-{:08x}", cfg.name, hash))
+}
+
+/// Runs the daemon to its end and returns the process exit code.
+pub async fn run(cfg: ValidConfig, opts: DaemonOptions) -> i32 {
+    let notifier = opts.notifier.clone();
+    let _ = notifier.status("starting");
+    match boot(cfg, &opts).await {
+        Err(e) => {
+            error!("{}", e.message);
+            let _ = notifier.status(&format!("failed to start: {}", e.message));
+            e.code
+        }
+        Ok(ctx) => serve(ctx, opts).await,
+    }
+}
+
+async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootError> {
+    // 1. The server URL (spec 4.1 steps 1 and 3).
+    let mut client_cfg = opts
+        .client
+        .clone()
+        .unwrap_or_else(|| ClientConfig::new(cfg.api_url.clone()));
+    client_cfg.api_url = cfg.api_url.clone();
+    client_cfg.allow_insecure = cfg.allow_insecure;
+    let client = Client::new(client_cfg).map_err(|e| boot_err(EXIT_CONFIG, e.to_string()))?;
+    if cfg.allow_insecure && cfg.api_url.to_ascii_lowercase().starts_with("http://") {
+        warn!("WSRUNNER_ALLOW_INSECURE=1: talking to the server over plain http (local development only)");
+    }
+    if !cfg.api_url.trim_end_matches('/').ends_with("/api") {
+        warn!(api_url = %cfg.api_url, "WS_API_URL does not end in /api; it must be the Windshift API base (e.g. https://host/api)");
+    }
+    match client.preflight().await {
+        Ok(Preflight::Ok { version }) => info!(version, "Windshift server reachable"),
+        Ok(Preflight::Unreachable { message }) => {
+            warn!("cannot reach the Windshift server yet ({message}); continuing")
+        }
+        Err(e) => return Err(boot_err(EXIT_CONFIG, e.to_string())),
+    }
+
+    // 2. Docker: the agent network and the image contract (spec 4.1 steps 4 and 5).
+    let instance = instance_name(&cfg);
+    let engine = Engine::new(ContainerConfig {
+        docker: cfg.docker.clone(),
+        network: cfg.network.clone(),
+        pids_limit: cfg.pids_limit,
+        memory: cfg.memory.clone(),
+        cpus: cfg.cpus.clone(),
+        default_image: cfg.image.clone(),
+        allowed_images: cfg.allowed_images.clone(),
+        allow_unlabeled: cfg.allow_unlabeled_image,
+        instance: instance.clone(),
+    });
+    match engine.ensure_network().await {
+        Ok(NetworkStatus::Created) => warn!(network = %cfg.network, "created the agent network; its egress is unfiltered: apply your own egress rules"),
+        Ok(_) => {}
+        Err(e) => return Err(boot_err(EXIT_FATAL, format!("{e} (is the Docker daemon running and may this user talk to it?)"))),
+    }
+    match engine.boot_check_image().await {
+        Ok(BootImageCheck::Ok) => info!(image = %cfg.image, "agent image carries the v1 contract label"),
+        Ok(BootImageCheck::UnlabeledAllowed) => warn!(image = %cfg.image, "agent image has no contract label; accepted because WSRUNNER_ALLOW_UNLABELED_IMAGE=1"),
+        Ok(BootImageCheck::Skipped { reason }) => warn!(image = %cfg.image, "agent image not available, contract check skipped: {reason}"),
+        Ok(BootImageCheck::NoDefaultImage) => warn!("WSRUNNER_IMAGE is empty: coding runs without a per-run image will fail"),
+        Err(e @ ContainerError::Cli { .. }) | Err(e @ ContainerError::Spawn { .. }) => {
+            return Err(boot_err(EXIT_FATAL, e.to_string()))
+        }
+        Err(e) => return Err(boot_err(EXIT_CONFIG, e.to_string())),
+    }
+
+    // 3. The credential (spec 4.1 step 6, 4.2).
+    let inputs = CredentialInputs {
+        credential: cfg.credential.clone(),
+        credential_file: cfg.credential_file.clone(),
+        registration_token: cfg.registration_token.clone(),
+        name: cfg.name.clone(),
+    };
+    match obtain_credential(&client, &inputs).await {
+        Ok(got) => {
+            for w in &got.warnings {
+                warn!("{w}");
+            }
+            match got.source {
+                CredentialSource::Registered {
+                    instance_id,
+                    pool_id,
+                    persisted,
+                } => {
+                    info!("registered as instance {instance_id} in pool {pool_id}");
+                    if persisted {
+                        info!(file = %cfg.credential_file.display(), "credential saved; the registration token is no longer needed");
+                    }
+                }
+                CredentialSource::Env => info!("using the credential from WSRUNNER_CREDENTIAL"),
+                CredentialSource::File => {
+                    info!(file = %cfg.credential_file.display(), "using the stored credential")
+                }
+            }
+        }
+        Err(e) => {
+            let code = match e {
+                CredentialError::Unreachable { .. } | CredentialError::Server(_) => EXIT_FATAL,
+                _ => EXIT_CONFIG,
+            };
+            return Err(boot_err(code, e.to_string()));
+        }
+    }
+
+    // 4. The journal.
+    let journal_dir = cfg.journal_dir.clone();
+    let journal = tokio::task::spawn_blocking(move || SledJournal::open(&journal_dir))
+        .await
+        .map_err(|e| boot_err(EXIT_FATAL, format!("journal open task failed: {e}")))?
+        .map_err(|e| boot_err(EXIT_FATAL, e.to_string()))?;
+    let containers_dir = cfg.cache_root.join(".containers");
+    run_task::create_private_dir(&containers_dir).map_err(|e| {
+        boot_err(
+            EXIT_FATAL,
+            format!("cannot create {}: {e} (check WSRUNNER_CACHE_ROOT)", containers_dir.display()),
+        )
+    })?;
+    let git_policy = TransportPolicy {
+        allow_insecure_http: cfg.allow_insecure,
+        ..TransportPolicy::default()
+    };
+    let events = EventSender::new(client.clone(), EventSenderConfig::default());
+    Ok(Arc::new(Ctx {
+        cfg,
+        client,
+        events,
+        journal: Arc::new(journal),
+        engine,
+        metrics: opts.metrics.clone(),
+        shutdown: opts.shutdown.clone(),
+        grace: opts.grace,
+        report_retry_pause: opts.report_retry_pause,
+        git_policy,
+        containers_dir,
+    }))
+}
+
+/// Live run tasks: their stop channels, by run id.
+type Runs = Arc<Mutex<HashMap<i64, mpsc::UnboundedSender<StopRequest>>>>;
+
+struct Supervisor {
+    ctx: Arc<Ctx>,
+    runs: Runs,
+    tasks: JoinSet<()>,
+    slots: Arc<Semaphore>,
+    /// Unix ms of the last successful call to the server (claim or heartbeat).
+    last_contact: Arc<AtomicI64>,
+    /// Unix ms of the heartbeat loop's last turn (the watchdog's liveness signal).
+    heartbeat_tick: Arc<AtomicI64>,
+}
+
+impl Supervisor {
+    fn spawn_run(
+        &mut self,
+        first: crate::journal::Record,
+        last: crate::journal::Record,
+        secrets: crate::fsm::RunSecrets,
+        start: Start,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let run_id = last.run_id;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(run_id, tx);
+        let task = RunTask::new(self.ctx.clone(), &first, last, secrets, rx);
+        let span = task.span();
+        let runs = self.runs.clone();
+        let metrics = self.ctx.metrics.clone();
+        metrics.run_started();
+        self.tasks.spawn(
+            async move {
+                let status = task.drive(start).await;
+                runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&run_id);
+                metrics.run_finished(status.as_deref().unwrap_or("interrupted"));
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    fn in_flight(&self) -> usize {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn stop_all(&self, stop: StopRequest) {
+        for tx in self.runs.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            let _ = tx.send(stop);
+        }
+    }
+
+    /// Journals a freshly claimed job and starts its task.
+    async fn start_claimed(&mut self, job: crate::control::wire::JobSpec, permit: tokio::sync::OwnedSemaphorePermit) {
+        let instance = self.ctx.engine.cfg.instance.clone();
+        let (mut plan, secrets) = RunPlan::from_job(&job, &instance);
+        if plan.prompt.trim().is_empty() {
+            plan.prompt = self.ctx.cfg.initial_prompt.clone();
+        }
+        let run_id = plan.run_id;
+        info!(run_id, kind = %plan.kind, repos = plan.repos.len(), "claimed a run");
+        let committed = commit_event_async(
+            self.ctx.journal.clone(),
+            None,
+            Event::Claimed { plan },
+            now_ms(),
+            Some(secrets.clone()),
+        )
+        .await;
+        match committed {
+            Ok(c) => {
+                let Some(record) = c.record else { return };
+                self.spawn_run(
+                    record.clone(),
+                    record,
+                    secrets,
+                    Start::Effects(c.effects),
+                    Some(permit),
+                );
+            }
+            Err(e) => {
+                // Without a journal record the run cannot be carried safely: say so to the
+                // server rather than let it wait for the reaper.
+                error!(run_id, "cannot journal the claimed run: {e}");
+                let report = crate::control::wire::ReportRequest {
+                    status: crate::control::wire::STATUS_FAILED.into(),
+                    error: format!("runner journal unavailable: {e}"),
+                    ..Default::default()
+                };
+                let _ = self.ctx.client.report(run_id, &report).await;
+            }
+        }
+    }
+}
+
+async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
+    let notifier = opts.notifier.clone();
+    let mut sup = Supervisor {
+        ctx: ctx.clone(),
+        runs: Arc::new(Mutex::new(HashMap::new())),
+        tasks: JoinSet::new(),
+        slots: Arc::new(Semaphore::new(ctx.cfg.concurrency)),
+        last_contact: Arc::new(AtomicI64::new(now_ms())),
+        heartbeat_tick: Arc::new(AtomicI64::new(now_ms())),
+    };
+
+    if let Some(addr) = ctx.cfg.metrics_addr {
+        match http::serve(addr, ctx.metrics.clone()).await {
+            Ok(bound) => info!(addr = %bound, "serving /metrics and /healthz"),
+            Err(e) => warn!(%addr, "cannot serve metrics: {e}"),
+        }
+    }
+
+    // Recovery before the first claim, then the sweep.
+    let recovered = match recovery::recover_runs(&ctx).await {
+        Ok(r) => r,
+        Err(e) => {
+            error!("journal recovery failed: {e}");
+            return EXIT_FATAL;
+        }
+    };
+    recovery::sweep(&ctx, &recovered.owned_containers, &recovered.owned_runs).await;
+    let resumed = recovered.resume.len();
+    for r in recovered.resume {
+        // A slot if one is free; recovered runs beyond the concurrency still run.
+        let permit = sup.slots.clone().try_acquire_owned().ok();
+        sup.spawn_run(r.first, r.last, r.secrets, r.start, permit);
+    }
+    info!(resumed, "worker started");
+    ctx.metrics.set_health(Health::Healthy);
+    let _ = notifier.ready(&format!("ready; {resumed} run(s) resumed from the journal"));
+
+    let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        ctx.clone(),
+        sup.runs.clone(),
+        sup.last_contact.clone(),
+        sup.heartbeat_tick.clone(),
+        hb_stop_rx.clone(),
+    ));
+    let watchdog = tokio::spawn(watchdog_loop(
+        ctx.clone(),
+        notifier.clone(),
+        sup.last_contact.clone(),
+        sup.heartbeat_tick.clone(),
+        hb_stop_rx,
+    ));
+
+    claim_loop(&mut sup, opts.once).await;
+
+    // Drain: no new claims; in-flight runs get the drain timeout, then are cancelled.
+    let mut shutdown = ctx.shutdown.subscribe();
+    if sup.in_flight() > 0 && ctx.shutting_down() {
+        let _ = notifier.stopping(
+            ctx.cfg.drain_timeout + Duration::from_secs(120),
+            &format!("draining {} run(s)", sup.in_flight()),
+        );
+        info!(in_flight = sup.in_flight(), drain_timeout = ?ctx.cfg.drain_timeout, "draining in-flight runs");
+        let deadline = tokio::time::sleep(ctx.cfg.drain_timeout);
+        tokio::pin!(deadline);
+        let mut cancelled = ctx.shutdown.level() >= 2;
+        if cancelled {
+            sup.stop_all(StopRequest::Drain);
+        }
+        loop {
+            tokio::select! {
+                joined = sup.tasks.join_next() => if joined.is_none() { break },
+                _ = &mut deadline, if !cancelled => {
+                    warn!("drain deadline passed; cancelling in-flight runs");
+                    sup.stop_all(StopRequest::Drain);
+                    cancelled = true;
+                }
+                _ = shutdown.changed(), if !cancelled => {
+                    if ctx.shutdown.level() >= 2 {
+                        sup.stop_all(StopRequest::Drain);
+                        cancelled = true;
+                    }
+                }
+            }
+        }
+    } else {
+        if ctx.shutting_down() {
+            let _ = notifier.stopping(Duration::from_secs(60), "stopping");
+        }
+        while sup.tasks.join_next().await.is_some() {}
+    }
+    let _ = hb_stop_tx.send(true);
+    let _ = heartbeat.await;
+    let _ = watchdog.await;
+
+    if ctx.client.auth_state().is_rejected() {
+        error!(
+            "exiting: the runner credential was rejected ({}); register again with a new WSRUNNER_REGISTRATION_TOKEN (remove the stored credential file)",
+            ctx.client.auth_state().rejection().unwrap_or_default()
+        );
+        return EXIT_CREDENTIAL_REJECTED;
+    }
+    info!("shut down");
+    0
+}
+
+async fn claim_loop(sup: &mut Supervisor, once: bool) {
+    let ctx = sup.ctx.clone();
+    let mut shutdown = ctx.shutdown.subscribe();
+    let mut errors = backoff::ExponentialBackoffBuilder::new()
+        .with_initial_interval(ctx.cfg.poll_interval)
+        .with_max_interval(Duration::from_secs(300).max(ctx.cfg.poll_interval))
+        .with_randomization_factor(0.5)
+        .with_multiplier(2.0)
+        .with_max_elapsed_time(None)
+        .build();
+    let mut last_eviction = tokio::time::Instant::now();
+    loop {
+        // Reap finished tasks so the set does not grow.
+        while let Some(joined) = sup.tasks.try_join_next() {
+            if let Err(e) = joined {
+                error!("a run task failed: {e}");
+            }
+        }
+        if ctx.shutting_down() || ctx.client.auth_state().is_rejected() {
+            return;
+        }
+        if sup.in_flight() == 0 && last_eviction.elapsed() > Duration::from_secs(600) {
+            last_eviction = tokio::time::Instant::now();
+            evict_idle_caches(&ctx).await;
+        }
+        let permit = tokio::select! {
+            p = sup.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => continue,
+        };
+        let wait = match ctx.client.claim().await {
+            Ok(Some(job)) => {
+                sup.last_contact.store(now_ms(), Ordering::Relaxed);
+                ctx.metrics.request("claim", "ok");
+                errors.reset();
+                sup.start_claimed(job, permit).await;
+                if once {
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => {
+                sup.last_contact.store(now_ms(), Ordering::Relaxed);
+                ctx.metrics.request("claim", "no_work");
+                errors.reset();
+                drop(permit);
+                ctx.cfg.poll_interval
+            }
+            Err(e) => {
+                drop(permit);
+                ctx.metrics.request("claim", &outcome_label(&e));
+                if let ControlError::CredentialRejected(_) = e {
+                    error!("claim: {e}; no further claims");
+                    ctx.metrics.set_health(Health::Unhealthy(format!("credential rejected: {e}")));
+                    return;
+                }
+                let wait = errors.next_backoff().unwrap_or(ctx.cfg.poll_interval);
+                warn!(retry_in = ?wait, "claim failed: {e}");
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+async fn evict_idle_caches(ctx: &Ctx) {
+    let root = ctx.cfg.cache_root.clone();
+    let max_age = ctx.cfg.cache_max_age;
+    let report = tokio::task::spawn_blocking(move || {
+        crate::effects::git::evict_idle(&root, max_age, std::time::SystemTime::now())
+    })
+    .await;
+    match report {
+        Ok(Ok(r)) if !r.removed.is_empty() => {
+            info!(removed = r.removed.len(), "evicted idle repository caches")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!("cache eviction failed: {e}"),
+        Err(e) => warn!("cache eviction task failed: {e}"),
+    }
+}
+
+async fn heartbeat_loop(
+    ctx: Arc<Ctx>,
+    runs: Runs,
+    last_contact: Arc<AtomicI64>,
+    tick: Arc<AtomicI64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let interval = ctx.cfg.heartbeat_interval;
+    let mut last_auth_log: Option<tokio::time::Instant> = None;
+    loop {
+        tick.store(now_ms(), Ordering::Relaxed);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        tick.store(now_ms(), Ordering::Relaxed);
+        match ctx.client.heartbeat().await {
+            Ok(hb) => {
+                last_contact.store(now_ms(), Ordering::Relaxed);
+                ctx.metrics.request("heartbeat", "ok");
+                ctx.metrics.set_queue_depth(hb.queue_depth);
+                let in_flight = runs.lock().unwrap_or_else(|e| e.into_inner()).len();
+                tracing::debug!(queue_depth = hb.queue_depth, in_flight, "heartbeat");
+                for run_id in hb.abort {
+                    if let Some(tx) = runs.lock().unwrap_or_else(|e| e.into_inner()).get(&run_id) {
+                        info!(run_id, "the server asked to cancel the run");
+                        let _ = tx.send(StopRequest::Cancel);
+                    }
+                }
+            }
+            Err(e) => {
+                ctx.metrics.request("heartbeat", &outcome_label(&e));
+                if let ControlError::CredentialRejected(_) = e {
+                    // Loud, but once per interval rather than per call.
+                    if last_auth_log.is_none_or(|t| t.elapsed() >= interval) {
+                        error!("heartbeat: {e}");
+                        last_auth_log = Some(tokio::time::Instant::now());
+                    }
+                } else {
+                    warn!("heartbeat failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// WATCHDOG=1 only while the heartbeat loop turns and the server was reached within two
+/// heartbeat intervals; the health verdict follows the same facts.
+async fn watchdog_loop(
+    ctx: Arc<Ctx>,
+    notifier: Notifier,
+    last_contact: Arc<AtomicI64>,
+    tick: Arc<AtomicI64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = notifier
+        .watchdog_timeout()
+        .map(|t| t / 2)
+        .unwrap_or(Duration::from_secs(5))
+        .min(Duration::from_secs(5));
+    let window = (ctx.cfg.heartbeat_interval * 2).as_millis() as i64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let now = now_ms();
+        let contact_age = now - last_contact.load(Ordering::Relaxed);
+        let loop_age = now - tick.load(Ordering::Relaxed);
+        let health = if ctx.client.auth_state().is_rejected() {
+            Health::Unhealthy(format!(
+                "credential rejected: {}",
+                ctx.client.auth_state().rejection().unwrap_or_default()
+            ))
+        } else if loop_age > window + 5_000 {
+            Health::Unhealthy("the heartbeat loop is stuck".into())
+        } else if contact_age > window {
+            Health::Unhealthy(format!(
+                "the Windshift server has not been reached for {} s",
+                contact_age / 1000
+            ))
+        } else {
+            Health::Healthy
+        };
+        if health == Health::Healthy && notifier.watchdog_timeout().is_some() {
+            let _ = notifier.watchdog_ping();
+        }
+        ctx.metrics.set_health(health);
+    }
+}

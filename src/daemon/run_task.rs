@@ -1,0 +1,882 @@
+//! One run, driven from its journal: commit an event (transaction + flush), then hand the
+//! effects the transition returned to their handlers; each handler's outcome is the next
+//! event. The order is the crash-tolerance rule: nothing leaves the host before the record
+//! announcing it is durable.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn, Span};
+
+use super::Ctx;
+use crate::control::client::ControlError;
+use crate::control::events::RunEvents;
+use crate::control::wire::{EventRequest, ReportRequest};
+use crate::effects::agent_driver::{self, DriveOptions, DriveResult, DriverOutput, StdinChannel};
+use crate::effects::container::{ContainerSpec, LaunchKind};
+use crate::effects::git::{
+    self, git_proxy_url, validate_slug, RepoCache, RunRepo, RunWorkspaceRequest, WsToml,
+};
+use crate::fsm::{Checkout, CheckoutRepo, Effect, Event, RepoHead, RunSecrets, RunState};
+use crate::journal::{commit_event_async, now_ms, CommitError, Record};
+use crate::redact::redact;
+
+/// A stop asked of a running run from outside its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopRequest {
+    /// The server listed the run in the heartbeat `abort` list (spec 4.5).
+    Cancel,
+    /// The drain deadline passed, or a second signal asked to cancel at once (spec 4.6).
+    Drain,
+}
+
+impl StopRequest {
+    fn event(self) -> Event {
+        match self {
+            StopRequest::Cancel => Event::CancelRequested { force: false },
+            StopRequest::Drain => Event::DrainDeadlinePassed,
+        }
+    }
+}
+
+/// How a run task begins: from a claim's effects, or from a recovery decision.
+pub(crate) enum Start {
+    Effects(Vec<Effect>),
+    Feed(Vec<Event>),
+    Reattach { name: String, feed: Vec<Event> },
+}
+
+/// Why a run task stopped before its run reached a terminal state. The run stays in the
+/// journal as it is, and the next start-up recovers it.
+#[derive(Debug)]
+enum Interrupted {
+    Journal(String),
+    CredentialRejected,
+    Shutdown,
+}
+
+/// Line counters of the agent's output already forwarded, kept beside the container's
+/// private files so a re-attach after a crash resumes without re-sending them.
+const PROGRESS_FILE: &str = "forwarded-lines";
+
+pub(crate) struct RunTask {
+    ctx: Arc<Ctx>,
+    run_id: i64,
+    last: Record,
+    secrets: RunSecrets,
+    events: Option<RunEvents>,
+    stops: mpsc::UnboundedReceiver<StopRequest>,
+    /// When the run's own wall-clock limit passes (from the claim time, across restarts).
+    deadline: tokio::time::Instant,
+    deadline_fired: bool,
+    span: Span,
+}
+
+impl RunTask {
+    pub(crate) fn new(
+        ctx: Arc<Ctx>,
+        first: &Record,
+        last: Record,
+        secrets: RunSecrets,
+        stops: mpsc::UnboundedReceiver<StopRequest>,
+    ) -> RunTask {
+        let run_id = last.run_id;
+        let elapsed_ms = (now_ms() - first.at_ms).max(0) as u64;
+        let remaining = ctx
+            .cfg
+            .run_timeout
+            .saturating_sub(Duration::from_millis(elapsed_ms));
+        let events = Some(ctx.events.open_run(run_id));
+        let span = tracing::info_span!("run", run_id, state = %last.state.kind());
+        RunTask {
+            ctx,
+            run_id,
+            last,
+            secrets,
+            events,
+            stops,
+            deadline: tokio::time::Instant::now() + remaining,
+            deadline_fired: false,
+            span,
+        }
+    }
+
+    pub(crate) fn span(&self) -> Span {
+        self.span.clone()
+    }
+
+    /// Drives the run until it is terminal (or interrupted: shutdown, credential revoked,
+    /// journal failure). Returns the final status for metrics (`None` when interrupted).
+    pub(crate) async fn drive(mut self, start: Start) -> Option<String> {
+        let outcome = self.drive_inner(start).await;
+        match outcome {
+            Ok(()) => {
+                self.finish_terminal().await;
+                let status = match &self.last.state {
+                    RunState::Reported { verdict, .. } => verdict.status.as_wire().to_owned(),
+                    _ => "abandoned".to_owned(),
+                };
+                info!(run_id = self.run_id, status, "run finished: {}", self.last.state.describe());
+                Some(status)
+            }
+            Err(why) => {
+                match &why {
+                    Interrupted::Journal(e) => error!(
+                        run_id = self.run_id,
+                        "journal failure, run left for recovery at the next start: {e}"
+                    ),
+                    Interrupted::CredentialRejected => warn!(
+                        run_id = self.run_id,
+                        "credential rejected; run left in the journal ({})",
+                        self.last.state.describe()
+                    ),
+                    Interrupted::Shutdown => info!(
+                        run_id = self.run_id,
+                        "shutting down; run left in the journal for the next start ({})",
+                        self.last.state.describe()
+                    ),
+                }
+                if let Some(events) = self.events.take() {
+                    events.finish().await;
+                }
+                None
+            }
+        }
+    }
+
+    async fn drive_inner(&mut self, start: Start) -> Result<(), Interrupted> {
+        let mut queue: VecDeque<Effect> = VecDeque::new();
+        match start {
+            Start::Effects(effects) => queue.extend(effects),
+            Start::Feed(events) => {
+                for event in events {
+                    queue.extend(self.commit(event).await?);
+                }
+            }
+            Start::Reattach { name, feed } => {
+                for event in feed {
+                    queue.extend(self.commit(event).await?);
+                }
+                // A stop that arrived with the feed still goes to the re-attached driver.
+                queue.retain(|e| !matches!(e, Effect::KillContainer { .. }));
+                let attempt = match &self.last.state {
+                    RunState::Prepared { container, .. } | RunState::Running { container, .. } => {
+                        container.attempt
+                    }
+                    _ => 0,
+                };
+                if attempt > 0 {
+                    queue.extend(self.run_container(&name, true).await?);
+                }
+            }
+        }
+        loop {
+            while let Ok(stop) = self.stops.try_recv() {
+                queue.extend(self.commit(stop.event()).await?);
+            }
+            let Some(effect) = queue.pop_front() else {
+                break;
+            };
+            let next = match effect {
+                Effect::Prepare { .. } => self.prepare().await?,
+                Effect::RemoveCheckout => {
+                    self.remove_checkout().await;
+                    Vec::new()
+                }
+                Effect::StartContainer { name, .. } => self.run_container(&name, false).await?,
+                Effect::KillContainer { name } => {
+                    // Outside a driver (the container is not attached here): kill it directly.
+                    if let Err(e) = self.ctx.engine.kill(&name).await {
+                        warn!(container = %name, "kill failed: {e}");
+                    }
+                    Vec::new()
+                }
+                Effect::InspectHeads => self.inspect_heads().await?,
+                Effect::Push { heads } => self.push(heads).await?,
+                Effect::Report(report) => self.report(report).await?,
+                Effect::SendEvent {
+                    event_type,
+                    payload_json,
+                } => {
+                    self.send_event(event_type, payload_json).await;
+                    Vec::new()
+                }
+            };
+            queue.extend(next);
+        }
+        if self.last.state.is_terminal() {
+            Ok(())
+        } else {
+            // Every non-terminal state hands out an effect; an empty queue here is a bug in
+            // the wiring, not in the run: keep it for recovery rather than guess.
+            Err(Interrupted::Journal(format!(
+                "no effect left to run in state {:?}",
+                self.last.state.describe()
+            )))
+        }
+    }
+
+    /// Journals one event (transaction + flush) and returns the effects to run now.
+    async fn commit(&mut self, event: Event) -> Result<Vec<Effect>, Interrupted> {
+        let started = Instant::now();
+        let kind = event.kind();
+        match commit_event_async(
+            self.ctx.journal.clone(),
+            Some(self.last.clone()),
+            event,
+            now_ms(),
+            None,
+        )
+        .await
+        {
+            Ok(committed) => {
+                if let Some(record) = committed.record {
+                    self.ctx.metrics.journal_commit(started.elapsed());
+                    self.span.record("state", tracing::field::display(record.state.kind()));
+                    debug!(run_id = self.run_id, event = %kind, seq = record.seq, "{}", record.state.describe());
+                    self.last = record;
+                }
+                Ok(committed.effects)
+            }
+            Err(CommitError::Rejected(r)) => {
+                debug!(run_id = self.run_id, "event not applied: {r}");
+                Ok(Vec::new())
+            }
+            Err(CommitError::Journal(e)) => Err(Interrupted::Journal(e.to_string())),
+        }
+    }
+
+    /// Waits for the next stop: a request from outside, or the run's own time limit.
+    async fn next_stop(&mut self) -> Event {
+        let deadline = self.deadline;
+        let fired = self.deadline_fired;
+        tokio::select! {
+            stop = self.stops.recv() => match stop {
+                Some(stop) => stop.event(),
+                // The supervisor went away: no more stops, only the deadline.
+                None => {
+                    if fired {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep_until(deadline).await;
+                    self.deadline_fired = true;
+                    Event::RunTimeoutPassed
+                }
+            },
+            _ = tokio::time::sleep_until(deadline), if !fired => {
+                self.deadline_fired = true;
+                warn!(run_id = self.run_id, "the run exceeded WSRUNNER_RUN_TIMEOUT; stopping it");
+                Event::RunTimeoutPassed
+            }
+        }
+    }
+
+    /// Awaits `work` while journaling stops that arrive meanwhile. The effects those stops
+    /// hand out are returned for the queue (a blocking git step cannot be interrupted; the
+    /// state machine decides what the stop means once its outcome is known).
+    async fn with_stops<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<(T, Vec<Effect>), Interrupted> {
+        tokio::pin!(work);
+        let mut extra = Vec::new();
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok((out, extra)),
+                stop = self.next_stop() => extra.extend(self.commit(stop).await?),
+            }
+        }
+    }
+
+    fn token(&self) -> Option<String> {
+        self.secrets
+            .env
+            .get("WS_TOKEN")
+            .filter(|t| !t.trim().is_empty())
+            .cloned()
+    }
+
+    fn proxy_url(&self, workspace_id: i64, slug: &str) -> Option<String> {
+        let (owner, repo) = validate_slug(slug).ok()?;
+        Some(git_proxy_url(
+            &self.ctx.cfg.api_url,
+            workspace_id,
+            &owner,
+            &repo,
+        ))
+    }
+
+    async fn prepare(&mut self) -> Result<Vec<Effect>, Interrupted> {
+        let plan = self.last.state.plan().clone();
+        let Some(token) = self.token() else {
+            return self
+                .commit(Event::CheckoutFailed {
+                    error: "no WS_TOKEN for git-proxy auth".into(),
+                })
+                .await;
+        };
+        let mut repos = Vec::new();
+        for repo in &plan.repos {
+            let Some(remote_url) = self.proxy_url(repo.workspace_id, &repo.slug) else {
+                return self
+                    .commit(Event::CheckoutFailed {
+                        error: format!("invalid repo slug {:?}: want owner/name", repo.slug),
+                    })
+                    .await;
+            };
+            repos.push(RunRepo {
+                workspace_id: repo.workspace_id,
+                slug: repo.slug.clone(),
+                base_ref: if repo.base_ref.is_empty() {
+                    "main".into()
+                } else {
+                    repo.base_ref.clone()
+                },
+                continue_branch: repo.continue_branch.clone(),
+                remote_url,
+            });
+        }
+        let env: HashMap<String, String> = plan.container_env(&self.secrets).into_iter().collect();
+        let request = RunWorkspaceRequest {
+            root: self.ctx.cfg.cache_root.display().to_string(),
+            run_id: self.run_id,
+            repos,
+            token,
+            policy: self.ctx.git_policy,
+            ws_toml: WsToml::from_run_env(&env),
+            ..Default::default()
+        };
+        let work = tokio::task::spawn_blocking(move || git::prepare_run_workspace(&request));
+        let (result, mut extra) = self.with_stops(work).await?;
+        let event = match result {
+            Ok(Ok(ws)) => Event::CheckoutReady {
+                checkout: Checkout {
+                    root: ws.mount_path.display().to_string(),
+                    repos: ws
+                        .repos
+                        .iter()
+                        .map(|r| CheckoutRepo {
+                            slug: r.slug.clone(),
+                            path: r.output.checkout_path.display().to_string(),
+                            branch: r.output.branch.clone(),
+                            base_commit: r.output.base_commit.clone(),
+                        })
+                        .collect(),
+                },
+            },
+            Ok(Err(e)) => Event::CheckoutFailed {
+                error: redact(&e.to_string()).into_owned(),
+            },
+            Err(e) => Event::CheckoutFailed {
+                error: format!("prepare task failed: {e}"),
+            },
+        };
+        extra.extend(self.commit(event).await?);
+        Ok(extra)
+    }
+
+    /// Removes every path this run may have checked out (idempotent).
+    async fn remove_checkout(&self) {
+        let paths = run_paths(
+            &self.ctx.cfg.cache_root,
+            self.run_id,
+            self.last.state.plan(),
+        );
+        let result = tokio::task::spawn_blocking(move || {
+            for path in paths {
+                match std::fs::remove_dir_all(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("remove {}: {e}", path.display())),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(run_id = self.run_id, "checkout removal failed: {e}"),
+            Err(e) => warn!(run_id = self.run_id, "checkout removal task failed: {e}"),
+        }
+    }
+
+    fn container_dir(&self, name: &str) -> PathBuf {
+        self.ctx.containers_dir.join(name)
+    }
+
+    /// Creates, starts (or re-attaches to) and drives the container to its end, forwarding
+    /// its output and journaling what decides the verdict.
+    async fn run_container(&mut self, name: &str, reattach: bool) -> Result<Vec<Effect>, Interrupted> {
+        let plan = self.last.state.plan().clone();
+        let coding = plan.is_coding_agent();
+        let dir = self.container_dir(name);
+        let mut effects = Vec::new();
+        let stdin;
+        let mut options = DriveOptions {
+            grace: self.ctx.grace,
+            ..Default::default()
+        };
+        if reattach {
+            stdin = StdinChannel::reopen(name, &dir);
+            let (out, err) = read_progress(&dir);
+            options.skip_stdout_lines = out;
+            options.skip_stderr_lines = err;
+            info!(run_id = self.run_id, container = name, stdin = stdin.is_some(), "re-attached to the running container");
+        } else {
+            match self.create_and_start(name, &dir, coding).await {
+                Ok(channel) => stdin = channel,
+                Err(error) => {
+                    warn!(run_id = self.run_id, container = name, "container did not start: {error}");
+                    let _ = self.ctx.engine.remove(name).await;
+                    remove_dir(&dir);
+                    return self.commit(Event::ContainerStartFailed { error }).await;
+                }
+            }
+            if coding {
+                options.prompt = Some(plan.prompt.clone());
+            }
+            for effect in self.commit(Event::ContainerStarted).await? {
+                if !matches!(effect, Effect::KillContainer { .. }) {
+                    effects.push(effect);
+                }
+            }
+        }
+
+        let (out_tx, mut out_rx) = mpsc::channel::<DriverOutput>(1024);
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        let mut cancel_tx = Some(cancel_tx);
+        let engine = self.ctx.engine.clone();
+        let driver_name = name.to_owned();
+        let mut driver = tokio::spawn(async move {
+            agent_driver::drive(
+                &engine,
+                &driver_name,
+                stdin,
+                options,
+                async {
+                    let _ = cancel_rx.await;
+                },
+                out_tx,
+            )
+            .await
+        });
+        // A stop journaled before the container started (or before a restart) applies now.
+        if stop_pending(&self.last.state) {
+            if let Some(tx) = cancel_tx.take() {
+                let _ = tx.send(());
+            }
+        }
+        let mut progress = Progress::load(&dir);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let result: Result<DriveResult, String> = loop {
+            tokio::select! {
+                biased;
+                Some(output) = out_rx.recv() => self.forward(output, &mut progress).await?,
+                joined = &mut driver => {
+                    break match joined {
+                        Ok(Ok(r)) => Ok(r),
+                        Ok(Err(e)) => Err(redact(&e.to_string()).into_owned()),
+                        Err(e) => Err(format!("driver task failed: {e}")),
+                    };
+                }
+                stop = self.next_stop() => {
+                    for effect in self.commit(stop).await? {
+                        match effect {
+                            Effect::KillContainer { .. } => {
+                                if let Some(tx) = cancel_tx.take() {
+                                    let _ = tx.send(());
+                                }
+                            }
+                            other => effects.push(other),
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    progress.save_if_drained(&dir, self.events.as_ref());
+                    if self.events.as_ref().is_some_and(RunEvents::is_stopped) {
+                        warn!(run_id = self.run_id, "the server says the run is no longer running; abandoning it");
+                        for effect in self.commit(Event::RunNoLongerRunning).await? {
+                            match effect {
+                                Effect::KillContainer { .. } => {
+                                    if let Some(tx) = cancel_tx.take() {
+                                        let _ = tx.send(());
+                                    }
+                                }
+                                other => effects.push(other),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        while let Ok(output) = out_rx.try_recv() {
+            self.forward(output, &mut progress).await?;
+        }
+        let exit = match &result {
+            Ok(r) => {
+                if let Some(e) = &r.prompt_error {
+                    warn!(run_id = self.run_id, "writing the prompt failed: {}", redact(e));
+                }
+                debug!(run_id = self.run_id, ?r, "container finished");
+                match r.exit_code {
+                    Some(code) => Event::ContainerExited { code: Some(code) },
+                    None => Event::ContainerVanished,
+                }
+            }
+            Err(e) => {
+                warn!(run_id = self.run_id, container = name, "driving the container failed: {e}");
+                match self.ctx.engine.state(name).await {
+                    Ok(Some(crate::effects::container::ContainerState::Exited { code, .. })) => {
+                        Event::ContainerExited { code: Some(code) }
+                    }
+                    _ => Event::ContainerVanished,
+                }
+            }
+        };
+        effects.extend(self.commit(exit).await?);
+        // The result is durable: the container and its private files can go.
+        if let Err(e) = self.ctx.engine.remove(name).await {
+            warn!(container = name, "container removal failed (the sweep retries): {e}");
+        }
+        remove_dir(&dir);
+        Ok(effects)
+    }
+
+    async fn create_and_start(
+        &self,
+        name: &str,
+        dir: &Path,
+        coding: bool,
+    ) -> Result<Option<StdinChannel>, String> {
+        let plan = self.last.state.plan();
+        let image = if coding {
+            if plan.prompt.trim().is_empty() {
+                return Err("InitialPrompt is required".into());
+            }
+            self.ctx
+                .engine
+                .check_run_image(Some(&plan.image))
+                .await
+                .map_err(|e| redact(&e.to_string()).into_owned())?
+        } else {
+            plan.image.clone()
+        };
+        let checkout = match &self.last.state {
+            RunState::Prepared { checkout, .. } if !checkout.root.is_empty() => {
+                Some(PathBuf::from(&checkout.root))
+            }
+            _ => None,
+        };
+        let attempt = match &self.last.state {
+            RunState::Prepared { container, .. } => container.attempt,
+            _ => 1,
+        };
+        let spec = ContainerSpec {
+            run_id: self.run_id,
+            attempt,
+            kind: LaunchKind::for_job_kind(&plan.kind),
+            image,
+            env: plan.container_env(&self.secrets),
+            checkout,
+            extra_args: Vec::new(),
+        };
+        create_private_dir(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let created = self
+            .ctx
+            .engine
+            .create(&spec, dir)
+            .await
+            .map_err(|e| redact(&e.to_string()).into_owned())?;
+        if created != name {
+            return Err(format!(
+                "internal: engine named the container {created:?}, the journal {name:?}"
+            ));
+        }
+        agent_driver::start(&self.ctx.engine, name, dir, coding)
+            .await
+            .map_err(|e| redact(&e.to_string()).into_owned())
+    }
+
+    /// One driver output: events go to the server (ordered, paced), signals to the journal.
+    async fn forward(&mut self, output: DriverOutput, progress: &mut Progress) -> Result<(), Interrupted> {
+        match output {
+            DriverOutput::Event {
+                event_type,
+                payload_json,
+                line,
+            } => {
+                if let Some(events) = &self.events {
+                    events
+                        .send(EventRequest {
+                            event_type: event_type.clone(),
+                            payload_json,
+                        })
+                        .await;
+                }
+                progress.saw(&event_type, line);
+            }
+            DriverOutput::Signal(signal) => {
+                self.commit(Event::AgentSignal { signal }).await?;
+            }
+            DriverOutput::StreamDegraded { stream } => {
+                warn!(run_id = self.run_id, stream, "agent output line over 1 MiB; the rest of the stream is discarded");
+                self.commit(Event::StreamDegraded).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn inspect_heads(&mut self) -> Result<Vec<Effect>, Interrupted> {
+        let checkout = match &self.last.state {
+            RunState::Running { checkout, .. } => checkout.clone(),
+            _ => Checkout::default(),
+        };
+        let work = tokio::task::spawn_blocking(move || {
+            let mut heads = Vec::new();
+            for repo in &checkout.repos {
+                let head = git::branch_head(Path::new(&repo.path), &repo.branch)
+                    .map_err(|e| format!("{}: {e}", repo.slug))?;
+                heads.push(RepoHead {
+                    slug: repo.slug.clone(),
+                    head,
+                });
+            }
+            Ok::<_, String>(heads)
+        });
+        let (result, mut extra) = self.with_stops(work).await?;
+        let event = match result {
+            Ok(Ok(heads)) => Event::HeadsInspected { heads },
+            Ok(Err(e)) => Event::PushFailed {
+                error: redact(&e).into_owned(),
+            },
+            Err(e) => Event::PushFailed {
+                error: format!("head inspection task failed: {e}"),
+            },
+        };
+        extra.extend(self.commit(event).await?);
+        Ok(extra)
+    }
+
+    async fn push(&mut self, heads: Vec<RepoHead>) -> Result<Vec<Effect>, Interrupted> {
+        let plan = self.last.state.plan().clone();
+        let checkout = match &self.last.state {
+            RunState::Running { checkout, .. } => checkout.clone(),
+            _ => Checkout::default(),
+        };
+        let token = self.token().unwrap_or_default();
+        let mut requests = Vec::new();
+        for head in &heads {
+            let Some(repo) = checkout.repos.iter().find(|r| r.slug == head.slug) else {
+                continue;
+            };
+            let workspace_id = plan
+                .repos
+                .iter()
+                .find(|r| r.slug == head.slug)
+                .map_or(0, |r| r.workspace_id);
+            let remote_url = self.proxy_url(workspace_id, &repo.slug).unwrap_or_default();
+            requests.push(git::PushRequest {
+                checkout: PathBuf::from(&repo.path),
+                branch: repo.branch.clone(),
+                remote_url,
+                token: token.clone(),
+                skip_if_head: repo.base_commit.clone(),
+                policy: self.ctx.git_policy,
+            });
+        }
+        let work = tokio::task::spawn_blocking(move || {
+            let mut pushed = Vec::new();
+            for (request, head) in requests.iter().zip(&heads) {
+                let outcome = git::push(request).map_err(|e| format!("{}: {e}", head.slug))?;
+                if !outcome.skipped {
+                    pushed.push(RepoHead {
+                        slug: head.slug.clone(),
+                        head: outcome.head_sha,
+                    });
+                }
+            }
+            Ok::<_, String>(pushed)
+        });
+        let (result, mut extra) = self.with_stops(work).await?;
+        let event = match result {
+            Ok(Ok(pushed)) if pushed.is_empty() => Event::PushSkipped,
+            Ok(Ok(pushed)) => Event::PushDone { heads: pushed },
+            Ok(Err(e)) => Event::PushFailed {
+                error: redact(&e).into_owned(),
+            },
+            Err(e) => Event::PushFailed {
+                error: format!("push task failed: {e}"),
+            },
+        };
+        extra.extend(self.commit(event).await?);
+        Ok(extra)
+    }
+
+    async fn send_event(&mut self, event_type: String, payload_json: String) {
+        if let Some(events) = &self.events {
+            events
+                .send(EventRequest {
+                    event_type,
+                    payload_json,
+                })
+                .await;
+        }
+    }
+
+    async fn report(&mut self, report: ReportRequest) -> Result<Vec<Effect>, Interrupted> {
+        // Every event goes out before the verdict: after it the server answers 409.
+        if let Some(events) = self.events.take() {
+            let summary = events.finish().await;
+            if let Some(why) = summary.stopped {
+                debug!(run_id = self.run_id, "event stream ended early: {why}");
+            }
+        }
+        let event = match self.ctx.client.report(self.run_id, &report).await {
+            Ok(()) => {
+                self.ctx.metrics.request("report", "ok");
+                info!(run_id = self.run_id, status = %report.status, "verdict reported");
+                Event::ReportAccepted
+            }
+            Err(e) => {
+                self.ctx.metrics.request("report", &super::outcome_label(&e));
+                match (&e, e.status()) {
+                    (ControlError::CredentialRejected(_), _) => {
+                        return Err(Interrupted::CredentialRejected)
+                    }
+                    (_, Some(409)) => {
+                        info!(run_id = self.run_id, "the server already finalized the run (409); nothing to report");
+                        Event::ReportRejected409
+                    }
+                    (_, Some(400 | 403 | 404)) => Event::ReportFailed {
+                        error: e.to_string(),
+                        retryable: false,
+                    },
+                    _ => {
+                        warn!(run_id = self.run_id, "report failed, will retry: {e}");
+                        if self.ctx.shutting_down() {
+                            return Err(Interrupted::Shutdown);
+                        }
+                        let pause = self.ctx.report_retry_pause;
+                        let mut shutdown = self.ctx.shutdown.subscribe();
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = shutdown.changed() => return Err(Interrupted::Shutdown),
+                        }
+                        Event::ReportFailed {
+                            error: e.to_string(),
+                            retryable: true,
+                        }
+                    }
+                }
+            }
+        };
+        self.commit(event).await
+    }
+
+    /// The run is terminal: drop every trace on the host (containers of any attempt, private
+    /// files, checkout) and forget its secrets.
+    async fn finish_terminal(&mut self) {
+        if let Some(events) = self.events.take() {
+            events.finish().await;
+        }
+        if let Ok(found) = self.ctx.engine.find_instance_containers().await {
+            for c in found.iter().filter(|c| c.run_id == Some(self.run_id)) {
+                if let Err(e) = self.ctx.engine.remove(&c.name).await {
+                    warn!(container = %c.name, "container removal failed (the sweep retries): {e}");
+                }
+                remove_dir(&self.container_dir(&c.name));
+            }
+        }
+        self.remove_checkout().await;
+        for secret in self.secrets.env.values() {
+            crate::redact::forget_secret(secret);
+        }
+    }
+}
+
+fn stop_pending(state: &RunState) -> bool {
+    matches!(
+        state,
+        RunState::Prepared { stop: Some(_), .. } | RunState::Running { stop: Some(_), .. }
+    )
+}
+
+/// Every path a run's checkout may occupy: each repo's `runs/<id>` and the multi-repo root.
+pub(crate) fn run_paths(cache_root: &Path, run_id: i64, plan: &crate::fsm::RunPlan) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = plan
+        .repos
+        .iter()
+        .filter_map(|r| {
+            let (owner, repo) = validate_slug(&r.slug).ok()?;
+            Some(RepoCache::new(cache_root, r.workspace_id, &owner, &repo).run_checkout(run_id))
+        })
+        .collect();
+    paths.push(git::workspace_root(cache_root, run_id));
+    paths
+}
+
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!("remove {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Output lines of each stream handed to the event sender, and the last counts known to be
+/// delivered (saved when the sender's backlog is empty). A re-attach resumes after the saved
+/// counts: delivery is at-least-once across a crash, never lossy.
+struct Progress {
+    stdout: u64,
+    stderr: u64,
+    saved: (u64, u64),
+}
+
+impl Progress {
+    fn load(dir: &Path) -> Progress {
+        let (stdout, stderr) = read_progress(dir);
+        Progress {
+            stdout,
+            stderr,
+            saved: (stdout, stderr),
+        }
+    }
+
+    fn saw(&mut self, stream: &str, line: u64) {
+        match stream {
+            "stderr" => self.stderr = self.stderr.max(line),
+            _ => self.stdout = self.stdout.max(line),
+        }
+    }
+
+    fn save_if_drained(&mut self, dir: &Path, events: Option<&RunEvents>) {
+        let now = (self.stdout, self.stderr);
+        if now == self.saved || events.is_some_and(|e| e.backlog() > 0) {
+            return;
+        }
+        let tmp = dir.join(format!("{PROGRESS_FILE}.tmp"));
+        let text = format!("{} {}\n", now.0, now.1);
+        if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, dir.join(PROGRESS_FILE)).is_ok()
+        {
+            self.saved = now;
+        }
+    }
+}
+
+fn read_progress(dir: &Path) -> (u64, u64) {
+    let text = std::fs::read_to_string(dir.join(PROGRESS_FILE)).unwrap_or_default();
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
