@@ -24,7 +24,9 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::config::ValidConfig;
 use crate::control::client::{Client, ClientConfig, ControlError, Preflight};
-use crate::control::credential::{obtain_credential, CredentialError, CredentialInputs, CredentialSource};
+use crate::control::credential::{
+    obtain_credential, CredentialError, CredentialInputs, CredentialSource,
+};
 use crate::control::events::{EventSender, EventSenderConfig};
 use crate::control::{EXIT_CONFIG, EXIT_CREDENTIAL_REJECTED};
 use crate::effects::container::{
@@ -230,15 +232,30 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
         instance: instance.clone(),
     });
     match engine.ensure_network().await {
-        Ok(NetworkStatus::Created) => warn!(network = %cfg.network, "created the agent network; its egress is unfiltered: apply your own egress rules"),
+        Ok(NetworkStatus::Created) => {
+            warn!(network = %cfg.network, "created the agent network; its egress is unfiltered: apply your own egress rules")
+        }
         Ok(_) => {}
-        Err(e) => return Err(boot_err(EXIT_FATAL, format!("{e} (is the Docker daemon running and may this user talk to it?)"))),
+        Err(e) => {
+            return Err(boot_err(
+                EXIT_FATAL,
+                format!("{e} (is the Docker daemon running and may this user talk to it?)"),
+            ))
+        }
     }
     match engine.boot_check_image().await {
-        Ok(BootImageCheck::Ok) => info!(image = %cfg.image, "agent image carries the v1 contract label"),
-        Ok(BootImageCheck::UnlabeledAllowed) => warn!(image = %cfg.image, "agent image has no contract label; accepted because WSRUNNER_ALLOW_UNLABELED_IMAGE=1"),
-        Ok(BootImageCheck::Skipped { reason }) => warn!(image = %cfg.image, "agent image not available, contract check skipped: {reason}"),
-        Ok(BootImageCheck::NoDefaultImage) => warn!("WSRUNNER_IMAGE is empty: coding runs without a per-run image will fail"),
+        Ok(BootImageCheck::Ok) => {
+            info!(image = %cfg.image, "agent image carries the v1 contract label")
+        }
+        Ok(BootImageCheck::UnlabeledAllowed) => {
+            warn!(image = %cfg.image, "agent image has no contract label; accepted because WSRUNNER_ALLOW_UNLABELED_IMAGE=1")
+        }
+        Ok(BootImageCheck::Skipped { reason }) => {
+            warn!(image = %cfg.image, "agent image not available, contract check skipped: {reason}")
+        }
+        Ok(BootImageCheck::NoDefaultImage) => {
+            warn!("WSRUNNER_IMAGE is empty: coding runs without a per-run image will fail")
+        }
         Err(e @ ContainerError::Cli { .. }) | Err(e @ ContainerError::Spawn { .. }) => {
             return Err(boot_err(EXIT_FATAL, e.to_string()))
         }
@@ -293,7 +310,10 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
     run_task::create_private_dir(&containers_dir).map_err(|e| {
         boot_err(
             EXIT_FATAL,
-            format!("cannot create {}: {e} (check WSRUNNER_CACHE_ROOT)", containers_dir.display()),
+            format!(
+                "cannot create {}: {e} (check WSRUNNER_CACHE_ROOT)",
+                containers_dir.display()
+            ),
         )
     })?;
     let git_policy = TransportPolicy {
@@ -353,7 +373,9 @@ impl Supervisor {
         self.tasks.spawn(
             async move {
                 let status = task.drive(start).await;
-                runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&run_id);
+                runs.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&run_id);
                 metrics.run_finished(status.as_deref().unwrap_or("interrupted"));
                 drop(permit);
             }
@@ -372,7 +394,11 @@ impl Supervisor {
     }
 
     /// Journals a freshly claimed job and starts its task.
-    async fn start_claimed(&mut self, job: crate::control::wire::JobSpec, permit: tokio::sync::OwnedSemaphorePermit) {
+    async fn start_claimed(
+        &mut self,
+        job: crate::control::wire::JobSpec,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let instance = self.ctx.engine.cfg.instance.clone();
         let (mut plan, secrets) = RunPlan::from_job(&job, &instance);
         if plan.prompt.trim().is_empty() {
@@ -572,7 +598,8 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 ctx.metrics.request("claim", &outcome_label(&e));
                 if let ControlError::CredentialRejected(_) = e {
                     error!("claim: {e}; no further claims");
-                    ctx.metrics.set_health(Health::Unhealthy(format!("credential rejected: {e}")));
+                    ctx.metrics
+                        .set_health(Health::Unhealthy(format!("credential rejected: {e}")));
                     return;
                 }
                 let wait = errors.next_backoff().unwrap_or(ctx.cfg.poll_interval);

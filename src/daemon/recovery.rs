@@ -146,7 +146,10 @@ async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observati
             }
             Ok(_) => ContainerObservation::Gone,
             Err(e) => {
-                warn!(container = name, "cannot inspect the container ({e}); treating it as gone");
+                warn!(
+                    container = name,
+                    "cannot inspect the container ({e}); treating it as gone"
+                );
                 ContainerObservation::Gone
             }
         };
@@ -196,8 +199,9 @@ async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observati
     if !matches!(state, RunState::Pushed { .. }) {
         let probe = EventRequest {
             event_type: "lifecycle".into(),
-            payload_json: serde_json::json!({"phase": "runner_recovered", "state": state.kind().to_string()})
-                .to_string(),
+            payload_json:
+                serde_json::json!({"phase": "runner_recovered", "state": state.kind().to_string()})
+                    .to_string(),
         };
         match ctx.client.send_event(state.plan().run_id, &probe).await {
             Ok(()) => {}
@@ -214,7 +218,11 @@ async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observati
 
 /// Removes containers labelled for this instance, checkouts and private container files that
 /// no active run owns.
-pub(crate) async fn sweep(ctx: &Ctx, owned_containers: &HashSet<String>, owned_runs: &HashSet<i64>) {
+pub(crate) async fn sweep(
+    ctx: &Ctx,
+    owned_containers: &HashSet<String>,
+    owned_runs: &HashSet<i64>,
+) {
     match ctx.engine.find_instance_containers().await {
         Ok(found) => {
             for c in found {

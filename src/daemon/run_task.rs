@@ -119,7 +119,12 @@ impl RunTask {
                     RunState::Reported { verdict, .. } => verdict.status.as_wire().to_owned(),
                     _ => "abandoned".to_owned(),
                 };
-                info!(run_id = self.run_id, status, "run finished: {}", self.last.state.describe());
+                info!(
+                    run_id = self.run_id,
+                    status,
+                    "run finished: {}",
+                    self.last.state.describe()
+                );
                 Some(status)
             }
             Err(why) => {
@@ -235,7 +240,8 @@ impl RunTask {
             Ok(committed) => {
                 if let Some(record) = committed.record {
                     self.ctx.metrics.journal_commit(started.elapsed());
-                    self.span.record("state", tracing::field::display(record.state.kind()));
+                    self.span
+                        .record("state", tracing::field::display(record.state.kind()));
                     debug!(run_id = self.run_id, event = %kind, seq = record.seq, "{}", record.state.describe());
                     self.last = record;
                 }
@@ -409,7 +415,11 @@ impl RunTask {
 
     /// Creates, starts (or re-attaches to) and drives the container to its end, forwarding
     /// its output and journaling what decides the verdict.
-    async fn run_container(&mut self, name: &str, reattach: bool) -> Result<Vec<Effect>, Interrupted> {
+    async fn run_container(
+        &mut self,
+        name: &str,
+        reattach: bool,
+    ) -> Result<Vec<Effect>, Interrupted> {
         let plan = self.last.state.plan().clone();
         let coding = plan.is_coding_agent();
         let dir = self.container_dir(name);
@@ -424,12 +434,21 @@ impl RunTask {
             let (out, err) = read_progress(&dir);
             options.skip_stdout_lines = out;
             options.skip_stderr_lines = err;
-            info!(run_id = self.run_id, container = name, stdin = stdin.is_some(), "re-attached to the running container");
+            info!(
+                run_id = self.run_id,
+                container = name,
+                stdin = stdin.is_some(),
+                "re-attached to the running container"
+            );
         } else {
             match self.create_and_start(name, &dir, coding).await {
                 Ok(channel) => stdin = channel,
                 Err(error) => {
-                    warn!(run_id = self.run_id, container = name, "container did not start: {error}");
+                    warn!(
+                        run_id = self.run_id,
+                        container = name,
+                        "container did not start: {error}"
+                    );
                     let _ = self.ctx.engine.remove(name).await;
                     remove_dir(&dir);
                     return self.commit(Event::ContainerStartFailed { error }).await;
@@ -518,7 +537,11 @@ impl RunTask {
         let exit = match &result {
             Ok(r) => {
                 if let Some(e) = &r.prompt_error {
-                    warn!(run_id = self.run_id, "writing the prompt failed: {}", redact(e));
+                    warn!(
+                        run_id = self.run_id,
+                        "writing the prompt failed: {}",
+                        redact(e)
+                    );
                 }
                 debug!(run_id = self.run_id, ?r, "container finished");
                 match r.exit_code {
@@ -527,11 +550,15 @@ impl RunTask {
                 }
             }
             Err(e) => {
-                warn!(run_id = self.run_id, container = name, "driving the container failed: {e}");
+                warn!(
+                    run_id = self.run_id,
+                    container = name,
+                    "driving the container failed: {e}"
+                );
                 match self.ctx.engine.state(name).await {
-                    Ok(Some(crate::effects::container::ContainerState::Exited { code, .. })) => {
-                        Event::ContainerExited { code: Some(code) }
-                    }
+                    Ok(Some(crate::effects::container::ContainerState::Exited {
+                        code, ..
+                    })) => Event::ContainerExited { code: Some(code) },
                     _ => Event::ContainerVanished,
                 }
             }
@@ -539,7 +566,10 @@ impl RunTask {
         effects.extend(self.commit(exit).await?);
         // The result is durable: the container and its private files can go.
         if let Err(e) = self.ctx.engine.remove(name).await {
-            warn!(container = name, "container removal failed (the sweep retries): {e}");
+            warn!(
+                container = name,
+                "container removal failed (the sweep retries): {e}"
+            );
         }
         remove_dir(&dir);
         Ok(effects)
@@ -601,7 +631,11 @@ impl RunTask {
     }
 
     /// One driver output: events go to the server (ordered, paced), signals to the journal.
-    async fn forward(&mut self, output: DriverOutput, progress: &mut Progress) -> Result<(), Interrupted> {
+    async fn forward(
+        &mut self,
+        output: DriverOutput,
+        progress: &mut Progress,
+    ) -> Result<(), Interrupted> {
         match output {
             DriverOutput::Event {
                 event_type,
@@ -622,7 +656,10 @@ impl RunTask {
                 self.commit(Event::AgentSignal { signal }).await?;
             }
             DriverOutput::StreamDegraded { stream } => {
-                warn!(run_id = self.run_id, stream, "agent output line over 1 MiB; the rest of the stream is discarded");
+                warn!(
+                    run_id = self.run_id,
+                    stream, "agent output line over 1 MiB; the rest of the stream is discarded"
+                );
                 self.commit(Event::StreamDegraded).await?;
             }
         }
@@ -741,13 +778,18 @@ impl RunTask {
                 Event::ReportAccepted
             }
             Err(e) => {
-                self.ctx.metrics.request("report", &super::outcome_label(&e));
+                self.ctx
+                    .metrics
+                    .request("report", &super::outcome_label(&e));
                 match (&e, e.status()) {
                     (ControlError::CredentialRejected(_), _) => {
                         return Err(Interrupted::CredentialRejected)
                     }
                     (_, Some(409)) => {
-                        info!(run_id = self.run_id, "the server already finalized the run (409); nothing to report");
+                        info!(
+                            run_id = self.run_id,
+                            "the server already finalized the run (409); nothing to report"
+                        );
                         Event::ReportRejected409
                     }
                     (_, Some(400 | 403 | 404)) => Event::ReportFailed {
@@ -805,7 +847,11 @@ fn stop_pending(state: &RunState) -> bool {
 }
 
 /// Every path a run's checkout may occupy: each repo's `runs/<id>` and the multi-repo root.
-pub(crate) fn run_paths(cache_root: &Path, run_id: i64, plan: &crate::fsm::RunPlan) -> Vec<PathBuf> {
+pub(crate) fn run_paths(
+    cache_root: &Path,
+    run_id: i64,
+    plan: &crate::fsm::RunPlan,
+) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = plan
         .repos
         .iter()
@@ -868,7 +914,8 @@ impl Progress {
         }
         let tmp = dir.join(format!("{PROGRESS_FILE}.tmp"));
         let text = format!("{} {}\n", now.0, now.1);
-        if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, dir.join(PROGRESS_FILE)).is_ok()
+        if std::fs::write(&tmp, text).is_ok()
+            && std::fs::rename(&tmp, dir.join(PROGRESS_FILE)).is_ok()
         {
             self.saved = now;
         }
@@ -877,6 +924,8 @@ impl Progress {
 
 fn read_progress(dir: &Path) -> (u64, u64) {
     let text = std::fs::read_to_string(dir.join(PROGRESS_FILE)).unwrap_or_default();
-    let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().unwrap_or(0));
+    let mut parts = text
+        .split_whitespace()
+        .map(|p| p.parse::<u64>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }

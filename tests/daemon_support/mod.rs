@@ -1,0 +1,315 @@
+//! Shared harness for daemon tests: an in-process devserver, a local git repo behind its git
+//! proxy, and the real `windshift-runner` binary as a child process driving real containers
+//! of the locally built test agent image.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use windshift_devserver::types::{
+    CreatePool, CreateRepo, EnqueueRepo, EnqueueRun, MintToken, RunView, StoredEvent,
+};
+use windshift_devserver::{DevServer, DevServerConfig, RunningDevServer};
+
+pub const IMAGE: &str = "windshift-test-agent:dev";
+pub const SLUG: &str = "acme/app";
+
+pub struct Harness {
+    pub dev: Option<RunningDevServer>,
+    pub tmp: tempfile::TempDir,
+    pub pool_id: i64,
+    pub token: String,
+    pub name: String,
+    pub base_commit: String,
+    dev_addr: std::net::SocketAddr,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A short unique name for this test (container names, runner names).
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{:x}", std::process::id(), nanos)
+}
+
+impl Harness {
+    pub async fn start(test: &str) -> Harness {
+        Self::start_with(test, |_| {}).await
+    }
+
+    pub async fn start_with(test: &str, tune: impl FnOnce(&mut DevServerConfig)) -> Harness {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src = tmp.path().join("src-repo");
+        std::fs::create_dir_all(&src).unwrap();
+        git(&src, &["init", "-q", "-b", "main"]);
+        std::fs::write(src.join("README.md"), "hello\n").unwrap();
+        git(&src, &["add", "README.md"]);
+        git(&src, &["commit", "-q", "-m", "initial"]);
+        let base_commit = git(&src, &["rev-parse", "HEAD"]);
+
+        let mut cfg = DevServerConfig::new(tmp.path().join("devserver"));
+        cfg.reaper_interval = Duration::from_secs(1);
+        tune(&mut cfg);
+        let dev = DevServer::start(cfg).await.expect("devserver starts");
+        let core = dev.core().clone();
+        let pool = core
+            .create_pool(&CreatePool {
+                name: "pool".into(),
+                max_concurrent_runs: 0,
+            })
+            .expect("pool");
+        let token = core
+            .mint_token(pool.id, &MintToken::default())
+            .expect("token")
+            .token;
+        core.create_repo(&CreateRepo {
+            slug: SLUG.into(),
+            path: src.display().to_string(),
+        })
+        .await
+        .expect("repo");
+        let dev_addr = dev.addr();
+        Harness {
+            dev: Some(dev),
+            tmp,
+            pool_id: pool.id,
+            token,
+            name: unique(test),
+            base_commit,
+            dev_addr,
+        }
+    }
+
+    pub fn dev(&self) -> &RunningDevServer {
+        self.dev.as_ref().expect("devserver running")
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://{}/api", self.dev_addr)
+    }
+
+    pub fn cache_root(&self) -> PathBuf {
+        self.tmp.path().join("cache")
+    }
+
+    pub fn journal_dir(&self) -> PathBuf {
+        self.tmp.path().join("journal")
+    }
+
+    pub fn enqueue(&self, prompt: &str) -> i64 {
+        self.enqueue_with(prompt, |_| {})
+    }
+
+    pub fn enqueue_with(&self, prompt: &str, tune: impl FnOnce(&mut EnqueueRun)) -> i64 {
+        let mut req = EnqueueRun {
+            pool_id: self.pool_id,
+            repos: vec![EnqueueRepo {
+                slug: SLUG.into(),
+                base_ref: "main".into(),
+                continue_branch: String::new(),
+            }],
+            prompt: prompt.into(),
+            image: String::new(),
+            kind: String::new(),
+            ..Default::default()
+        };
+        tune(&mut req);
+        self.dev().core().enqueue(&req).expect("enqueue").id
+    }
+
+    pub fn run(&self, id: i64) -> RunView {
+        self.dev().core().run(id).expect("run exists")
+    }
+
+    pub fn events(&self, id: i64) -> Vec<StoredEvent> {
+        self.dev().core().events(id).expect("events")
+    }
+
+    /// The runner binary with the harness's settings; `extra` overrides them.
+    pub fn runner(&self, extra: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join("runner.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_windshift-runner"));
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WS_API_URL", self.api_url())
+            .env("WSRUNNER_ALLOW_INSECURE", "1")
+            .env("WSRUNNER_REGISTRATION_TOKEN", &self.token)
+            .env("WSRUNNER_IMAGE", IMAGE)
+            .env("WSRUNNER_NETWORK", "none")
+            .env("WSRUNNER_NAME", &self.name)
+            .env("WSRUNNER_CACHE_ROOT", self.cache_root())
+            .env("WSRUNNER_JOURNAL_DIR", self.journal_dir())
+            .env("WSRUNNER_POLL_INTERVAL", "200ms")
+            .env("WSRUNNER_HEARTBEAT_INTERVAL", "1s")
+            .env("WSRUNNER_MEMORY", "256m")
+            .env("WSRUNNER_CPUS", "1")
+            .env("RUST_LOG", "info,windshift_runner=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("runner starts")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("runner.log")).unwrap_or_default()
+    }
+
+    /// Waits until `check` holds for the run, or fails with the runner's log.
+    pub async fn wait_run(
+        &self,
+        id: i64,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&RunView) -> bool,
+    ) -> RunView {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.run(id);
+            if check(&run) {
+                return run;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; run: {run:?}\n--- runner log ---\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_final(&self, id: i64) -> RunView {
+        self.wait_run(id, Duration::from_secs(120), "a terminal status", |r| {
+            !matches!(r.status.as_str(), "queued" | "running")
+        })
+        .await
+    }
+
+    /// The commit the devserver's bare repo has at `branch`, if any.
+    pub fn remote_branch(&self, branch: &str) -> Option<String> {
+        let repo = self
+            .dev()
+            .core()
+            .repos()
+            .into_iter()
+            .find(|r| r.slug == SLUG)?;
+        let out = Command::new("git")
+            .args(["--git-dir", &repo.bare_path, "rev-parse", "--verify", "-q"])
+            .arg(format!("refs/heads/{branch}^{{commit}}"))
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// `git log` subject of a commit in the devserver's bare repo.
+    pub fn subject(&self, sha: &str) -> String {
+        let repo = self
+            .dev()
+            .core()
+            .repos()
+            .into_iter()
+            .find(|r| r.slug == SLUG)
+            .unwrap();
+        git(
+            Path::new(&repo.bare_path),
+            &[
+                "--git-dir",
+                &repo.bare_path,
+                "log",
+                "-1",
+                "--format=%s",
+                sha,
+            ],
+        )
+    }
+
+    /// Containers labelled for runner instances of this test (any state).
+    pub fn containers(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args(["ps", "-a", "--format", "{{.Names}}"])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|n| n.starts_with(&format!("wsr-{}", self.name)))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Checkouts left under the cache (per-run dirs and multi-repo roots).
+    pub fn checkouts(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let runs = self.cache_root().join("1/acme/app/runs");
+        for dir in [runs, self.cache_root().join(".workspaces")] {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                found.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+        found
+    }
+
+    pub fn journal_verify(&self) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
+            .args(["journal", "--db"])
+            .arg(self.journal_dir())
+            .arg("verify")
+            .output()
+            .expect("journal verify runs")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        // Remove any container a failed test left behind.
+        for name in self.containers() {
+            let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+        }
+    }
+}
+
+/// Waits for a child to exit within `timeout`; kills it otherwise and panics.
+pub async fn wait_exit(child: &mut Child, timeout: Duration) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("runner did not exit within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends a signal to a child.
+pub fn signal(child: &Child, sig: i32) {
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
