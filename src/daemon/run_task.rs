@@ -61,6 +61,8 @@ enum Interrupted {
 /// Line counters of the agent's output already forwarded, kept beside the container's
 /// private files so a re-attach after a crash resumes without re-sending them.
 const PROGRESS_FILE: &str = "forwarded-lines";
+/// Marks that the prompt was written to the agent's stdin (spec 6.1: exactly once).
+const PROMPT_SENT_FILE: &str = "prompt-sent";
 
 pub(crate) struct RunTask {
     ctx: Arc<Ctx>,
@@ -240,6 +242,7 @@ impl RunTask {
             Ok(committed) => {
                 if let Some(record) = committed.record {
                     self.ctx.metrics.journal_commit(started.elapsed());
+                    crash_failpoint(&record);
                     self.span
                         .record("state", tracing::field::display(record.state.kind()));
                     debug!(run_id = self.run_id, event = %kind, seq = record.seq, "{}", record.state.describe());
@@ -424,7 +427,7 @@ impl RunTask {
         let coding = plan.is_coding_agent();
         let dir = self.container_dir(name);
         let mut effects = Vec::new();
-        let stdin;
+        let mut stdin;
         let mut options = DriveOptions {
             grace: self.ctx.grace,
             ..Default::default()
@@ -434,28 +437,33 @@ impl RunTask {
             let (out, err) = read_progress(&dir);
             options.skip_stdout_lines = out;
             options.skip_stderr_lines = err;
-            info!(
-                run_id = self.run_id,
-                container = name,
-                stdin = stdin.is_some(),
-                "re-attached to the running container"
-            );
+            info!(run_id = self.run_id, container = name, stdin = stdin.is_some(), "re-attached to the running container");
+            // The runner may have died between starting the container and writing the prompt.
+            if coding && !dir.join(PROMPT_SENT_FILE).exists() {
+                if let Err(e) = send_prompt(stdin.as_ref(), &plan.prompt, &dir).await {
+                    warn!(run_id = self.run_id, "writing the prompt after re-attach failed: {e}");
+                    stdin = None;
+                }
+            }
         } else {
-            match self.create_and_start(name, &dir, coding).await {
+            let started = self.create_and_start(name, &dir, coding).await;
+            // The prompt is written here rather than by the driver so that a marker can
+            // record it: a re-attach after a crash then neither loses nor repeats it.
+            let started = match started {
+                Ok(channel) if coding => send_prompt(channel.as_ref(), &plan.prompt, &dir)
+                    .await
+                    .map(|()| channel)
+                    .map_err(|e| format!("writing the prompt to the agent failed: {e}")),
+                other => other,
+            };
+            match started {
                 Ok(channel) => stdin = channel,
                 Err(error) => {
-                    warn!(
-                        run_id = self.run_id,
-                        container = name,
-                        "container did not start: {error}"
-                    );
+                    warn!(run_id = self.run_id, container = name, "container did not start: {error}");
                     let _ = self.ctx.engine.remove(name).await;
                     remove_dir(&dir);
                     return self.commit(Event::ContainerStartFailed { error }).await;
                 }
-            }
-            if coding {
-                options.prompt = Some(plan.prompt.clone());
             }
             for effect in self.commit(Event::ContainerStarted).await? {
                 if !matches!(effect, Effect::KillContainer { .. }) {
@@ -839,6 +847,21 @@ impl RunTask {
     }
 }
 
+/// Test-only crash hook: with `WSRUNNER_TEST_CRASH_AFTER=<event kind>` (e.g. `container_started`)
+/// the process kills itself with SIGKILL right after that event's record is flushed, so the
+/// crash tests can stop the runner at an exact durable state. Unset in production.
+fn crash_failpoint(record: &Record) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("WSRUNNER_TEST_CRASH_AFTER").ok());
+    if point.as_deref() == Some(record.event.kind().to_string().as_str()) {
+        error!(run_id = record.run_id, seq = record.seq, "test failpoint reached: killing the runner");
+        // SAFETY: kill(2) on our own pid.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
 fn stop_pending(state: &RunState) -> bool {
     matches!(
         state,
@@ -920,6 +943,14 @@ impl Progress {
             self.saved = now;
         }
     }
+}
+
+/// Writes the prompt command (spec 6.1) and records that it was written.
+async fn send_prompt(stdin: Option<&StdinChannel>, prompt: &str, dir: &Path) -> Result<(), String> {
+    let stdin = stdin.ok_or("the container's stdin is not attached")?;
+    let line = serde_json::json!({"type": "prompt", "message": prompt}).to_string();
+    stdin.send(&line).await.map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(PROMPT_SENT_FILE), b"1\n").map_err(|e| e.to_string())
 }
 
 fn read_progress(dir: &Path) -> (u64, u64) {

@@ -1,0 +1,85 @@
+//! Crash recovery through the real daemon: the runner is killed (SIGKILL) right after each
+//! durable state is journaled, restarted, and must finish the run with exactly one verdict
+//! that it reports itself, without losing the agent's work, pushing twice or leaving a
+//! container or checkout behind.
+
+mod daemon_support;
+
+use std::time::Duration;
+
+use daemon_support::*;
+
+/// The agent sleeps first so the container is still running when the runner dies.
+const PROMPT: &str = r#"sleep 1500; commit file=work.txt msg="agent work"; finish completed "kept""#;
+
+async fn crash_then_restart(point: &str) {
+    let h = Harness::start(&format!("crash-{}", point.replace('_', "-"))).await;
+    let id = h.enqueue(PROMPT);
+    let mut first = h.runner(&[("WSRUNNER_TEST_CRASH_AFTER", point)]);
+    let code = wait_exit(&mut first, Duration::from_secs(90)).await;
+    assert_eq!(code, -1, "killed by the failpoint at {point}\n{}", h.log());
+    assert!(
+        h.log().contains("test failpoint reached"),
+        "the failpoint {point} was reached\n{}",
+        h.log()
+    );
+    assert_eq!(h.run(id).status, "running", "not final before the restart");
+
+    let mut second = h.runner(&[]);
+    let run = h.wait_final(id).await;
+    assert_eq!(run.status, "succeeded", "after a crash at {point}: {run:?}\n{}", h.log());
+    assert!(run.reported.is_some(), "reported by the runner, not reaped");
+    let branch = format!("agent-runs/run-{id}");
+    assert_eq!(run.branch, branch);
+    let pushed = h.remote_branch(&branch).expect("the agent's work was pushed");
+    assert_eq!(h.subject(&pushed), "agent work");
+
+    // Exactly one verdict and one push announcement on the server.
+    let events = h.events(id);
+    let phase_count = |phase: &str| {
+        events
+            .iter()
+            .filter(|e| e.event_type == "lifecycle")
+            .filter(|e| e.payload_json.contains(&format!("\"phase\":\"{phase}\"")))
+            .count()
+    };
+    assert_eq!(phase_count("succeeded"), 1, "one terminal event");
+    assert!(phase_count("pushed") <= 1, "no duplicate push announcement");
+
+    signal(&second, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
+    assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
+    assert!(h.checkouts().is_empty(), "leftovers: {:?}", h.checkouts());
+    let verify = h.journal_verify();
+    assert!(verify.status.success(), "journal verify: {verify:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_claim_prepares_again() {
+    crash_then_restart("claimed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_prepare_starts_the_container() {
+    crash_then_restart("checkout_ready").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_while_the_container_runs_reattaches_and_keeps_the_work() {
+    crash_then_restart("container_started").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_the_container_exited_harvests_and_pushes() {
+    crash_then_restart("container_exited").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_with_the_push_intent_pushes_once() {
+    crash_then_restart("heads_inspected").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_the_push_reports_again() {
+    crash_then_restart("push_done").await;
+}
