@@ -36,7 +36,10 @@ async fn preflight_ok_and_api_suffix_guidance() {
     let bare = ts.api_url().trim_end_matches("/api").to_string();
     let err = client(&bare).preflight().await.unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("HTTP 404") && text.contains("/api suffix"), "{text}");
+    assert!(
+        text.contains("HTTP 404") && text.contains("/api suffix"),
+        "{text}"
+    );
     ts.server.stop().await;
 }
 
@@ -69,7 +72,10 @@ async fn register_201_then_token_reuse_and_garbage_are_401() {
     let expired = ts
         .server
         .core()
-        .mint_token(pool, &windshift_devserver::types::MintToken { ttl_secs: Some(0) })
+        .mint_token(
+            pool,
+            &windshift_devserver::types::MintToken { ttl_secs: Some(0) },
+        )
         .unwrap()
         .token;
     assert_eq!(status_of(c.register(&expired, "r4").await), 401);
@@ -225,7 +231,12 @@ async fn per_instance_rate_limit_is_429_with_retry_after_then_retried() {
     let c = client(&ts.api_url());
     c.set_credential(&reg.credential);
     c.heartbeat().await.expect("retried after 429");
-    assert!(c.counters().retries.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        c.counters()
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
     ts.server.stop().await;
 }
 
@@ -254,7 +265,10 @@ async fn harness_off_is_503_everywhere() {
         ..Default::default()
     };
     assert_eq!(status_of(c.report(run, &rep).await), 503);
-    assert!(!c.auth_state().is_rejected(), "503 is not a credential problem");
+    assert!(
+        !c.auth_state().is_rejected(),
+        "503 is not a credential problem"
+    );
     // The token was not spent while the harness was off; back on, everything works.
     ts.server.core().set_harness(true).unwrap();
     c.register(&token, "z").await.expect("token still valid");
@@ -288,7 +302,10 @@ async fn events_200_400_403_404_409() {
     .unwrap();
     let stored = ts.server.core().events(run).unwrap();
     let last = stored.last().unwrap();
-    assert_eq!((last.event_type.as_str(), last.payload_json.as_str()), ("note", "{}"));
+    assert_eq!(
+        (last.event_type.as_str(), last.payload_json.as_str()),
+        ("note", "{}")
+    );
     // 400: not JSON, too big.
     let bad = EventRequest {
         event_type: "x".into(),
@@ -305,7 +322,10 @@ async fn events_200_400_403_404_409() {
     // 403: another instance's run.
     let (other, _) = ts.register_in(pool).await;
     assert_eq!(status_of(other.send_event(run, &ok).await), 403);
-    assert!(!other.auth_state().is_rejected(), "403 on events is about the run, not the credential");
+    assert!(
+        !other.auth_state().is_rejected(),
+        "403 on events is about the run, not the credential"
+    );
     // 401: bad credential.
     raw.set_credential("wsrc_bad");
     assert_eq!(status_of(raw.send_event(run, &ok).await), 401);
@@ -337,7 +357,11 @@ async fn result_200_then_cas_409_and_400_for_non_terminal() {
         ..Default::default()
     };
     assert_eq!(status_of(c.report(run, &bad).await), 400);
-    assert_eq!(status_of(c.report(424242, &bad.clone()).await), 400, "status is checked first");
+    assert_eq!(
+        status_of(c.report(424242, &bad.clone()).await),
+        400,
+        "status is checked first"
+    );
     let good = ReportRequest {
         status: STATUS_SUCCEEDED.into(),
         branch: format!("agent-runs/run-{run}"),
@@ -453,7 +477,10 @@ async fn heartbeat_abort_list_queue_depth_and_force_cancel() {
     };
     assert_eq!(status_of(c.report(run, &rep).await), 409);
     let view = ts.server.core().run(run).unwrap();
-    assert_eq!((view.status.as_str(), view.error.as_str()), ("canceled", "force-canceled by admin"));
+    assert_eq!(
+        (view.status.as_str(), view.error.as_str()),
+        ("canceled", "force-canceled by admin")
+    );
     ts.server.stop().await;
 }
 
@@ -524,10 +551,17 @@ async fn lease_reaper_and_backstop_fail_runs() {
         if core.reap().unwrap().contains(&long) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "backstop never fired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backstop never fired"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(core.run(long).unwrap().error.contains("maximum allowed duration"));
+    assert!(core
+        .run(long)
+        .unwrap()
+        .error
+        .contains("maximum allowed duration"));
     drop(core);
     ts.server.stop().await;
 }
@@ -550,7 +584,10 @@ async fn injected_5xx_and_dropped_connections_are_retried() {
     };
     c.heartbeat().await.expect("retried through the 5xx window");
     clear.await.unwrap();
-    let retries = c.counters().retries.load(std::sync::atomic::Ordering::Relaxed);
+    let retries = c
+        .counters()
+        .retries
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(retries >= 1, "{retries}");
     // Dropped connections are transport errors, retried too.
     *core.faults.lock().unwrap() = Faults {
@@ -558,7 +595,9 @@ async fn injected_5xx_and_dropped_connections_are_retried() {
         ..Default::default()
     };
     for _ in 0..10 {
-        c.heartbeat().await.expect("retried through dropped connections");
+        c.heartbeat()
+            .await
+            .expect("retried through dropped connections");
     }
     // Full outage window: 503 until it ends.
     *core.faults.lock().unwrap() = Faults {

@@ -27,18 +27,38 @@ async fn registers_persists_0600_and_reuses_the_file_across_devserver_restarts()
     let cred_file = dir.path().join("cache/credential");
     let server = DevServer::start(DevServerConfig::new(&data)).await.unwrap();
     let pool = server.core().create_pool(&Default::default()).unwrap().id;
-    let token = server.core().mint_token(pool, &Default::default()).unwrap().token;
+    let token = server
+        .core()
+        .mint_token(pool, &Default::default())
+        .unwrap()
+        .token;
 
     let c = client(&server.api_url());
     let got = obtain_credential(&c, &inputs(cred_file.clone(), Some(token.clone())))
         .await
         .unwrap();
-    assert!(matches!(got.source, CredentialSource::Registered { persisted: true, .. }), "{got:?}");
+    assert!(
+        matches!(
+            got.source,
+            CredentialSource::Registered {
+                persisted: true,
+                ..
+            }
+        ),
+        "{got:?}"
+    );
     let saved = std::fs::read_to_string(&cred_file).unwrap();
     assert!(saved.starts_with("wsrc_") && saved.ends_with('\n'));
-    assert_eq!(std::fs::metadata(&cred_file).unwrap().permissions().mode() & 0o777, 0o600);
     assert_eq!(
-        std::fs::metadata(cred_file.parent().unwrap()).unwrap().permissions().mode() & 0o777,
+        std::fs::metadata(&cred_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(cred_file.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
         0o700
     );
     c.heartbeat().await.expect("installed on the client");
@@ -58,7 +78,9 @@ async fn registers_persists_0600_and_reuses_the_file_across_devserver_restarts()
     let server = DevServer::start(DevServerConfig::new(&data)).await.unwrap();
     assert_eq!(server.core().run(run).unwrap().status, "queued");
     let c2 = client(&server.api_url());
-    let got = obtain_credential(&c2, &inputs(cred_file.clone(), None)).await.unwrap();
+    let got = obtain_credential(&c2, &inputs(cred_file.clone(), None))
+        .await
+        .unwrap();
     assert_eq!(got.source, CredentialSource::File);
     assert_eq!(c2.claim().await.unwrap().unwrap().run_id, run);
     server.stop().await;
@@ -86,7 +108,11 @@ async fn env_credential_wins_and_a_rejected_one_falls_through_to_registration() 
     i.registration_token = Some(ts.token(pool));
     let got = obtain_credential(&c, &i).await.unwrap();
     assert!(matches!(got.source, CredentialSource::Registered { .. }));
-    assert!(got.warnings.iter().any(|w| w.contains("rejected")), "{:?}", got.warnings);
+    assert!(
+        got.warnings.iter().any(|w| w.contains("rejected")),
+        "{:?}",
+        got.warnings
+    );
     assert!(!got.warnings.iter().any(|w| w.contains(&first.credential)));
     assert!(file.exists());
     ts.server.stop().await;
@@ -104,14 +130,28 @@ async fn unwritable_credential_path_does_not_spend_the_token() {
     let err = obtain_credential(&c, &inputs(blocker.join("credential"), Some(token.clone())))
         .await
         .unwrap_err();
-    assert!(matches!(err, CredentialError::FileNotWritable { .. }), "{err}");
+    assert!(
+        matches!(err, CredentialError::FileNotWritable { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("NOT used"), "{err}");
     assert!(!err.to_string().contains(&token));
-    assert!(ts.server.core().instances().is_empty(), "no instance was registered");
+    assert!(
+        ts.server.core().instances().is_empty(),
+        "no instance was registered"
+    );
     // The same token still works with a writable path.
     let good = ts.dir.path().join("ok/credential");
-    let got = obtain_credential(&c, &inputs(good, Some(token))).await.unwrap();
-    assert!(matches!(got.source, CredentialSource::Registered { persisted: true, .. }));
+    let got = obtain_credential(&c, &inputs(good, Some(token)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        got.source,
+        CredentialSource::Registered {
+            persisted: true,
+            ..
+        }
+    ));
     ts.server.stop().await;
 }
 
@@ -121,16 +161,28 @@ async fn token_reuse_missing_token_and_unreachable_server_give_clear_errors() {
     let pool = ts.pool(0);
     let token = ts.token(pool);
     let c = client(&ts.api_url());
-    obtain_credential(&c, &inputs(ts.dir.path().join("a/credential"), Some(token.clone())))
-        .await
-        .unwrap();
+    obtain_credential(
+        &c,
+        &inputs(ts.dir.path().join("a/credential"), Some(token.clone())),
+    )
+    .await
+    .unwrap();
     // Second runner, same token: already used.
     let c2 = client(&ts.api_url());
-    let err = obtain_credential(&c2, &inputs(ts.dir.path().join("b/credential"), Some(token.clone())))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, CredentialError::TokenRejected { .. }), "{err}");
-    assert!(err.to_string().contains("mint a new registration token"), "{err}");
+    let err = obtain_credential(
+        &c2,
+        &inputs(ts.dir.path().join("b/credential"), Some(token.clone())),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, CredentialError::TokenRejected { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("mint a new registration token"),
+        "{err}"
+    );
     assert!(!err.to_string().contains(&token));
     assert!(!c2.has_credential());
     // No token at all.

@@ -62,7 +62,10 @@ async fn a_burst_of_5000_events_arrives_complete_and_in_order() {
     assert_eq!(got, (0..5000).collect::<Vec<_>>());
     let counts = sender.counters();
     assert_eq!(counts.sent, 5000);
-    assert_eq!((counts.failed, counts.rejected, counts.dropped_after_409), (0, 0, 0));
+    assert_eq!(
+        (counts.failed, counts.rejected, counts.dropped_after_409),
+        (0, 0, 0)
+    );
     ts.server.stop().await;
 }
 
@@ -95,7 +98,11 @@ async fn a_client_faster_than_the_server_recovers_from_429s_without_loss() {
         (0..60).collect::<Vec<_>>()
     );
     assert!(
-        client.counters().throttled_429.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        client
+            .counters()
+            .throttled_429
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
         "the server's limiter was hit"
     );
     ts.server.stop().await;

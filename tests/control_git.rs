@@ -27,7 +27,10 @@ fn git(dir: &Path, args: &[&str], token: Option<&str>) -> std::process::Output {
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("oauth2:{t}"));
         cmd.env("GIT_CONFIG_COUNT", "1")
             .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env("GIT_CONFIG_VALUE_0", format!("Authorization: Basic {basic}"));
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                format!("Authorization: Basic {basic}"),
+            );
     }
     cmd.output().expect("git runs")
 }
@@ -85,17 +88,37 @@ async fn clone_push_granted_ref_refuse_others_and_token_dies_with_the_run() {
     let job = c.claim().await.unwrap().unwrap();
     assert_eq!(job.run_id, run);
     let repo = &job.repos[0];
-    assert_eq!((repo.slug.as_str(), repo.base_ref.as_str(), repo.workspace_id), ("acme/widget", "main", 1));
-    assert_eq!(job.repo.as_ref(), Some(repo), "deprecated repo mirrors repos[0]");
+    assert_eq!(
+        (
+            repo.slug.as_str(),
+            repo.base_ref.as_str(),
+            repo.workspace_id
+        ),
+        ("acme/widget", "main", 1)
+    );
+    assert_eq!(
+        job.repo.as_ref(),
+        Some(repo),
+        "deprecated repo mirrors repos[0]"
+    );
     let token = job.run_token().unwrap().to_string();
-    let url = format!("{}/git-proxy/{}/acme/widget.git", ts.api_url(), repo.workspace_id);
+    let url = format!(
+        "{}/git-proxy/{}/acme/widget.git",
+        ts.api_url(),
+        repo.workspace_id
+    );
     let work = ts.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
 
     // No credentials: 401 with the Basic challenge.
-    let resp = reqwest::get(format!("{url}/info/refs?service=git-upload-pack")).await.unwrap();
+    let resp = reqwest::get(format!("{url}/info/refs?service=git-upload-pack"))
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
-    assert_eq!(resp.headers()["www-authenticate"], "Basic realm=\"windshift-git-proxy\"");
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        "Basic realm=\"windshift-git-proxy\""
+    );
     // Only three tails exist.
     let resp = reqwest::Client::new()
         .get(format!("{url}/HEAD"))
@@ -105,14 +128,25 @@ async fn clone_push_granted_ref_refuse_others_and_token_dies_with_the_run() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
     // A repo the run has no grant for: 403.
-    let other = format!("{}/git-proxy/1/acme/other/info/refs?service=git-upload-pack", ts.api_url());
-    let resp = reqwest::Client::new().get(other).bearer_auth(&token).send().await.unwrap();
+    let other = format!(
+        "{}/git-proxy/1/acme/other/info/refs?service=git-upload-pack",
+        ts.api_url()
+    );
+    let resp = reqwest::Client::new()
+        .get(other)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 403);
 
     // Clone with the token.
     ok(git(&work, &["clone", "-q", &url, "clone"], Some(&token)));
     let clone = work.join("clone");
-    assert_eq!(std::fs::read_to_string(clone.join("README")).unwrap(), "hello\n");
+    assert_eq!(
+        std::fs::read_to_string(clone.join("README")).unwrap(),
+        "hello\n"
+    );
     std::fs::write(clone.join("CHANGE"), "x\n").unwrap();
     ok(git(&clone, &["add", "."], None));
     ok(git(&clone, &["commit", "-q", "-m", "change"], None));
@@ -123,15 +157,30 @@ async fn clone_push_granted_ref_refuse_others_and_token_dies_with_the_run() {
     ok(git(&clone, &["push", "-q", &url, &granted], Some(&token)));
     let bare = ts.dir.path().join("devserver/repos/acme/widget.git");
     assert_eq!(
-        ok(git(&bare, &["rev-parse", &format!("refs/heads/agent-runs/run-{run}")], None)),
+        ok(git(
+            &bare,
+            &["rev-parse", &format!("refs/heads/agent-runs/run-{run}")],
+            None
+        )),
         head
     );
     // Push to any other ref is refused, and main is unchanged.
     let main_before = ok(git(&bare, &["rev-parse", "refs/heads/main"], None));
-    let out = git(&clone, &["push", "-q", &url, "HEAD:refs/heads/main"], Some(&token));
+    let out = git(
+        &clone,
+        &["push", "-q", &url, "HEAD:refs/heads/main"],
+        Some(&token),
+    );
     assert!(!out.status.success(), "push to main must be refused");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("403"), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(ok(git(&bare, &["rev-parse", "refs/heads/main"], None)), main_before);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ok(git(&bare, &["rev-parse", "refs/heads/main"], None)),
+        main_before
+    );
 
     // Finalize: the token stops working.
     c.report(
@@ -155,7 +204,10 @@ async fn clone_push_granted_ref_refuse_others_and_token_dies_with_the_run() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 403);
     let view = core.run(run).unwrap();
-    assert_eq!((view.branch, view.base_commit), (format!("agent-runs/run-{run}"), main_before));
+    assert_eq!(
+        (view.branch, view.base_commit),
+        (format!("agent-runs/run-{run}"), main_before)
+    );
     drop(core);
     ts.server.stop().await;
 }

@@ -20,10 +20,11 @@ async fn https_devserver_is_trusted_via_ssl_cert_file() {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let server_key = KeyPair::generate().unwrap();
-    let server_cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &issuer)
-        .unwrap();
+    let server_cert =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &issuer)
+            .unwrap();
     let ca_pem = dir.path().join("ca.pem");
     let cert_pem = dir.path().join("server.pem");
     let key_pem = dir.path().join("server.key");
@@ -48,7 +49,10 @@ async fn https_devserver_is_trusted_via_ssl_cert_file() {
     let untrusted = Client::new(ClientConfig::new(&url)).unwrap();
     match untrusted.preflight().await.unwrap() {
         Preflight::Unreachable { message } => {
-            assert!(message.to_lowercase().contains("certificate") || message.contains("issuer"), "{message}")
+            assert!(
+                message.to_lowercase().contains("certificate") || message.contains("issuer"),
+                "{message}"
+            )
         }
         other => panic!("expected a TLS failure, got {other:?}"),
     }
@@ -56,9 +60,16 @@ async fn https_devserver_is_trusted_via_ssl_cert_file() {
     // Trust the generated CA through SSL_CERT_FILE: https without WSRUNNER_ALLOW_INSECURE.
     std::env::set_var("SSL_CERT_FILE", &ca_pem);
     let client = Client::new(ClientConfig::new(&url)).unwrap();
-    assert!(matches!(client.preflight().await.unwrap(), Preflight::Ok { .. }));
+    assert!(matches!(
+        client.preflight().await.unwrap(),
+        Preflight::Ok { .. }
+    ));
     let pool = server.core().create_pool(&Default::default()).unwrap().id;
-    let token = server.core().mint_token(pool, &Default::default()).unwrap().token;
+    let token = server
+        .core()
+        .mint_token(pool, &Default::default())
+        .unwrap()
+        .token;
     let reg = client.register(&token, "tls").await.unwrap();
     client.set_credential(&reg.credential);
     assert_eq!(client.claim().await.unwrap(), None);

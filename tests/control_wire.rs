@@ -20,7 +20,9 @@ impl Captured {
     fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
     fn json(&self) -> Value {
@@ -36,7 +38,9 @@ async fn capture_server(answer: &'static str) -> (String, Arc<Mutex<Vec<Captured
     let seen2 = seen.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             let head_end = loop {
@@ -53,7 +57,11 @@ async fn capture_server(answer: &'static str) -> (String, Arc<Mutex<Vec<Captured
             let head = String::from_utf8_lossy(&buf[..i]).to_string();
             let len: usize = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
                 .unwrap_or(0);
             let mut body = buf[i + 4..].to_vec();
             while body.len() < len {
@@ -89,10 +97,19 @@ async fn claim_and_heartbeat_send_no_body_and_a_bearer_credential() {
     assert_eq!(c.claim().await.unwrap(), None);
     c.heartbeat().await.unwrap();
     let seen = seen.lock().unwrap().clone();
-    assert!(seen[0].head.starts_with("POST /api/runner/claim HTTP/1.1"), "{}", seen[0].head);
-    assert!(seen[1].head.starts_with("POST /api/runner/heartbeat HTTP/1.1"));
+    assert!(
+        seen[0].head.starts_with("POST /api/runner/claim HTTP/1.1"),
+        "{}",
+        seen[0].head
+    );
+    assert!(seen[1]
+        .head
+        .starts_with("POST /api/runner/heartbeat HTTP/1.1"));
     for req in &seen {
-        assert_eq!(req.header("authorization").as_deref(), Some("Bearer wsrc_abc123"));
+        assert_eq!(
+            req.header("authorization").as_deref(),
+            Some("Bearer wsrc_abc123")
+        );
         assert!(req.body.is_empty());
         assert_eq!(req.header("content-type"), None);
     }
@@ -100,7 +117,10 @@ async fn claim_and_heartbeat_send_no_body_and_a_bearer_credential() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_events_and_result_bodies_match_the_spec() {
-    let (url, seen) = capture_server("200 OK|{\"ok\":true,\"credential\":\"wsrc_x\",\"instance_id\":1,\"pool_id\":2}").await;
+    let (url, seen) = capture_server(
+        "200 OK|{\"ok\":true,\"credential\":\"wsrc_x\",\"instance_id\":1,\"pool_id\":2}",
+    )
+    .await;
     let c = client_no_retry(&url);
     c.register("wsrt_tok", "host-1").await.unwrap();
     c.register("wsrt_tok", "").await.unwrap();
@@ -150,21 +170,36 @@ async fn register_events_and_result_bodies_match_the_spec() {
     // register: unauthenticated, JSON, name omitted when empty.
     assert!(seen[0].head.starts_with("POST /api/runner/register "));
     assert_eq!(seen[0].header("authorization"), None);
-    assert_eq!(seen[0].header("content-type").as_deref(), Some("application/json"));
-    assert_eq!(seen[0].json(), serde_json::json!({"registration_token":"wsrt_tok","name":"host-1"}));
+    assert_eq!(
+        seen[0].header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        seen[0].json(),
+        serde_json::json!({"registration_token":"wsrt_tok","name":"host-1"})
+    );
     assert_eq!(keys(&seen[1].json()), vec!["registration_token"]);
     // events: type + payload_json as a string (JSON text, not an object).
     assert!(seen[2].head.starts_with("POST /api/runner/runs/7/events "));
     let ev = seen[2].json();
     assert_eq!(keys(&ev), vec!["payload_json", "type"]);
     assert!(ev["payload_json"].is_string());
-    assert_eq!(seen[2].header("authorization").as_deref(), Some("Bearer wsrc_cred"));
+    assert_eq!(
+        seen[2].header("authorization").as_deref(),
+        Some("Bearer wsrc_cred")
+    );
     // result: empty fields omitted; repos entries without changes carry only repo_slug.
     assert!(seen[3].head.starts_with("POST /api/runner/runs/7/result "));
     assert_eq!(seen[3].json(), serde_json::json!({"status":"succeeded"}));
     let full = seen[4].json();
-    assert_eq!(keys(&full), vec!["base_commit", "branch", "repos", "status", "summary"]);
-    assert_eq!(keys(&full["repos"][0]), vec!["base_commit", "branch", "repo_slug"]);
+    assert_eq!(
+        keys(&full),
+        vec!["base_commit", "branch", "repos", "status", "summary"]
+    );
+    assert_eq!(
+        keys(&full["repos"][0]),
+        vec!["base_commit", "branch", "repo_slug"]
+    );
     assert_eq!(full["repos"][1], serde_json::json!({"repo_slug":"a/c"}));
 }
 
@@ -175,7 +210,14 @@ async fn devserver_responses_have_the_spec_shapes() {
     let http = reqwest::Client::new();
     let api = ts.api_url();
     // /version
-    let v: Value = http.get(format!("{api}/version")).send().await.unwrap().json().await.unwrap();
+    let v: Value = http
+        .get(format!("{api}/version"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(v["version"].as_str().is_some_and(|s| !s.is_empty()));
     // register: 201, credential string wsrc_+64 hex, ints.
     let resp = http
@@ -188,7 +230,11 @@ async fn devserver_responses_have_the_spec_shapes() {
     let reg: Value = resp.json().await.unwrap();
     assert_eq!(keys(&reg), vec!["credential", "instance_id", "pool_id"]);
     let cred = reg["credential"].as_str().unwrap().to_string();
-    assert!(cred.starts_with("wsrc_") && cred[5..].len() == 64 && cred[5..].bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(
+        cred.starts_with("wsrc_")
+            && cred[5..].len() == 64
+            && cred[5..].bytes().all(|b| b.is_ascii_hexdigit())
+    );
     assert!(reg["instance_id"].is_i64() && reg["pool_id"].as_i64() == Some(pool));
     let name = ts.server.core().instances()[0].name.clone();
     assert_eq!(name, "n", "HTML is stripped from the name");
@@ -229,7 +275,11 @@ async fn devserver_responses_have_the_spec_shapes() {
     let job = &claim["job"];
     assert_eq!(job["run_id"].as_i64(), Some(run));
     assert_eq!(keys(job), vec!["env", "image", "initial_prompt", "run_id"]);
-    assert!(job["env"].as_object().unwrap().values().all(Value::is_string));
+    assert!(job["env"]
+        .as_object()
+        .unwrap()
+        .values()
+        .all(Value::is_string));
     // events ok body and error body shape.
     let ok: Value = http
         .post(format!("{api}/runner/runs/{run}/events"))

@@ -316,7 +316,12 @@ impl Core {
         let _ = self.db.flush();
     }
 
-    fn append_event(&self, run_id: i64, event_type: &str, payload_json: &str) -> Result<(), ApiError> {
+    fn append_event(
+        &self,
+        run_id: i64,
+        event_type: &str,
+        payload_json: &str,
+    ) -> Result<(), ApiError> {
         let id = self
             .db
             .generate_id()
@@ -395,7 +400,10 @@ impl Core {
                 .register_limiter
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if !lim.take(self.cfg.register_rate_per_min / 60.0, self.cfg.register_burst) {
+            if !lim.take(
+                self.cfg.register_rate_per_min / 60.0,
+                self.cfg.register_burst,
+            ) {
                 return Err(ApiError::new(
                     429,
                     "RATE_LIMITED",
@@ -419,7 +427,11 @@ impl Core {
         if rec.used || rec.expires_at_ms <= now {
             return Err(invalid());
         }
-        let pool_ok = st.pools.get(&rec.pool_id).map(|p| p.enabled).unwrap_or(false);
+        let pool_ok = st
+            .pools
+            .get(&rec.pool_id)
+            .map(|p| p.enabled)
+            .unwrap_or(false);
         if !pool_ok {
             return Err(invalid());
         }
@@ -600,7 +612,9 @@ impl Core {
             .get(&run_id)
             .ok_or_else(|| ApiError::not_found("agent run not found"))?;
         if run.runner_id != Some(instance_id) {
-            return Err(ApiError::forbidden("agent run is not claimed by this runner"));
+            return Err(ApiError::forbidden(
+                "agent run is not claimed by this runner",
+            ));
         }
         if run.status != STATUS_RUNNING {
             return Err(ApiError::conflict("agent run is not running"));
@@ -616,7 +630,9 @@ impl Core {
             body.payload_json.clone()
         };
         if payload.len() > MAX_EVENT_PAYLOAD {
-            return Err(ApiError::bad_request("invalid request body: payload_json too large"));
+            return Err(ApiError::bad_request(
+                "invalid request body: payload_json too large",
+            ));
         }
         if serde_json::from_str::<serde_json::Value>(&payload).is_err() {
             return Err(ApiError::bad_request(
@@ -652,7 +668,13 @@ impl Core {
         run.reported = Some(body.clone());
         let expected = format!("agent-runs/run-{run_id}");
         let mut rejected: Vec<serde_json::Value> = Vec::new();
-        let (branch, base) = validate_ref(&cap(&body.branch, 100), &cap(&body.base_commit, 100), &expected, "", &mut rejected);
+        let (branch, base) = validate_ref(
+            &cap(&body.branch, 100),
+            &cap(&body.base_commit, 100),
+            &expected,
+            "",
+            &mut rejected,
+        );
         run.branch = branch;
         run.base_commit = base;
         run.result_repos = body
@@ -660,8 +682,13 @@ impl Core {
             .iter()
             .map(|r| {
                 let slug = cap(&r.repo_slug, 100);
-                let (branch, base_commit) =
-                    validate_ref(&cap(&r.branch, 100), &cap(&r.base_commit, 100), &expected, &slug, &mut rejected);
+                let (branch, base_commit) = validate_ref(
+                    &cap(&r.branch, 100),
+                    &cap(&r.base_commit, 100),
+                    &expected,
+                    &slug,
+                    &mut rejected,
+                );
                 ResultRepo {
                     repo_slug: slug,
                     branch,
@@ -769,7 +796,10 @@ impl Core {
                     None => now - i.registered_at_ms > window,
                 },
             };
-            let too_long = run.started_at_ms.map(|s| now - s > backstop).unwrap_or(false);
+            let too_long = run
+                .started_at_ms
+                .map(|s| now - s > backstop)
+                .unwrap_or(false);
             let reason = if stale {
                 "runner lease expired (missed heartbeat)"
             } else if too_long {
@@ -797,7 +827,9 @@ impl Core {
 
     pub fn create_pool(&self, req: &CreatePool) -> Result<Pool, ApiError> {
         if req.max_concurrent_runs < 0 {
-            return Err(ApiError::bad_request("max_concurrent_runs must be 0 (unlimited) or more"));
+            return Err(ApiError::bad_request(
+                "max_concurrent_runs must be 0 (unlimited) or more",
+            ));
         }
         let mut st = self.lock();
         st.next_pool_id += 1;
@@ -891,7 +923,8 @@ impl Core {
             !p.is_empty()
                 && p != "."
                 && p != ".."
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         let parts: Vec<&str> = slug.split('/').collect();
         if parts.len() != 2 || !parts.iter().all(|p| valid_part(p)) {
@@ -899,7 +932,10 @@ impl Core {
                 "repo slug {slug:?} must be owner/name (letters, digits, - _ .)"
             )));
         }
-        let dest = self.repos_dir.join(parts[0]).join(format!("{}.git", parts[1]));
+        let dest = self
+            .repos_dir
+            .join(parts[0])
+            .join(format!("{}.git", parts[1]));
         if dest.exists() {
             return Err(ApiError::conflict(format!("repo {slug} already exists")));
         }
@@ -946,7 +982,10 @@ impl Core {
         }
         let mut st = self.lock();
         if !st.pools.contains_key(&req.pool_id) {
-            return Err(ApiError::not_found(format!("pool {} not found", req.pool_id)));
+            return Err(ApiError::not_found(format!(
+                "pool {} not found",
+                req.pool_id
+            )));
         }
         let workspace_id = req.workspace_id.unwrap_or(1);
         let mut repos = Vec::new();
@@ -999,7 +1038,10 @@ impl Core {
         st.runs.insert(id, run);
         self.save(&st)?;
         drop(st);
-        self.lifecycle(id, serde_json::json!({"phase":"queued","target_pool_id":req.pool_id}))?;
+        self.lifecycle(
+            id,
+            serde_json::json!({"phase":"queued","target_pool_id":req.pool_id}),
+        )?;
         Ok(view)
     }
 
@@ -1036,7 +1078,10 @@ impl Core {
         self.save(&st)?;
         drop(st);
         if let Some(reason) = event {
-            self.lifecycle(run_id, serde_json::json!({"phase":"canceled","reason":reason}))?;
+            self.lifecycle(
+                run_id,
+                serde_json::json!({"phase":"canceled","reason":reason}),
+            )?;
         }
         Ok(view)
     }
@@ -1139,7 +1184,9 @@ mod tests {
     fn secrets_are_prefix_and_64_hex() {
         let s = new_secret("wsrc_");
         assert_eq!(s.len(), 5 + 64);
-        assert!(s[5..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(s[5..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
 
     #[test]

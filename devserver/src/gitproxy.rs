@@ -35,7 +35,9 @@ fn token_from(headers: &HeaderMap) -> Option<String> {
     let (scheme, rest) = value.split_once(' ')?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
         let text = String::from_utf8(decoded).ok()?;
         let (user, pass) = text.split_once(':').unwrap_or((text.as_str(), ""));
         let t = if !pass.is_empty() { pass } else { user };
@@ -118,7 +120,9 @@ async fn handle_inner(
     let repo_name = repo.trim_end_matches(".git").to_string();
     let slug = format!("{owner}/{repo_name}");
     let Some(grant) = grants.iter().find(|g| g.slug == slug) else {
-        return Err(ApiError::forbidden(format!("run has no git grant for {slug}")).into_response());
+        return Err(
+            ApiError::forbidden(format!("run has no git grant for {slug}")).into_response(),
+        );
     };
     if !core.repo_exists(&slug) {
         return Err(ApiError::not_found(format!("repository {slug} not found")).into_response());
@@ -142,7 +146,9 @@ async fn handle_inner(
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| v.as_bytes() != b"identity")
         {
-            return Err(ApiError::bad_request("compressed push bodies are not supported").into_response());
+            return Err(
+                ApiError::bad_request("compressed push bodies are not supported").into_response(),
+            );
         }
         let refs = receive_pack_refs(&body).ok_or_else(|| {
             ApiError::bad_request("malformed receive-pack command list").into_response()
@@ -190,10 +196,16 @@ async fn run_backend(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
         cmd.env("CONTENT_TYPE", ct);
     }
-    if let Some(ce) = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
+    if let Some(ce) = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+    {
         cmd.env("HTTP_CONTENT_ENCODING", ce);
     }
     if let Some(gp) = headers.get("git-protocol").and_then(|v| v.to_str().ok()) {
@@ -267,7 +279,10 @@ mod tests {
         let z = "0".repeat(40);
         let body = format!(
             "{}{}0000PACK...",
-            pkt(&format!("{z} {} refs/heads/agent-runs/run-1\0report-status\n", "1".repeat(40))),
+            pkt(&format!(
+                "{z} {} refs/heads/agent-runs/run-1\0report-status\n",
+                "1".repeat(40)
+            )),
             pkt(&format!("{z} {} refs/heads/main\n", "2".repeat(40))),
         );
         assert_eq!(
@@ -289,9 +304,15 @@ mod tests {
     fn tokens_come_from_basic_password_then_user_then_bearer() {
         let mut h = HeaderMap::new();
         let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        h.insert(header::AUTHORIZATION, format!("Basic {}", enc("oauth2:tok1")).parse().unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {}", enc("oauth2:tok1")).parse().unwrap(),
+        );
         assert_eq!(token_from(&h).as_deref(), Some("tok1"));
-        h.insert(header::AUTHORIZATION, format!("Basic {}", enc("tok2:")).parse().unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {}", enc("tok2:")).parse().unwrap(),
+        );
         assert_eq!(token_from(&h).as_deref(), Some("tok2"));
         h.insert(header::AUTHORIZATION, "bearer tok3".parse().unwrap());
         assert_eq!(token_from(&h).as_deref(), Some("tok3"));

@@ -80,7 +80,11 @@ pub fn router(core: Shared) -> Router {
 }
 
 async fn faults(State(core): State<Shared>, req: Request, next: Next) -> Response {
-    let f = core.faults.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let f = core
+        .faults
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     if f.added_latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(f.added_latency_ms)).await;
     }
@@ -139,10 +143,15 @@ async fn register(State(core): State<Shared>, req: Request) -> Result<Response, 
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
-async fn claim(State(core): State<Shared>, headers: HeaderMap) -> Result<Json<ClaimAnswer>, ApiError> {
+async fn claim(
+    State(core): State<Shared>,
+    headers: HeaderMap,
+) -> Result<Json<ClaimAnswer>, ApiError> {
     core.check_harness()?;
     let id = core.authenticate(auth_header(&headers))?;
-    Ok(Json(ClaimAnswer { job: core.claim(id)? }))
+    Ok(Json(ClaimAnswer {
+        job: core.claim(id)?,
+    }))
 }
 
 async fn heartbeat(
@@ -194,7 +203,10 @@ fn admin_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-async fn admin_create_pool(State(core): State<Shared>, body: Bytes) -> Result<Json<Pool>, ApiError> {
+async fn admin_create_pool(
+    State(core): State<Shared>,
+    body: Bytes,
+) -> Result<Json<Pool>, ApiError> {
     Ok(Json(core.create_pool(&admin_json(&body)?)?))
 }
 
@@ -215,15 +227,24 @@ async fn admin_mint_token(
     Ok(Json(core.mint_token(id, &req)?))
 }
 
-async fn admin_enable_pool(State(core): State<Shared>, Path(id): Path<i64>) -> Result<Json<Pool>, ApiError> {
+async fn admin_enable_pool(
+    State(core): State<Shared>,
+    Path(id): Path<i64>,
+) -> Result<Json<Pool>, ApiError> {
     Ok(Json(core.set_pool_enabled(id, true)?))
 }
 
-async fn admin_disable_pool(State(core): State<Shared>, Path(id): Path<i64>) -> Result<Json<Pool>, ApiError> {
+async fn admin_disable_pool(
+    State(core): State<Shared>,
+    Path(id): Path<i64>,
+) -> Result<Json<Pool>, ApiError> {
     Ok(Json(core.set_pool_enabled(id, false)?))
 }
 
-async fn admin_create_repo(State(core): State<Shared>, body: Bytes) -> Result<Json<Repo>, ApiError> {
+async fn admin_create_repo(
+    State(core): State<Shared>,
+    body: Bytes,
+) -> Result<Json<Repo>, ApiError> {
     Ok(Json(core.create_repo(&admin_json(&body)?).await?))
 }
 
@@ -239,7 +260,10 @@ async fn admin_runs(State(core): State<Shared>) -> Json<Vec<RunView>> {
     Json(core.runs())
 }
 
-async fn admin_run(State(core): State<Shared>, Path(id): Path<i64>) -> Result<Json<RunView>, ApiError> {
+async fn admin_run(
+    State(core): State<Shared>,
+    Path(id): Path<i64>,
+) -> Result<Json<RunView>, ApiError> {
     Ok(Json(core.run(id)?))
 }
 
@@ -282,10 +306,18 @@ async fn admin_harness(State(core): State<Shared>, body: Bytes) -> Result<Json<H
 }
 
 async fn admin_faults_get(State(core): State<Shared>) -> Json<Faults> {
-    Json(core.faults.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    Json(
+        core.faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+    )
 }
 
-async fn admin_faults_put(State(core): State<Shared>, body: Bytes) -> Result<Json<Faults>, ApiError> {
+async fn admin_faults_put(
+    State(core): State<Shared>,
+    body: Bytes,
+) -> Result<Json<Faults>, ApiError> {
     let f: Faults = admin_json(&body)?;
     for p in [
         f.error_5xx_probability,
@@ -293,7 +325,9 @@ async fn admin_faults_put(State(core): State<Shared>, body: Bytes) -> Result<Jso
         f.drop_connection_probability,
     ] {
         if !(0.0..=1.0).contains(&p) {
-            return Err(ApiError::bad_request("probabilities must be between 0 and 1"));
+            return Err(ApiError::bad_request(
+                "probabilities must be between 0 and 1",
+            ));
         }
     }
     *core.faults.lock().unwrap_or_else(|e| e.into_inner()) = f.clone();

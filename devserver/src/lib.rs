@@ -127,12 +127,13 @@ pub struct RunningDevServer {
 
 impl DevServer {
     pub async fn start(cfg: DevServerConfig) -> Result<RunningDevServer, StartError> {
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: cfg.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: cfg.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen {
             addr: cfg.listen,
             source,
@@ -197,7 +198,9 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, StartErro
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| StartError::Tls(format!("cannot read {}: {e}", files.cert.display())))?
         .collect::<Result<_, _>>()
-        .map_err(|e| StartError::Tls(format!("bad certificate in {}: {e}", files.cert.display())))?;
+        .map_err(|e| {
+            StartError::Tls(format!("bad certificate in {}: {e}", files.cert.display()))
+        })?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| StartError::Tls(format!("cannot read key {}: {e}", files.key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -11,7 +11,11 @@ use windshift_devserver::types::*;
 use windshift_devserver::{DevServer, DevServerConfig, TlsFiles};
 
 #[derive(Parser, Debug)]
-#[command(name = "windshift-devserver", version, about = "Local stand-in for the Windshift control plane")]
+#[command(
+    name = "windshift-devserver",
+    version,
+    about = "Local stand-in for the Windshift control plane"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,7 +28,11 @@ enum Command {
     /// Talk to a running devserver's admin API.
     Admin {
         /// Admin API base, e.g. http://127.0.0.1:8787/admin
-        #[arg(long, env = "WSDEV_ADMIN_URL", default_value = "http://127.0.0.1:8787/admin")]
+        #[arg(
+            long,
+            env = "WSDEV_ADMIN_URL",
+            default_value = "http://127.0.0.1:8787/admin"
+        )]
         url: String,
         #[command(subcommand)]
         action: AdminAction,
@@ -71,8 +79,12 @@ enum AdminAction {
     /// List pools.
     Pools,
     /// Enable or disable a pool.
-    PoolEnable { id: i64 },
-    PoolDisable { id: i64 },
+    PoolEnable {
+        id: i64,
+    },
+    PoolDisable {
+        id: i64,
+    },
     /// Mint a single-use registration token (printed once).
     TokenMint {
         pool_id: i64,
@@ -80,7 +92,10 @@ enum AdminAction {
         ttl_secs: Option<u64>,
     },
     /// Import a local git repository as owner/name behind the git proxy.
-    RepoCreate { slug: String, path: String },
+    RepoCreate {
+        slug: String,
+        path: String,
+    },
     /// Enqueue a run.
     RunEnqueue {
         #[arg(long)]
@@ -101,9 +116,13 @@ enum AdminAction {
     /// List runs.
     Runs,
     /// Show one run with its result.
-    Run { id: i64 },
+    Run {
+        id: i64,
+    },
     /// Show a run's events.
-    Events { id: i64 },
+    Events {
+        id: i64,
+    },
     /// Cancel a run (soft: abort via heartbeat; --force: also end it server-side).
     Cancel {
         id: i64,
@@ -113,7 +132,9 @@ enum AdminAction {
     /// List runner instances.
     Instances,
     /// Revoke a runner instance's credential.
-    Revoke { id: i64 },
+    Revoke {
+        id: i64,
+    },
     /// Switch the coding-agent harness on or off (off: every runner call answers 503).
     Harness {
         #[arg(value_parser = ["on", "off"])]
@@ -141,8 +162,7 @@ enum AdminAction {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -184,7 +204,10 @@ async fn serve(a: ServeArgs) -> i32 {
             return 78;
         }
     };
-    eprintln!("windshift-devserver listening: WS_API_URL={}", server.api_url());
+    eprintln!(
+        "windshift-devserver listening: WS_API_URL={}",
+        server.api_url()
+    );
     eprintln!("admin API: {}", server.admin_url());
     let _ = tokio::signal::ctrl_c().await;
     server.stop().await;
@@ -204,19 +227,29 @@ async fn admin(base: &str, action: AdminAction) -> Result<Value, String> {
         } => (
             reqwest::Method::POST,
             "/pools".into(),
-            Some(serde_json::to_value(CreatePool { name, max_concurrent_runs }).map_err(|e| e.to_string())?),
+            Some(
+                serde_json::to_value(CreatePool {
+                    name,
+                    max_concurrent_runs,
+                })
+                .map_err(|e| e.to_string())?,
+            ),
         ),
         AdminAction::Pools => (reqwest::Method::GET, "/pools".into(), None),
-        AdminAction::PoolEnable { id } => (reqwest::Method::POST, format!("/pools/{id}/enable"), None),
-        AdminAction::PoolDisable { id } => (reqwest::Method::POST, format!("/pools/{id}/disable"), None),
+        AdminAction::PoolEnable { id } => {
+            (reqwest::Method::POST, format!("/pools/{id}/enable"), None)
+        }
+        AdminAction::PoolDisable { id } => {
+            (reqwest::Method::POST, format!("/pools/{id}/disable"), None)
+        }
         AdminAction::TokenMint { pool_id, ttl_secs } => (
             reqwest::Method::POST,
             format!("/pools/{pool_id}/tokens"),
             Some(serde_json::json!({ "ttl_secs": ttl_secs })),
         ),
         AdminAction::RepoCreate { slug, path } => {
-            let abs = std::fs::canonicalize(&path)
-                .map_err(|e| format!("repository path {path}: {e}"))?;
+            let abs =
+                std::fs::canonicalize(&path).map_err(|e| format!("repository path {path}: {e}"))?;
             (
                 reqwest::Method::POST,
                 "/repos".into(),
@@ -273,7 +306,11 @@ async fn admin(base: &str, action: AdminAction) -> Result<Value, String> {
             None,
         ),
         AdminAction::Instances => (reqwest::Method::GET, "/instances".into(), None),
-        AdminAction::Revoke { id } => (reqwest::Method::POST, format!("/instances/{id}/revoke"), None),
+        AdminAction::Revoke { id } => (
+            reqwest::Method::POST,
+            format!("/instances/{id}/revoke"),
+            None,
+        ),
         AdminAction::Harness { state } => (
             reqwest::Method::POST,
             "/harness".into(),

@@ -165,9 +165,9 @@ pub enum ControlError {
     /// 401 on any authenticated call, or 403 on claim/heartbeat (pool unavailable): the
     /// credential no longer works. [`AuthState`] records it.
     #[error("{0} — the runner credential was rejected (revoked instance or disabled pool); register this runner again with a new registration token")]
-    CredentialRejected(StatusError),
+    CredentialRejected(Box<StatusError>),
     #[error("{0}")]
-    Status(StatusError),
+    Status(Box<StatusError>),
     #[error("{endpoint}: cannot reach the Windshift server: {message}")]
     Transport {
         endpoint: &'static str,
@@ -371,7 +371,9 @@ impl std::fmt::Debug for Client {
 enum Auth {
     None,
     /// The installed credential; 401 (and 403 where `forbidden_is_auth`) marks [`AuthState`].
-    Runtime { forbidden_is_auth: bool },
+    Runtime {
+        forbidden_is_auth: bool,
+    },
     /// A candidate credential being probed: rejections do not touch [`AuthState`].
     Probe,
 }
@@ -577,7 +579,10 @@ impl Client {
 
     /// One heartbeat with a candidate credential, no retry and no effect on [`AuthState`]
     /// (spec 4.2 probe).
-    pub async fn probe_credential(&self, credential: &str) -> Result<HeartbeatResponse, ControlError> {
+    pub async fn probe_credential(
+        &self,
+        credential: &str,
+    ) -> Result<HeartbeatResponse, ControlError> {
         register_secret(credential.trim());
         self.call_with(
             "heartbeat",
@@ -614,8 +619,17 @@ impl Client {
             ),
             _ => None,
         };
-        self.call_with(endpoint, method, path, body, auth, cred.as_deref(), policy, register)
-            .await
+        self.call_with(
+            endpoint,
+            method,
+            path,
+            body,
+            auth,
+            cred.as_deref(),
+            policy,
+            register,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -634,7 +648,15 @@ impl Client {
         let started = Instant::now();
         loop {
             let result = self
-                .attempt(endpoint, method.clone(), path, body.as_deref(), auth, credential, register)
+                .attempt(
+                    endpoint,
+                    method.clone(),
+                    path,
+                    body.as_deref(),
+                    auth,
+                    credential,
+                    register,
+                )
                 .await;
             let err = match result {
                 Ok(v) => return Ok(v),
@@ -682,7 +704,9 @@ impl Client {
             req = req.header(AUTHORIZATION, format!("Bearer {cred}"));
         }
         if let Some(b) = body {
-            req = req.header(CONTENT_TYPE, "application/json").body(b.to_vec());
+            req = req
+                .header(CONTENT_TYPE, "application/json")
+                .body(b.to_vec());
         }
         self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
         let resp = req.send().await.map_err(|e| ControlError::Transport {
@@ -702,7 +726,10 @@ impl Client {
             });
         }
         if status.as_u16() == 429 {
-            self.inner.counters.throttled_429.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .throttled_429
+                .fetch_add(1, Ordering::Relaxed);
         }
         let body = serde_json::from_slice::<ErrorBody>(&bytes)
             .ok()
@@ -722,18 +749,16 @@ impl Client {
                 status == StatusCode::UNAUTHORIZED
                     || (forbidden_is_auth && status == StatusCode::FORBIDDEN)
             }
-            Auth::Probe => {
-                status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
-            }
+            Auth::Probe => status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN,
             Auth::None => false,
         };
         if is_auth {
             if matches!(auth, Auth::Runtime { .. }) {
                 self.inner.auth.mark(se.to_string());
             }
-            return Err(ControlError::CredentialRejected(se));
+            return Err(ControlError::CredentialRejected(Box::new(se)));
         }
-        Err(ControlError::Status(se))
+        Err(ControlError::Status(Box::new(se)))
     }
 }
 
@@ -837,7 +862,7 @@ mod tests {
             excerpt: String::new(),
             retry_after: None,
         };
-        let text = ControlError::Status(se).to_string();
+        let text = ControlError::Status(Box::new(se)).to_string();
         assert!(!text.contains(&secret), "{text}");
         assert!(text.contains("HTTP 500"));
     }

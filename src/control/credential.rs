@@ -28,11 +28,17 @@ pub struct CredentialInputs {
 impl std::fmt::Debug for CredentialInputs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredentialInputs")
-            .field("credential", &self.credential.as_ref().map(|_| crate::redact::MASK))
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| crate::redact::MASK),
+            )
             .field("credential_file", &self.credential_file)
             .field(
                 "registration_token",
-                &self.registration_token.as_ref().map(|_| crate::redact::MASK),
+                &self
+                    .registration_token
+                    .as_ref()
+                    .map(|_| crate::redact::MASK),
             )
             .field("name", &self.name)
             .finish()
@@ -84,7 +90,12 @@ pub async fn obtain_credential(
     inputs: &CredentialInputs,
 ) -> Result<ObtainedCredential, CredentialError> {
     let mut warnings = Vec::new();
-    if let Some(c) = inputs.credential.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
+    if let Some(c) = inputs
+        .credential
+        .as_deref()
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
         register_secret(c);
         if probe(client, c, "WSRUNNER_CREDENTIAL", &mut warnings).await {
             client.set_credential(c);
@@ -231,7 +242,10 @@ fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
     }
     let meta = std::fs::metadata(dir)?;
     if !meta.is_dir() {
-        return Err(std::io::Error::other(format!("{} is not a directory", dir.display())));
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
     }
     if meta.permissions().mode() & 0o002 != 0 && meta.permissions().mode() & 0o1000 == 0 {
         return Err(std::io::Error::other(format!(
@@ -271,12 +285,19 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "wsrc_abc\n");
         let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dmode = std::fs::metadata(dir.path().join("sub")).unwrap().permissions().mode() & 0o777;
+        let dmode = std::fs::metadata(dir.path().join("sub"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dmode, 0o700);
         // Replacing keeps the mode and leaves no temp files behind.
         persist_credential(&file, "wsrc_def").unwrap();
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "wsrc_def\n");
-        assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            1
+        );
     }
 
     #[test]

@@ -184,7 +184,9 @@ impl RunEvents {
             {
                 let mut st = self.queue.lock();
                 if st.stopped.is_some() {
-                    self.counters.dropped_after_409.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .dropped_after_409
+                        .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 if st.items.len() >= self.cfg.merge_backlog {
@@ -265,7 +267,9 @@ async fn worker(client: Client, run_id: i64, queue: Arc<RunQueue>, counters: Arc
                 st.bytes = 0;
                 st.stopped = Some(e.to_string());
                 drop(st);
-                counters.dropped_after_409.fetch_add(left, Ordering::Relaxed);
+                counters
+                    .dropped_after_409
+                    .fetch_add(left, Ordering::Relaxed);
                 tracing::warn!(run_id, error = %e, dropped = left, "server ended the run; no more events are sent for it");
                 queue.space.notify_waiters();
             }
@@ -291,8 +295,7 @@ fn normalise(mut event: EventRequest) -> EventRequest {
     if event.payload_json.trim().is_empty() {
         event.payload_json = "{}".into();
     } else if serde_json::from_str::<serde::de::IgnoredAny>(&event.payload_json).is_err() {
-        event.payload_json =
-            Value::String(std::mem::take(&mut event.payload_json)).to_string();
+        event.payload_json = Value::String(std::mem::take(&mut event.payload_json)).to_string();
     }
     event
 }
@@ -317,7 +320,11 @@ fn content_parts(ev: &EventRequest) -> Option<(Map<String, Value>, String)> {
 
 /// Merges two consecutive content events of the same shape into one whose text is the
 /// concatenation; `None` when they cannot be merged.
-pub fn merge_content(a: &EventRequest, b: &EventRequest, max_payload: usize) -> Option<EventRequest> {
+pub fn merge_content(
+    a: &EventRequest,
+    b: &EventRequest,
+    max_payload: usize,
+) -> Option<EventRequest> {
     if a.event_type != b.event_type {
         return None;
     }
@@ -369,7 +376,10 @@ mod tests {
         assert!(merge_content(&c, &other, 1 << 20).is_none());
         let not_json = stdout("plain text");
         assert!(merge_content(&c, &not_json, 1 << 20).is_none());
-        let big = stdout(&format!(r#"{{"type":"content","text":"{}"}}"#, "z".repeat(100)));
+        let big = stdout(&format!(
+            r#"{{"type":"content","text":"{}"}}"#,
+            "z".repeat(100)
+        ));
         assert!(merge_content(&big, &big, 150).is_none());
     }
 

@@ -44,7 +44,11 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(limit: RateLimit) -> Self {
         let limit = RateLimit {
-            per_sec: if limit.per_sec > 0.0 { limit.per_sec } else { 1.0 },
+            per_sec: if limit.per_sec > 0.0 {
+                limit.per_sec
+            } else {
+                1.0
+            },
             burst: limit.burst.max(1.0),
         };
         Self {
@@ -96,6 +100,9 @@ mod tests {
         let fourth = l.reserve();
         let fifth = l.reserve();
         assert!(fourth > Duration::from_millis(50) && fourth <= Duration::from_millis(100));
-        assert!(fifth > fourth + Duration::from_millis(50), "{fourth:?} {fifth:?}");
+        assert!(
+            fifth > fourth + Duration::from_millis(50),
+            "{fourth:?} {fifth:?}"
+        );
     }
 }
