@@ -165,9 +165,9 @@ pub enum ControlError {
     /// 401 on any authenticated call, or 403 on claim/heartbeat (pool unavailable): the
     /// credential no longer works. [`AuthState`] records it.
     #[error("{0} — the runner credential was rejected (revoked instance or disabled pool); register this runner again with a new registration token")]
-    CredentialRejected(StatusError),
+    CredentialRejected(Box<StatusError>),
     #[error("{0}")]
-    Status(StatusError),
+    Status(Box<StatusError>),
     #[error("{endpoint}: cannot reach the Windshift server: {message}")]
     Transport {
         endpoint: &'static str,
@@ -756,9 +756,9 @@ impl Client {
             if matches!(auth, Auth::Runtime { .. }) {
                 self.inner.auth.mark(se.to_string());
             }
-            return Err(ControlError::CredentialRejected(se));
+            return Err(ControlError::CredentialRejected(Box::new(se)));
         }
-        Err(ControlError::Status(se))
+        Err(ControlError::Status(Box::new(se)))
     }
 }
 
@@ -862,7 +862,7 @@ mod tests {
             excerpt: String::new(),
             retry_after: None,
         };
-        let text = ControlError::Status(se).to_string();
+        let text = ControlError::Status(Box::new(se)).to_string();
         assert!(!text.contains(&secret), "{text}");
         assert!(text.contains("HTTP 500"));
     }
