@@ -20,7 +20,7 @@ enum Command {
     /// variable; flags win. The secrets WSRUNNER_REGISTRATION_TOKEN and WSRUNNER_CREDENTIAL
     /// are read from the environment only. Exit codes: 0 stopped, 1 fatal error,
     /// 77 credential rejected, 78 configuration error.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Read, replay, verify and export the run journal offline (exit 0 clean, 1 findings,
     /// 2 cannot run).
     Journal(JournalArgs),
@@ -42,7 +42,7 @@ fn main() {
         cli => cli,
     };
     let code = match cli.command {
-        Some(Command::Run(args)) => run(args),
+        Some(Command::Run(args)) => run(*args),
         Some(Command::Journal(args)) => {
             journal_tools::run(&args, &mut std::io::stdout(), &mut std::io::stderr())
         }

@@ -10,9 +10,10 @@ use std::time::Duration;
 use daemon_support::*;
 
 /// The agent sleeps first so the container is still running when the runner dies.
-const PROMPT: &str = r#"sleep 1500; commit file=work.txt msg="agent work"; finish completed "kept""#;
+const PROMPT: &str =
+    r#"sleep 1500; commit file=work.txt msg="agent work"; finish completed "kept""#;
 
-async fn crash_then_restart(point: &str) {
+async fn crash_then_restart(point: &str, decision: &str) {
     let h = Harness::start(&format!("crash-{}", point.replace('_', "-"))).await;
     let id = h.enqueue(PROMPT);
     let mut first = h.runner(&[("WSRUNNER_TEST_CRASH_AFTER", point)]);
@@ -27,11 +28,24 @@ async fn crash_then_restart(point: &str) {
 
     let mut second = h.runner(&[]);
     let run = h.wait_final(id).await;
-    assert_eq!(run.status, "succeeded", "after a crash at {point}: {run:?}\n{}", h.log());
+    assert!(
+        h.log().contains(&format!("decision=\"{decision}\""))
+            || h.log().contains(&format!("decision={decision}")),
+        "recovery decided {decision} after a crash at {point}\n{}",
+        h.log()
+    );
+    assert_eq!(
+        run.status,
+        "succeeded",
+        "after a crash at {point}: {run:?}\n{}",
+        h.log()
+    );
     assert!(run.reported.is_some(), "reported by the runner, not reaped");
     let branch = format!("agent-runs/run-{id}");
     assert_eq!(run.branch, branch);
-    let pushed = h.remote_branch(&branch).expect("the agent's work was pushed");
+    let pushed = h
+        .remote_branch(&branch)
+        .expect("the agent's work was pushed");
     assert_eq!(h.subject(&pushed), "agent work");
 
     // Exactly one verdict and one push announcement on the server.
@@ -56,30 +70,30 @@ async fn crash_then_restart(point: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_claim_prepares_again() {
-    crash_then_restart("claimed").await;
+    crash_then_restart("claimed", "prepare_again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_prepare_starts_the_container() {
-    crash_then_restart("checkout_ready").await;
+    crash_then_restart("checkout_ready", "start_container_again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_while_the_container_runs_reattaches_and_keeps_the_work() {
-    crash_then_restart("container_started").await;
+    crash_then_restart("container_started", "reattach").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_the_container_exited_harvests_and_pushes() {
-    crash_then_restart("container_exited").await;
+    crash_then_restart("container_exited", "redo").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_with_the_push_intent_pushes_once() {
-    crash_then_restart("heads_inspected").await;
+    crash_then_restart("heads_inspected", "push_again").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_the_push_reports_again() {
-    crash_then_restart("push_done").await;
+    crash_then_restart("push_done", "report_again").await;
 }

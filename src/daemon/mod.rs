@@ -417,6 +417,7 @@ impl Supervisor {
         match committed {
             Ok(c) => {
                 let Some(record) = c.record else { return };
+                run_task::crash_failpoint(&record);
                 self.spawn_run(
                     record.clone(),
                     record,

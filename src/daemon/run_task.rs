@@ -437,11 +437,19 @@ impl RunTask {
             let (out, err) = read_progress(&dir);
             options.skip_stdout_lines = out;
             options.skip_stderr_lines = err;
-            info!(run_id = self.run_id, container = name, stdin = stdin.is_some(), "re-attached to the running container");
+            info!(
+                run_id = self.run_id,
+                container = name,
+                stdin = stdin.is_some(),
+                "re-attached to the running container"
+            );
             // The runner may have died between starting the container and writing the prompt.
             if coding && !dir.join(PROMPT_SENT_FILE).exists() {
                 if let Err(e) = send_prompt(stdin.as_ref(), &plan.prompt, &dir).await {
-                    warn!(run_id = self.run_id, "writing the prompt after re-attach failed: {e}");
+                    warn!(
+                        run_id = self.run_id,
+                        "writing the prompt after re-attach failed: {e}"
+                    );
                     stdin = None;
                 }
             }
@@ -459,7 +467,11 @@ impl RunTask {
             match started {
                 Ok(channel) => stdin = channel,
                 Err(error) => {
-                    warn!(run_id = self.run_id, container = name, "container did not start: {error}");
+                    warn!(
+                        run_id = self.run_id,
+                        container = name,
+                        "container did not start: {error}"
+                    );
                     let _ = self.ctx.engine.remove(name).await;
                     remove_dir(&dir);
                     return self.commit(Event::ContainerStartFailed { error }).await;
@@ -850,11 +862,15 @@ impl RunTask {
 /// Test-only crash hook: with `WSRUNNER_TEST_CRASH_AFTER=<event kind>` (e.g. `container_started`)
 /// the process kills itself with SIGKILL right after that event's record is flushed, so the
 /// crash tests can stop the runner at an exact durable state. Unset in production.
-fn crash_failpoint(record: &Record) {
+pub(crate) fn crash_failpoint(record: &Record) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("WSRUNNER_TEST_CRASH_AFTER").ok());
     if point.as_deref() == Some(record.event.kind().to_string().as_str()) {
-        error!(run_id = record.run_id, seq = record.seq, "test failpoint reached: killing the runner");
+        error!(
+            run_id = record.run_id,
+            seq = record.seq,
+            "test failpoint reached: killing the runner"
+        );
         // SAFETY: kill(2) on our own pid.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
