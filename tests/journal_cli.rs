@@ -20,7 +20,7 @@ fn journal(db: &Path, args: &[&str]) -> Output {
         .arg("--db")
         .arg(db)
         .args(args)
-        .env_remove("WSRUNNER_JOURNAL_DB")
+        .env_remove("WSRUNNER_JOURNAL_DIR")
         .output()
         .expect("run windshift-runner")
 }

@@ -27,7 +27,7 @@ pub const DEFAULT_DB: &str = "/var/lib/windshift-runner/journal";
 #[derive(Args, Debug)]
 pub struct JournalArgs {
     /// The journal directory (the runner's sled database).
-    #[arg(long, global = true, env = "WSRUNNER_JOURNAL_DB", default_value = DEFAULT_DB)]
+    #[arg(long, global = true, env = "WSRUNNER_JOURNAL_DIR", default_value = DEFAULT_DB)]
     pub db: PathBuf,
     /// Copy the database to a private temp dir and open the copy (use while a runner holds
     /// the lock; the copy is a consistent-enough snapshot for diagnosis).
