@@ -21,6 +21,9 @@ enum Command {
     /// are read from the environment only. Exit codes: 0 stopped, 1 fatal error,
     /// 77 credential rejected, 78 configuration error.
     Run(Box<RunArgs>),
+    /// The whole job end to end on this machine with no set-up: an embedded devserver, a
+    /// local git repository and the test agent image.
+    Demo(windshift_runner::demo::DemoArgs),
     /// Read, replay, verify and export the run journal offline (exit 0 clean, 1 findings,
     /// 2 cannot run).
     Journal(JournalArgs),
@@ -43,6 +46,7 @@ fn main() {
     };
     let code = match cli.command {
         Some(Command::Run(args)) => run(*args),
+        Some(Command::Demo(args)) => windshift_runner::demo::run(&args),
         Some(Command::Journal(args)) => {
             journal_tools::run(&args, &mut std::io::stdout(), &mut std::io::stderr())
         }
