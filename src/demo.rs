@@ -152,9 +152,7 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
     let _ = out.flush();
 
     step("The server's verdict");
-    let view = core
-        .run(run.id)
-        .map_err(|e| format!("read run: {e:?}"))?;
+    let view = core.run(run.id).map_err(|e| format!("read run: {e:?}"))?;
     println!("    status      {}", view.status);
     if !view.error.is_empty() {
         println!("    error       {}", view.error);
@@ -196,7 +194,9 @@ fn ensure_docker(docker: &str) -> Result<(), String> {
     let out = Command::new(docker)
         .args(["version", "--format", "{{.Server.Version}}"])
         .output()
-        .map_err(|e| format!("cannot run `{docker}`: {e}. Install Docker Engine (or set WSRUNNER_DOCKER)"))?;
+        .map_err(|e| {
+            format!("cannot run `{docker}`: {e}. Install Docker Engine (or set WSRUNNER_DOCKER)")
+        })?;
     if !out.status.success() {
         return Err(format!(
             "the Docker daemon is not reachable: {}. Start it, and make sure this user may use it",
@@ -217,7 +217,8 @@ fn ensure_image(docker: &str) -> Result<(), String> {
         println!("    {DEMO_IMAGE} is present");
         return Ok(());
     }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-test-agent-image.sh");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-test-agent-image.sh");
     if !script.exists() {
         return Err(format!(
             "the image {DEMO_IMAGE} is missing and {} is not here: run the demo from a source checkout (cargo run --release -- demo)",

@@ -92,7 +92,9 @@ impl RunTask {
             .run_timeout
             .saturating_sub(Duration::from_millis(elapsed_ms));
         let events = Some(ctx.events.open_run(run_id));
-        let span = tracing::info_span!("run", run_id, state = %last.state.kind());
+        // The state is logged per line, not as a span field: the fmt layer appends every
+        // re-recorded field value, which would turn the span prefix into the whole history.
+        let span = tracing::info_span!("run", run_id);
         RunTask {
             ctx,
             run_id,
