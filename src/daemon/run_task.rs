@@ -167,16 +167,25 @@ impl RunTask {
                 for event in feed {
                     queue.extend(self.commit(event).await?);
                 }
-                // A stop that arrived with the feed still goes to the re-attached driver.
+                // A stop journaled before the restart hands out a kill here; the re-attached
+                // driver performs it (abort, grace, kill) instead, see `stop_pending`.
                 queue.retain(|e| !matches!(e, Effect::KillContainer { .. }));
-                let attempt = match &self.last.state {
-                    RunState::Prepared { container, .. } | RunState::Running { container, .. } => {
-                        container.attempt
+                match &self.last.state {
+                    RunState::Running {
+                        container,
+                        after: None,
+                        ..
+                    } if container.name == name => {
+                        queue.extend(self.run_container(&name, true).await?);
                     }
-                    _ => 0,
-                };
-                if attempt > 0 {
-                    queue.extend(self.run_container(&name, true).await?);
+                    other => {
+                        // Recovery decided from a state the feed did not lead to (a
+                        // concurrent transition): let the next start-up decide again.
+                        return Err(Interrupted::Journal(format!(
+                            "cannot re-attach to {name} in state {}",
+                            other.describe()
+                        )));
+                    }
                 }
             }
         }
