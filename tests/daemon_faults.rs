@@ -106,7 +106,9 @@ async fn sigkill_at_random_moments_keeps_every_invariant() {
             h.run(id).status
         );
 
+        let ready = h.ready_count();
         let mut second = h.runner(&[]);
+        h.wait_ready(ready + 1).await;
         let run = h.wait_final(id).await;
         assert_eq!(
             run.status, "succeeded",

@@ -443,6 +443,21 @@ impl RunTask {
         };
         if reattach {
             stdin = StdinChannel::reopen(name, &dir);
+            if stdin.is_none() && coding {
+                // The runner died between starting the container and spawning its stdin
+                // holder (or the holder died): attach a new one. The container was created
+                // with stdin open and not closed on detach, so the agent still waits there
+                // for its prompt; without this the run would hang until RUN_TIMEOUT.
+                let _ = create_private_dir(&dir);
+                match StdinChannel::open(&self.ctx.engine, name, &dir) {
+                    Ok(channel) => stdin = Some(channel),
+                    Err(e) => warn!(
+                        run_id = self.run_id,
+                        container = name,
+                        "cannot attach a new stdin holder: {e}"
+                    ),
+                }
+            }
             let (out, err) = read_progress(&dir);
             options.skip_stdout_lines = out;
             options.skip_stderr_lines = err;

@@ -362,6 +362,20 @@ impl Harness {
         })
     }
 
+    /// How many times a runner of this test finished start-up (recovery done, loops up).
+    pub fn ready_count(&self) -> usize {
+        self.log().matches("worker started").count()
+    }
+
+    /// Waits until the `n`th runner start-up of this test is done (signals sent earlier
+    /// would hit a process that has not installed its handlers yet).
+    pub async fn wait_ready(&self, n: usize) {
+        self.wait_until(Duration::from_secs(30), "the runner ready", || {
+            self.ready_count() >= n
+        })
+        .await;
+    }
+
     /// The journal's (state, description) of run `id`.
     pub fn journal_state(&self, id: i64) -> Option<(String, String)> {
         let list = self.journal_list();
