@@ -53,7 +53,11 @@ async fn a_revoked_credential_stops_claiming_and_exits_77_without_a_retry_storm(
         after.join("\n")
     );
     let claims_after = after.iter().filter(|l| l.contains("claim")).count();
-    assert!(claims_after <= 1, "claims after the revoke:\n{}", after.join("\n"));
+    assert!(
+        claims_after <= 1,
+        "claims after the revoke:\n{}",
+        after.join("\n")
+    );
     assert!(h.log().contains("register again"), "{}", h.log());
     assert!(h.containers().is_empty(), "{:?}", h.containers());
 }
@@ -111,7 +115,8 @@ async fn sigkill_at_random_moments_keeps_every_invariant() {
         h.wait_ready(ready + 1).await;
         let run = h.wait_final(id).await;
         assert_eq!(
-            run.status, "succeeded",
+            run.status,
+            "succeeded",
             "iteration {i} (kill after {delay:?}): {run:?}\n{}",
             h.log()
         );
@@ -135,7 +140,9 @@ async fn sigkill_at_random_moments_keeps_every_invariant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_while_the_server_is_down_completes_once_both_are_back() {
     let mut h = Harness::start("crash-server-down").await;
-    let id = h.enqueue(r#"say start; sleep 6000; commit file=down.txt msg="survived"; finish completed "ok""#);
+    let id = h.enqueue(
+        r#"say start; sleep 6000; commit file=down.txt msg="survived"; finish completed "ok""#,
+    );
     let mut first = h.runner(&[]);
     h.wait_until(Duration::from_secs(60), "the container running", || {
         h.has_container_for(id) && h.run(id).status == "running"
@@ -147,9 +154,11 @@ async fn a_crash_while_the_server_is_down_completes_once_both_are_back() {
 
     // The runner starts without the server: it must not give up, and must keep the agent.
     let mut second = h.runner(&[]);
-    h.wait_until(Duration::from_secs(20), "recovery without the server", || {
-        h.log().contains("decision=\"reattach\"") || h.log().contains("decision=reattach")
-    })
+    h.wait_until(
+        Duration::from_secs(20),
+        "recovery without the server",
+        || h.log().contains("decision=\"reattach\"") || h.log().contains("decision=reattach"),
+    )
     .await;
     h.restart_dev().await;
     let run = h.wait_final(id).await;
@@ -206,7 +215,10 @@ async fn a_restart_after_the_server_reaped_the_run_abandons_it_cleanly() {
     assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
     let run = h.run(id);
     assert_eq!(run.status, "failed");
-    assert!(run.reported.is_none(), "no report after the reaper: {run:?}");
+    assert!(
+        run.reported.is_none(),
+        "no report after the reaper: {run:?}"
+    );
     let (state, describe) = h.journal_state(id).expect("journaled");
     assert_eq!(state, "failed", "{describe}");
     assert!(describe.contains("abandoned"), "{describe}");

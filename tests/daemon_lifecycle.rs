@@ -26,7 +26,9 @@ async fn wait_started(h: &Harness, id: i64) {
     .await;
     h.wait_until(Duration::from_secs(60), "the agent container", || {
         h.has_container_for(id)
-            && h.events(id).iter().any(|e| e.payload_json.contains("starting"))
+            && h.events(id)
+                .iter()
+                .any(|e| e.payload_json.contains("starting"))
     })
     .await;
 }
@@ -74,9 +76,11 @@ async fn force_cancel_is_noticed_and_the_run_abandoned_cleanly() {
 
     h.dev().core().cancel(id, true).expect("force cancel");
     assert_eq!(h.run(id).status, "canceled");
-    h.wait_until(Duration::from_secs(40), "the run abandoned in the journal", || {
-        h.journal_state(id).is_some_and(|s| s.0 == "failed")
-    })
+    h.wait_until(
+        Duration::from_secs(40),
+        "the run abandoned in the journal",
+        || h.journal_state(id).is_some_and(|s| s.0 == "failed"),
+    )
     .await;
     let (_, describe) = h.journal_state(id).unwrap();
     assert!(describe.contains("abandoned"), "{describe}");
@@ -91,7 +95,10 @@ async fn force_cancel_is_noticed_and_the_run_abandoned_cleanly() {
     let run = h.run(id);
     assert_eq!(run.status, "canceled");
     assert_eq!(run.error, "force-canceled by admin");
-    assert!(run.reported.is_none(), "no verdict after a force-cancel: {run:?}");
+    assert!(
+        run.reported.is_none(),
+        "no verdict after a force-cancel: {run:?}"
+    );
 
     signal(&runner, libc::SIGTERM);
     assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
@@ -201,9 +208,12 @@ async fn once_takes_one_run_finishes_it_and_exits() {
     let first = h.enqueue(r#"commit file=o.txt msg="once"; finish completed "one""#);
     let mut runner = h.runner_args(&["--once"], &[]);
     // The second run is enqueued once the first is claimed: --once must leave it alone.
-    h.wait_run(first, Duration::from_secs(60), "the first run claimed", |r| {
-        r.status != "queued"
-    })
+    h.wait_run(
+        first,
+        Duration::from_secs(60),
+        "the first run claimed",
+        |r| r.status != "queued",
+    )
     .await;
     let second = h.enqueue(r#"finish completed "not this one""#);
     let code = wait_exit(&mut runner, Duration::from_secs(90)).await;

@@ -114,7 +114,11 @@ async fn verdict_table_rows_through_the_daemon() {
             run.error,
             row.error
         );
-        assert!(run.reported.is_some(), "{}: reported by the runner", row.name);
+        assert!(
+            run.reported.is_some(),
+            "{}: reported by the runner",
+            row.name
+        );
         assert_eq!(run.branch, "", "{}: no branch on a failed run", row.name);
     }
     signal(&runner, libc::SIGTERM);
@@ -146,7 +150,9 @@ async fn completed_runs_succeed_with_or_without_a_branch() {
     assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
     assert_eq!(run.summary, "no change");
     assert_eq!(run.branch, "", "no branch without a change");
-    assert!(h.remote_branch(&format!("agent-runs/run-{unchanged}")).is_none());
+    assert!(h
+        .remote_branch(&format!("agent-runs/run-{unchanged}"))
+        .is_none());
     let phases = h.phases(unchanged);
     assert!(phases.contains(&"no_changes".to_owned()), "{phases:?}");
     assert!(!phases.contains(&"pushed".to_owned()), "{phases:?}");

@@ -664,13 +664,19 @@ async fn heartbeat_loop(
                 ctx.metrics.request("heartbeat", "ok");
                 ctx.metrics.set_queue_depth(hb.queue_depth);
                 if failures > 0 {
-                    info!(failed_heartbeats = failures, "heartbeat: the server answers again");
+                    info!(
+                        failed_heartbeats = failures,
+                        "heartbeat: the server answers again"
+                    );
                     failures = 0;
                     last_failure_log = None;
                 }
                 let in_flight = runs.lock().unwrap_or_else(|e| e.into_inner()).len();
                 if last_depth != Some(hb.queue_depth) {
-                    info!(queue_depth = hb.queue_depth, in_flight, "queue depth changed");
+                    info!(
+                        queue_depth = hb.queue_depth,
+                        in_flight, "queue depth changed"
+                    );
                     last_depth = Some(hb.queue_depth);
                 } else {
                     tracing::debug!(queue_depth = hb.queue_depth, in_flight, "heartbeat");

@@ -65,7 +65,9 @@ impl Harness {
         let mut cfg = DevServerConfig::new(tmp.path().join("devserver"));
         cfg.reaper_interval = Duration::from_secs(1);
         tune(&mut cfg);
-        let dev = DevServer::start(cfg.clone()).await.expect("devserver starts");
+        let dev = DevServer::start(cfg.clone())
+            .await
+            .expect("devserver starts");
         let core = dev.core().clone();
         let pool = core
             .create_pool(&CreatePool {
