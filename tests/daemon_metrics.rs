@@ -29,15 +29,20 @@ async fn metrics_and_health_follow_the_daemon() {
     let mut text = String::new();
     h.wait_until(
         Duration::from_secs(10),
-        "metrics of two finished runs",
+        "metrics of two finished runs and an empty poll",
         || {
             text = http_get(port, "/metrics")
                 .map(|(_, b)| b)
                 .unwrap_or_default();
+            // Both runs finished, and the claim loop polled an empty queue since.
             metric(
                 &text,
                 "windshift_runner_runs_finished_total{status=\"succeeded\"}",
             ) == Some(2.0)
+                && metric(
+                    &text,
+                    "windshift_runner_requests_total{call=\"claim\",outcome=\"no_work\"}",
+                ) >= Some(1.0)
         },
     )
     .await;
