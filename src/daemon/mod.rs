@@ -557,7 +557,9 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
         .with_multiplier(2.0)
         .with_max_elapsed_time(None)
         .build();
-    let mut last_eviction = tokio::time::Instant::now();
+    // Idle-cache eviction runs between claims while no run is in flight (so it never races
+    // a prepare): the first idle moment after start-up, then every EVICTION_EVERY.
+    let mut last_eviction: Option<tokio::time::Instant> = None;
     loop {
         // Reap finished tasks so the set does not grow.
         while let Some(joined) = sup.tasks.try_join_next() {
@@ -568,8 +570,8 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
         if ctx.shutting_down() || ctx.client.auth_state().is_rejected() {
             return;
         }
-        if sup.in_flight() == 0 && last_eviction.elapsed() > Duration::from_secs(600) {
-            last_eviction = tokio::time::Instant::now();
+        if sup.in_flight() == 0 && last_eviction.is_none_or(|t| t.elapsed() >= EVICTION_EVERY) {
+            last_eviction = Some(tokio::time::Instant::now());
             evict_idle_caches(&ctx).await;
         }
         let permit = tokio::select! {
@@ -615,6 +617,9 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
     }
 }
 
+/// How often idle repository caches are checked against `WSRUNNER_CACHE_MAX_AGE`.
+const EVICTION_EVERY: Duration = Duration::from_secs(600);
+
 async fn evict_idle_caches(ctx: &Ctx) {
     let root = ctx.cfg.cache_root.clone();
     let max_age = ctx.cfg.cache_max_age;
@@ -640,7 +645,12 @@ async fn heartbeat_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let interval = ctx.cfg.heartbeat_interval;
-    let mut last_auth_log: Option<tokio::time::Instant> = None;
+    // Failures are logged when they start, then at most once a minute (a 1 s interval with
+    // the server down must not flood the log), and once more when the server answers again.
+    let quiet = Duration::from_secs(60).max(interval);
+    let mut last_failure_log: Option<tokio::time::Instant> = None;
+    let mut failures: u64 = 0;
+    let mut last_depth: Option<i64> = None;
     loop {
         tick.store(now_ms(), Ordering::Relaxed);
         tokio::select! {
@@ -653,8 +663,24 @@ async fn heartbeat_loop(
                 last_contact.store(now_ms(), Ordering::Relaxed);
                 ctx.metrics.request("heartbeat", "ok");
                 ctx.metrics.set_queue_depth(hb.queue_depth);
+                if failures > 0 {
+                    info!(
+                        failed_heartbeats = failures,
+                        "heartbeat: the server answers again"
+                    );
+                    failures = 0;
+                    last_failure_log = None;
+                }
                 let in_flight = runs.lock().unwrap_or_else(|e| e.into_inner()).len();
-                tracing::debug!(queue_depth = hb.queue_depth, in_flight, "heartbeat");
+                if last_depth != Some(hb.queue_depth) {
+                    info!(
+                        queue_depth = hb.queue_depth,
+                        in_flight, "queue depth changed"
+                    );
+                    last_depth = Some(hb.queue_depth);
+                } else {
+                    tracing::debug!(queue_depth = hb.queue_depth, in_flight, "heartbeat");
+                }
                 for run_id in hb.abort {
                     if let Some(tx) = runs.lock().unwrap_or_else(|e| e.into_inner()).get(&run_id) {
                         info!(run_id, "the server asked to cancel the run");
@@ -664,14 +690,14 @@ async fn heartbeat_loop(
             }
             Err(e) => {
                 ctx.metrics.request("heartbeat", &outcome_label(&e));
-                if let ControlError::CredentialRejected(_) = e {
-                    // Loud, but once per interval rather than per call.
-                    if last_auth_log.is_none_or(|t| t.elapsed() >= interval) {
-                        error!("heartbeat: {e}");
-                        last_auth_log = Some(tokio::time::Instant::now());
+                failures += 1;
+                if last_failure_log.is_none_or(|t| t.elapsed() >= quiet) {
+                    last_failure_log = Some(tokio::time::Instant::now());
+                    if let ControlError::CredentialRejected(_) = e {
+                        error!(failed_heartbeats = failures, "heartbeat: {e}");
+                    } else {
+                        warn!(failed_heartbeats = failures, "heartbeat failed: {e}");
                     }
-                } else {
-                    warn!("heartbeat failed: {e}");
                 }
             }
         }
@@ -687,11 +713,15 @@ async fn watchdog_loop(
     tick: Arc<AtomicI64>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Checked at least once per heartbeat interval, so health turns within about two
+    // intervals of the last contact, and twice per systemd watchdog period.
     let every = notifier
         .watchdog_timeout()
         .map(|t| t / 2)
         .unwrap_or(Duration::from_secs(5))
-        .min(Duration::from_secs(5));
+        .min(Duration::from_secs(5))
+        .min(ctx.cfg.heartbeat_interval)
+        .max(Duration::from_millis(100));
     let window = (ctx.cfg.heartbeat_interval * 2).as_millis() as i64;
     loop {
         tokio::select! {

@@ -18,6 +18,9 @@ use crate::fsm::{
 };
 use crate::journal::{Record, Slot};
 
+/// How long recovery waits for the server to say whether a run is still running.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One run to resume, with how to start its task.
 pub(crate) struct Resume {
     pub first: Record,
@@ -203,7 +206,21 @@ async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observati
                 serde_json::json!({"phase": "runner_recovered", "state": state.kind().to_string()})
                     .to_string(),
         };
-        match ctx.client.send_event(state.plan().run_id, &probe).await {
+        // Bounded: with the server down, the client's own retry budget would hold every
+        // recovery (and so the first claim) for minutes; the run task learns of a final run
+        // later from its events or its report anyway.
+        let answer = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            ctx.client.send_event(state.plan().run_id, &probe),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ControlError::Transport {
+                endpoint: "events",
+                message: format!("no answer within {PROBE_TIMEOUT:?}"),
+            })
+        });
+        match answer {
             Ok(()) => {}
             Err(e) if matches!(e.status(), Some(409 | 403 | 404)) => obs.server_says_final = true,
             Err(ControlError::CredentialRejected(_)) => {}

@@ -169,16 +169,25 @@ impl RunTask {
                 for event in feed {
                     queue.extend(self.commit(event).await?);
                 }
-                // A stop that arrived with the feed still goes to the re-attached driver.
+                // A stop journaled before the restart hands out a kill here; the re-attached
+                // driver performs it (abort, grace, kill) instead, see `stop_pending`.
                 queue.retain(|e| !matches!(e, Effect::KillContainer { .. }));
-                let attempt = match &self.last.state {
-                    RunState::Prepared { container, .. } | RunState::Running { container, .. } => {
-                        container.attempt
+                match &self.last.state {
+                    RunState::Running {
+                        container,
+                        after: None,
+                        ..
+                    } if container.name == name => {
+                        queue.extend(self.run_container(&name, true).await?);
                     }
-                    _ => 0,
-                };
-                if attempt > 0 {
-                    queue.extend(self.run_container(&name, true).await?);
+                    other => {
+                        // Recovery decided from a state the feed did not lead to (a
+                        // concurrent transition): let the next start-up decide again.
+                        return Err(Interrupted::Journal(format!(
+                            "cannot re-attach to {name} in state {}",
+                            other.describe()
+                        )));
+                    }
                 }
             }
         }
@@ -436,6 +445,21 @@ impl RunTask {
         };
         if reattach {
             stdin = StdinChannel::reopen(name, &dir);
+            if stdin.is_none() && coding {
+                // The runner died between starting the container and spawning its stdin
+                // holder (or the holder died): attach a new one. The container was created
+                // with stdin open and not closed on detach, so the agent still waits there
+                // for its prompt; without this the run would hang until RUN_TIMEOUT.
+                let _ = create_private_dir(&dir);
+                match StdinChannel::open(&self.ctx.engine, name, &dir) {
+                    Ok(channel) => stdin = Some(channel),
+                    Err(e) => warn!(
+                        run_id = self.run_id,
+                        container = name,
+                        "cannot attach a new stdin holder: {e}"
+                    ),
+                }
+            }
             let (out, err) = read_progress(&dir);
             options.skip_stdout_lines = out;
             options.skip_stderr_lines = err;

@@ -55,12 +55,19 @@ fn main() {
         _ => {}
     }
 
+    // WSR_TEST_AGENT_SILENT=1: print no contract line of its own (no entrypoint lifecycle, no
+    // `starting`, no `session_idle`), so a script such as `exit 0` exits without a single
+    // contract event (verdict table row 2).
+    let silent = std::env::var("WSR_TEST_AGENT_SILENT").is_ok_and(|v| v == "1");
+
     // The entrypoint's lifecycle line (spec 6.2), printed before anything else.
-    emit(json!({
-        "type": "lifecycle",
-        "phase": "entrypoint",
-        "run_id": std::env::var("AGENT_RUN_ID").unwrap_or_default(),
-    }));
+    if !silent {
+        emit(json!({
+            "type": "lifecycle",
+            "phase": "entrypoint",
+            "run_id": std::env::var("AGENT_RUN_ID").unwrap_or_default(),
+        }));
+    }
 
     let (prompts_tx, prompts_rx) = mpsc::channel::<String>();
     std::thread::spawn(move || read_commands(prompts_tx));
@@ -74,10 +81,12 @@ fn main() {
             idle: true,
             children: Vec::new(),
         };
-        emit(json!({"type": "starting"}));
+        if !silent {
+            emit(json!({"type": "starting"}));
+        }
         let finished = run.execute(&script);
         run.reap_children();
-        if finished && run.idle {
+        if finished && run.idle && !silent {
             emit(json!({"type": "session_idle"}));
         }
     }

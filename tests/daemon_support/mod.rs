@@ -23,6 +23,7 @@ pub struct Harness {
     pub name: String,
     pub base_commit: String,
     dev_addr: std::net::SocketAddr,
+    dev_cfg: DevServerConfig,
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -64,7 +65,9 @@ impl Harness {
         let mut cfg = DevServerConfig::new(tmp.path().join("devserver"));
         cfg.reaper_interval = Duration::from_secs(1);
         tune(&mut cfg);
-        let dev = DevServer::start(cfg).await.expect("devserver starts");
+        let dev = DevServer::start(cfg.clone())
+            .await
+            .expect("devserver starts");
         let core = dev.core().clone();
         let pool = core
             .create_pool(&CreatePool {
@@ -91,6 +94,7 @@ impl Harness {
             name: unique(test),
             base_commit,
             dev_addr,
+            dev_cfg: cfg,
         }
     }
 
@@ -141,6 +145,11 @@ impl Harness {
 
     /// The runner binary with the harness's settings; `extra` overrides them.
     pub fn runner(&self, extra: &[(&str, &str)]) -> Child {
+        self.runner_args(&[], extra)
+    }
+
+    /// The runner binary with extra `run` arguments (e.g. `--once`).
+    pub fn runner_args(&self, args: &[&str], extra: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -148,6 +157,7 @@ impl Harness {
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_windshift-runner"));
         cmd.arg("run")
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("WS_API_URL", self.api_url())
@@ -281,6 +291,154 @@ impl Harness {
             .output()
             .expect("journal verify runs")
     }
+}
+
+impl Harness {
+    /// Stops the in-process devserver (its state stays in its data directory).
+    pub async fn stop_dev(&mut self) {
+        if let Some(dev) = self.dev.take() {
+            dev.stop().await;
+        }
+    }
+
+    /// Starts the devserver again on the same data directory and the same address, so the
+    /// runner's `WS_API_URL` still points at it.
+    pub async fn restart_dev(&mut self) {
+        let mut cfg = self.dev_cfg.clone();
+        cfg.listen = self.dev_addr;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match DevServer::start(cfg.clone()).await {
+                Ok(dev) => {
+                    self.dev = Some(dev);
+                    return;
+                }
+                // The old listener's port may take a moment to be released.
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("devserver restart: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("devserver restart failed: {e}"),
+            }
+        }
+    }
+
+    /// The devserver instance id of this test's runner (registered under `self.name`).
+    pub fn instance_id(&self) -> Option<i64> {
+        self.dev()
+            .core()
+            .instances()
+            .into_iter()
+            .find(|i| i.name == self.name)
+            .map(|i| i.id)
+    }
+
+    /// Waits until `check` holds, or fails with `what` and the runner's log.
+    pub async fn wait_until(&self, timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !check() {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}\n--- runner log ---\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `journal list --json` of the runner's journal (a copy, so a live runner may hold it).
+    pub fn journal_list(&self) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
+            .args(["journal", "--copy", "--json", "--db"])
+            .arg(self.journal_dir())
+            .arg("list")
+            .output()
+            .expect("journal list runs");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "journal list --json: {e}: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// How many times a runner of this test finished start-up (recovery done, loops up).
+    pub fn ready_count(&self) -> usize {
+        self.log().matches("worker started").count()
+    }
+
+    /// Waits until the `n`th runner start-up of this test is done (signals sent earlier
+    /// would hit a process that has not installed its handlers yet).
+    pub async fn wait_ready(&self, n: usize) {
+        self.wait_until(Duration::from_secs(30), "the runner ready", || {
+            self.ready_count() >= n
+        })
+        .await;
+    }
+
+    /// The journal's (state, description) of run `id`.
+    pub fn journal_state(&self, id: i64) -> Option<(String, String)> {
+        let list = self.journal_list();
+        let row = list.as_array()?.iter().find(|r| r["run_id"] == id)?.clone();
+        Some((
+            row["state"].as_str()?.to_owned(),
+            row["describe"].as_str().unwrap_or_default().to_owned(),
+        ))
+    }
+
+    /// Lifecycle phases the server stored for a run, in order.
+    pub fn phases(&self, id: i64) -> Vec<String> {
+        self.events(id)
+            .iter()
+            .filter(|e| e.event_type == "lifecycle")
+            .filter_map(|e| {
+                serde_json::from_str::<serde_json::Value>(&e.payload_json)
+                    .ok()?
+                    .get("phase")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// Whether the runner's container for run `id` exists (any state).
+    pub fn has_container_for(&self, id: i64) -> bool {
+        self.containers()
+            .iter()
+            .any(|n| n.contains(&format!("-run-{id}-")))
+    }
+}
+
+/// A free loopback port (bound and released; the runner binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A plain HTTP/1.0 GET: (status, body); `None` when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// The value of a Prometheus sample line starting with `prefix` (name and labels).
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 impl Drop for Harness {

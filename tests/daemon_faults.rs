@@ -1,0 +1,227 @@
+//! Faults around the daemon: the credential revoked at runtime, SIGKILL at random moments, a
+//! crash while the server is down, and a restart after the server already reaped the run.
+
+mod daemon_support;
+
+use std::time::{Duration, Instant};
+
+use daemon_support::*;
+
+fn phase_count(h: &Harness, id: i64, phase: &str) -> usize {
+    h.phases(id).iter().filter(|p| *p == phase).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_credential_stops_claiming_and_exits_77_without_a_retry_storm() {
+    let h = Harness::start("revoke").await;
+    let id = h.enqueue(r#"say go; sleep 3000; finish completed "done""#);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut runner = h.runner(&[("WSRUNNER_METRICS_ADDR", &addr)]);
+    h.wait_run(id, Duration::from_secs(60), "the run running", |r| {
+        r.status == "running"
+    })
+    .await;
+    let instance = h.instance_id().expect("the runner registered");
+    h.dev().core().revoke_instance(instance).expect("revoke");
+    let revoked_at = Instant::now();
+    let log_before = h.log().lines().count();
+
+    // While the run in flight settles, /healthz says why the runner is unhealthy.
+    h.wait_until(Duration::from_secs(10), "/healthz 503 credential", || {
+        http_get(port, "/healthz")
+            .is_some_and(|(s, body)| s == 503 && body.contains("credential rejected"))
+    })
+    .await;
+    let code = wait_exit(&mut runner, Duration::from_secs(60)).await;
+    assert_eq!(code, 77, "{}", h.log());
+    let elapsed = revoked_at.elapsed().as_secs() + 1;
+
+    // No retry storm: after the revoke, at most a claim, the run's own calls and one
+    // heartbeat rejection per heartbeat interval (1 s) are logged.
+    let after: Vec<String> = h
+        .log()
+        .lines()
+        .skip(log_before)
+        .filter(|l| l.contains("401"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        (after.len() as u64) <= elapsed + 8,
+        "{} rejection lines in {elapsed} s:\n{}",
+        after.len(),
+        after.join("\n")
+    );
+    let claims_after = after.iter().filter(|l| l.contains("claim")).count();
+    assert!(
+        claims_after <= 1,
+        "claims after the revoke:\n{}",
+        after.join("\n")
+    );
+    assert!(h.log().contains("register again"), "{}", h.log());
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+}
+
+/// SIGKILL at a random moment of a run, then a restart: the invariants of daemon_crash.rs.
+/// `WSR_CRASH_ITERATIONS` (default 5) and `WSR_CRASH_SEED` (printed) tune and reproduce it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_keeps_every_invariant() {
+    let iterations: u32 = std::env::var("WSR_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mut seed: u64 = std::env::var("WSR_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        });
+    eprintln!("WSR_CRASH_SEED={seed}");
+    let mut next = move || {
+        // xorshift64: reproducible from the printed seed.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let h = Harness::start("crash-random").await;
+    for i in 0..iterations {
+        let id = h.enqueue(&format!(
+            r#"say start; sleep 1500; commit file=w{i}.txt msg="work {i}"; finish completed "kept""#
+        ));
+        let mut first = h.runner(&[]);
+        // Somewhere between start-up and the report (a run takes ~3-5 s here).
+        let delay = Duration::from_millis(300 + next() % 5000);
+        let started = Instant::now();
+        while started.elapsed() < delay {
+            if first.try_wait().expect("try_wait").is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = first.kill();
+        let _ = first.wait();
+        eprintln!(
+            "iteration {i}: killed after {delay:?}, run {id} was {}",
+            h.run(id).status
+        );
+
+        let ready = h.ready_count();
+        let mut second = h.runner(&[]);
+        h.wait_ready(ready + 1).await;
+        let run = h.wait_final(id).await;
+        assert_eq!(
+            run.status,
+            "succeeded",
+            "iteration {i} (kill after {delay:?}): {run:?}\n{}",
+            h.log()
+        );
+        assert!(run.reported.is_some(), "reported by the runner, not reaped");
+        let branch = format!("agent-runs/run-{id}");
+        assert_eq!(run.branch, branch);
+        let pushed = h.remote_branch(&branch).expect("the work was pushed");
+        assert_eq!(h.subject(&pushed), format!("work {i}"));
+        assert_eq!(phase_count(&h, id, "succeeded"), 1, "one verdict");
+        assert!(phase_count(&h, id, "pushed") <= 1, "no duplicate push");
+
+        signal(&second, libc::SIGTERM);
+        assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
+        assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
+        assert!(h.checkouts().is_empty(), "leftovers: {:?}", h.checkouts());
+        let verify = h.journal_verify();
+        assert!(verify.status.success(), "iteration {i}: {verify:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_the_server_is_down_completes_once_both_are_back() {
+    let mut h = Harness::start("crash-server-down").await;
+    let id = h.enqueue(
+        r#"say start; sleep 6000; commit file=down.txt msg="survived"; finish completed "ok""#,
+    );
+    let mut first = h.runner(&[]);
+    h.wait_until(Duration::from_secs(60), "the container running", || {
+        h.has_container_for(id) && h.run(id).status == "running"
+    })
+    .await;
+    let _ = first.kill();
+    let _ = first.wait();
+    h.stop_dev().await;
+
+    // The runner starts without the server: it must not give up, and must keep the agent.
+    let mut second = h.runner(&[]);
+    h.wait_until(
+        Duration::from_secs(20),
+        "recovery without the server",
+        || h.log().contains("decision=\"reattach\"") || h.log().contains("decision=reattach"),
+    )
+    .await;
+    h.restart_dev().await;
+    let run = h.wait_final(id).await;
+    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
+    let branch = format!("agent-runs/run-{id}");
+    let pushed = h.remote_branch(&branch).expect("pushed");
+    assert_eq!(h.subject(&pushed), "survived");
+    assert_eq!(phase_count(&h, id, "succeeded"), 1);
+
+    signal(&second, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+    assert!(h.checkouts().is_empty(), "{:?}", h.checkouts());
+    let verify = h.journal_verify();
+    assert!(verify.status.success(), "{verify:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_the_server_reaped_the_run_abandons_it_cleanly() {
+    let h = Harness::start_with("reaped", |cfg| {
+        cfg.liveness_window = Duration::from_secs(3);
+        cfg.reaper_interval = Duration::from_millis(500);
+    })
+    .await;
+    let id = h.enqueue(r#"say start; sleep 120000; finish completed "never""#);
+    let mut first = h.runner(&[]);
+    h.wait_until(Duration::from_secs(60), "the container running", || {
+        h.has_container_for(id) && h.run(id).status == "running"
+    })
+    .await;
+    let _ = first.kill();
+    let _ = first.wait();
+    let run = h
+        .wait_run(id, Duration::from_secs(30), "the reaper", |r| {
+            r.status == "failed"
+        })
+        .await;
+    assert!(run.error.contains("lease expired"), "{run:?}");
+
+    let mut second = h.runner(&[]);
+    h.wait_until(Duration::from_secs(30), "the run abandoned", || {
+        h.log().contains("decision=\"abandon\"") || h.log().contains("decision=abandon")
+    })
+    .await;
+    h.wait_until(Duration::from_secs(30), "the container removed", || {
+        h.containers().is_empty()
+    })
+    .await;
+    h.wait_until(Duration::from_secs(10), "the checkout removed", || {
+        h.checkouts().is_empty()
+    })
+    .await;
+    signal(&second, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
+    let run = h.run(id);
+    assert_eq!(run.status, "failed");
+    assert!(
+        run.reported.is_none(),
+        "no report after the reaper: {run:?}"
+    );
+    let (state, describe) = h.journal_state(id).expect("journaled");
+    assert_eq!(state, "failed", "{describe}");
+    assert!(describe.contains("abandoned"), "{describe}");
+    let verify = h.journal_verify();
+    assert!(verify.status.success(), "{verify:?}");
+}
