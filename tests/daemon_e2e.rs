@@ -27,17 +27,7 @@ async fn a_run_is_claimed_prepared_run_pushed_and_reported() {
 
     // Events arrive in order: claimed, worktree_ready, the agent's lines, pushed.
     let events = h.events(id);
-    let phases: Vec<String> = events
-        .iter()
-        .filter(|e| e.event_type == "lifecycle")
-        .filter_map(|e| {
-            serde_json::from_str::<serde_json::Value>(&e.payload_json)
-                .ok()?
-                .get("phase")?
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let phases = h.phases(id);
     let pos = |p: &str| phases.iter().position(|x| x == p);
     assert!(pos("claimed") < pos("worktree_ready"), "{phases:?}");
     assert!(pos("worktree_ready") < pos("pushed"), "{phases:?}");

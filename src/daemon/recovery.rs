@@ -7,12 +7,12 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
-use super::run_task::Start;
+use super::run_task::{repo_proxy_url, Start};
 use super::Ctx;
 use crate::control::client::ControlError;
 use crate::control::wire::EventRequest;
 use crate::effects::container::ContainerState;
-use crate::effects::git::{self, validate_slug};
+use crate::effects::git;
 use crate::fsm::{
     recover, ContainerObservation, Observations, RecoveryDecision, RunSecrets, RunState,
 };
@@ -173,15 +173,9 @@ async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observati
                 let Some(repo) = checkout.repos.iter().find(|r| r.slug == head.slug) else {
                     continue;
                 };
-                let workspace_id = plan
-                    .repos
-                    .iter()
-                    .find(|r| r.slug == head.slug)
-                    .map_or(0, |r| r.workspace_id);
-                let Ok((owner, name)) = validate_slug(&repo.slug) else {
+                let Some(remote) = repo_proxy_url(&ctx.cfg.api_url, plan, &repo.slug) else {
                     continue;
                 };
-                let remote = git::git_proxy_url(&ctx.cfg.api_url, workspace_id, &owner, &name);
                 let branch = repo.branch.clone();
                 let token = token.clone();
                 let policy = ctx.git_policy;

@@ -319,16 +319,6 @@ impl RunTask {
             .cloned()
     }
 
-    fn proxy_url(&self, workspace_id: i64, slug: &str) -> Option<String> {
-        let (owner, repo) = validate_slug(slug).ok()?;
-        Some(git_proxy_url(
-            &self.ctx.cfg.api_url,
-            workspace_id,
-            &owner,
-            &repo,
-        ))
-    }
-
     async fn prepare(&mut self) -> Result<Vec<Effect>, Interrupted> {
         let plan = self.last.state.plan().clone();
         let Some(token) = self.token() else {
@@ -340,7 +330,7 @@ impl RunTask {
         };
         let mut repos = Vec::new();
         for repo in &plan.repos {
-            let Some(remote_url) = self.proxy_url(repo.workspace_id, &repo.slug) else {
+            let Some(remote_url) = repo_proxy_url(&self.ctx.cfg.api_url, &plan, &repo.slug) else {
                 return self
                     .commit(Event::CheckoutFailed {
                         error: format!("invalid repo slug {:?}: want owner/name", repo.slug),
@@ -755,12 +745,8 @@ impl RunTask {
             let Some(repo) = checkout.repos.iter().find(|r| r.slug == head.slug) else {
                 continue;
             };
-            let workspace_id = plan
-                .repos
-                .iter()
-                .find(|r| r.slug == head.slug)
-                .map_or(0, |r| r.workspace_id);
-            let remote_url = self.proxy_url(workspace_id, &repo.slug).unwrap_or_default();
+            let remote_url =
+                repo_proxy_url(&self.ctx.cfg.api_url, &plan, &repo.slug).unwrap_or_default();
             requests.push(git::PushRequest {
                 checkout: PathBuf::from(&repo.path),
                 branch: repo.branch.clone(),
@@ -909,6 +895,21 @@ fn stop_pending(state: &RunState) -> bool {
         state,
         RunState::Prepared { stop: Some(_), .. } | RunState::Running { stop: Some(_), .. }
     )
+}
+
+/// The git-proxy URL of one of the plan's repos (spec 4.9 step 3); `None` for a bad slug.
+pub(crate) fn repo_proxy_url(
+    api_url: &str,
+    plan: &crate::fsm::RunPlan,
+    slug: &str,
+) -> Option<String> {
+    let workspace_id = plan
+        .repos
+        .iter()
+        .find(|r| r.slug == slug)
+        .map_or(0, |r| r.workspace_id);
+    let (owner, repo) = validate_slug(slug).ok()?;
+    Some(git_proxy_url(api_url, workspace_id, &owner, &repo))
 }
 
 /// Every path a run's checkout may occupy: each repo's `runs/<id>` and the multi-repo root.
