@@ -36,6 +36,8 @@ trap 'rm -rf "$CONTEXT"' EXIT
 mkdir -p "$CONTEXT/dist"
 cp deploy/Dockerfile "$CONTEXT/Dockerfile"
 cp "$TARGET_DIR/release/windshift-runner" "$TARGET_DIR/release/windshift-triage" "$CONTEXT/dist/"
+# The release profile keeps debug info; the image does not need it.
+if command -v strip >/dev/null 2>&1; then strip --strip-debug "$CONTEXT"/dist/*; fi
 # The classic builder: the CLI here has no buildx, and the Dockerfile keeps every stage's base
 # a build argument so nothing is pulled.
 DOCKER_BUILDKIT=0 "$DOCKER" build --quiet \
