@@ -245,3 +245,27 @@ async fn the_runner_image_completes_a_run_and_recovers_one_across_a_restart() {
         "the registration token reached the log"
     );
 }
+
+/// deploy/compose.yml keeps what Windshift's example requires (checked as text: no YAML
+/// parser or compose binary is assumed on the test host).
+#[test]
+fn the_compose_file_matches_windshifts_example() {
+    let compose = std::fs::read_to_string(repo_root().join("deploy/compose.yml")).unwrap();
+    let active: Vec<&str> = compose
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for needed in [
+        "restart: unless-stopped",
+        "- /var/run/docker.sock:/var/run/docker.sock",
+        "- /var/lib/windshift-runner:/var/lib/windshift-runner",
+        "WS_API_URL: https://windshift.example.com/api",
+        "WSRUNNER_REGISTRATION_TOKEN: wsrt_your_one_time_token",
+        "WSRUNNER_IMAGE: ghcr.io/windshiftapp/windshift-agent:latest",
+        "WSRUNNER_CREDENTIAL_FILE: /var/lib/windshift-runner/cache/credential",
+        "stop_grace_period: 11m",
+    ] {
+        assert!(active.contains(&needed), "compose.yml lacks {needed:?}");
+    }
+}
