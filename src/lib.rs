@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod doctor;
 pub mod effects;
 pub mod fsm;
 pub mod journal;

@@ -27,6 +27,15 @@ enum Command {
     /// Read, replay, verify and export the run journal offline (exit 0 clean, 1 findings,
     /// 2 cannot run).
     Journal(JournalArgs),
+    /// Check this host's setup (server, credential, Docker, image, disk, git, journal) without
+    /// registering or pulling; one PASS/WARN/FAIL line per check. Exit 1 when a check fails.
+    Doctor(Box<DoctorArgs>),
+}
+
+#[derive(Args, Debug)]
+struct DoctorArgs {
+    #[command(flatten)]
+    config: RunnerConfig,
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +59,7 @@ fn main() {
         Some(Command::Journal(args)) => {
             journal_tools::run(&args, &mut std::io::stdout(), &mut std::io::stderr())
         }
+        Some(Command::Doctor(args)) => doctor(*args),
         None => 2,
     };
     std::process::exit(code);
@@ -82,6 +92,28 @@ fn run(mut args: RunArgs) -> i32 {
         opts.once = args.once;
         daemon::run(cfg, opts).await
     })
+}
+
+fn doctor(mut args: DoctorArgs) -> i32 {
+    args.config.read_secrets_from_env();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("windshift-runner: cannot start the async runtime: {e}");
+            return daemon::EXIT_FATAL;
+        }
+    };
+    let opts = windshift_runner::doctor::DoctorOptions::default();
+    let report = runtime.block_on(windshift_runner::doctor::run(
+        &args.config,
+        hostname().as_deref(),
+        &opts,
+    ));
+    if let Err(e) = report.render(&mut std::io::stdout()) {
+        eprintln!("windshift-runner: cannot write the report: {e}");
+        return daemon::EXIT_FATAL;
+    }
+    report.exit_code()
 }
 
 /// The machine's host name (the default display name).

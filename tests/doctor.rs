@@ -1,0 +1,396 @@
+//! `windshift-runner doctor` as an operator runs it: the real binary against the in-process
+//! devserver and the real Docker daemon, for a healthy host and for each broken setup the
+//! troubleshooting list names. Every case checks the exit code, the exact FAIL line, and that
+//! no secret reaches the output.
+
+mod daemon_support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use daemon_support::*;
+use windshift_devserver::types::RegisterBody;
+
+struct Doctor {
+    code: i32,
+    out: String,
+}
+
+impl Doctor {
+    /// The line of check `name` (panics with the whole report when absent).
+    fn line(&self, name: &str) -> &str {
+        self.out
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} line in:\n{}", self.out))
+    }
+    fn status(&self, name: &str) -> &str {
+        self.line(name).split_whitespace().next().unwrap_or("")
+    }
+    fn assert_status(&self, name: &str, want: &str) {
+        assert_eq!(self.status(name), want, "{name}:\n{}", self.out);
+    }
+}
+
+/// The environment of a healthy host: the devserver, the test agent image, writable dirs.
+fn healthy_env(h: &Harness) -> Vec<(String, String)> {
+    [
+        ("WS_API_URL", h.api_url()),
+        ("WSRUNNER_ALLOW_INSECURE", "1".into()),
+        ("WSRUNNER_IMAGE", IMAGE.into()),
+        ("WSRUNNER_NETWORK", "none".into()),
+        ("WSRUNNER_CACHE_ROOT", h.cache_root().display().to_string()),
+        (
+            "WSRUNNER_JOURNAL_DIR",
+            h.journal_dir().display().to_string(),
+        ),
+        (
+            "WSRUNNER_TRIAGE_BIN",
+            env!("CARGO_BIN_EXE_windshift-triage").into(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+async fn doctor(env: Vec<(String, String)>) -> Doctor {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
+            .arg("doctor")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env)
+            .output()
+            .expect("doctor runs");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Doctor {
+            code: out.status.code().unwrap_or(-1),
+            out: text,
+        }
+    })
+    .await
+    .expect("doctor thread")
+}
+
+fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
+    env.retain(|(k, _)| k != key);
+    env.push((key.to_owned(), value.to_owned()));
+}
+
+fn register(h: &Harness) -> String {
+    h.dev()
+        .core()
+        .register(&RegisterBody {
+            registration_token: h.token.clone(),
+            name: h.name.clone(),
+        })
+        .expect("register with the pool token")
+        .credential
+}
+
+/// Checks that must pass on a healthy host (the rest may only warn, for reasons of this test
+/// setup: plain http, a loopback server, the built-in `none` network, a tmp dir off-volume).
+const MUST_PASS: [&str; 10] = [
+    "server",
+    "credential",
+    "docker",
+    "image",
+    "cache",
+    "journal-dir",
+    "journal",
+    "git",
+    "triage",
+    "cred-file",
+];
+const MAY_WARN: [&str; 4] = ["api-url", "reachable", "network", "cred-file"];
+
+fn assert_healthy(d: &Doctor) {
+    assert_eq!(d.code, 0, "{}", d.out);
+    for line in d.out.lines().filter(|l| !l.starts_with("doctor:")) {
+        let mut words = line.split_whitespace();
+        let (status, name) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        match status {
+            "PASS" => {}
+            "WARN" if MAY_WARN.contains(&name) => {}
+            _ => panic!("unexpected {status} for {name}:\n{}", d.out),
+        }
+    }
+    for name in MUST_PASS {
+        if name == "cred-file" && d.status(name) == "WARN" {
+            // Only when this test itself runs in a container without a volume for /tmp.
+            assert!(
+                d.line(name).contains("not on a mounted volume"),
+                "{}",
+                d.out
+            );
+            continue;
+        }
+        d.assert_status(name, "PASS");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_host_with_a_stored_credential_passes_every_check() {
+    let h = Harness::start("doctor-ok").await;
+    let credential = register(&h);
+    std::fs::create_dir_all(h.cache_root()).unwrap();
+    std::fs::write(h.cache_root().join("credential"), format!("{credential}\n")).unwrap();
+    let d = doctor(healthy_env(&h)).await;
+    assert_healthy(&d);
+    assert!(
+        d.line("credential").contains("credential file"),
+        "{}",
+        d.out
+    );
+    assert!(d.line("server").contains("Windshift"), "{}", d.out);
+    assert!(d.line("image").contains("agent contract v1"), "{}", d.out);
+    assert!(d.out.contains("doctor: "), "summary line: {}", d.out);
+    assert!(
+        !d.out.contains(&credential),
+        "credential printed:\n{}",
+        d.out
+    );
+
+    // The same credential injected through the environment.
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_CREDENTIAL", &credential);
+    std::fs::remove_file(h.cache_root().join("credential")).unwrap();
+    let d = doctor(env).await;
+    assert_healthy(&d);
+    assert!(
+        d.line("credential").contains("WSRUNNER_CREDENTIAL"),
+        "{}",
+        d.out
+    );
+    assert!(
+        !d.out.contains(&credential),
+        "credential printed:\n{}",
+        d.out
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_token_is_reported_but_never_spent() {
+    let h = Harness::start("doctor-token").await;
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_REGISTRATION_TOKEN", &h.token);
+    let d = doctor(env).await;
+    assert_healthy(&d);
+    assert!(
+        d.line("credential").contains("will be used on first start"),
+        "{}",
+        d.out
+    );
+    assert!(!d.out.contains(&h.token), "token printed:\n{}", d.out);
+    // Still single-use and unused: registering with it now works.
+    register(&h);
+    assert!(
+        h.dev().core().instances().len() == 1,
+        "doctor must not have registered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_without_allow_insecure_fails_the_url_check() {
+    let h = Harness::start("doctor-http").await;
+    let mut env = healthy_env(&h);
+    env.retain(|(k, _)| k != "WSRUNNER_ALLOW_INSECURE");
+    let d = doctor(env).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    d.assert_status("api-url", "FAIL");
+    assert!(
+        d.line("api-url").contains("WS_API_URL must be https://"),
+        "{}",
+        d.out
+    );
+    assert!(
+        d.line("api-url").contains("WSRUNNER_ALLOW_INSECURE=1"),
+        "{}",
+        d.out
+    );
+    // The rest of the host is still checked.
+    d.assert_status("docker", "PASS");
+    d.assert_status("image", "PASS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_fails_the_server_check() {
+    let h = Harness::start("doctor-unreachable").await;
+    // A port nothing listens on: bind, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut env = healthy_env(&h);
+    set(
+        &mut env,
+        "WS_API_URL",
+        &format!("http://127.0.0.1:{port}/api"),
+    );
+    set(&mut env, "WSRUNNER_REGISTRATION_TOKEN", &h.token);
+    let d = doctor(env).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    d.assert_status("server", "FAIL");
+    assert!(d.line("server").contains("cannot reach"), "{}", d.out);
+    assert!(d.line("server").contains("fix:"), "{}", d.out);
+    d.assert_status("credential", "SKIP");
+    assert!(!d.out.contains(&h.token), "token printed:\n{}", d.out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_credential_without_a_token_fails() {
+    let h = Harness::start("doctor-badcred").await;
+    let bogus = format!("wsrc_{}", "7".repeat(64));
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_CREDENTIAL", &bogus);
+    let d = doctor(env).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    d.assert_status("credential", "FAIL");
+    let line = d.line("credential");
+    assert!(
+        line.contains("WSRUNNER_CREDENTIAL was rejected"),
+        "{}",
+        d.out
+    );
+    assert!(
+        line.contains("WSRUNNER_REGISTRATION_TOKEN is not set"),
+        "{}",
+        d.out
+    );
+    assert!(!d.out.contains(&bogus), "credential printed:\n{}", d.out);
+
+    // A revoked instance's stored credential is rejected the same way.
+    let credential = register(&h);
+    let instance = h.dev().core().instances()[0].id;
+    h.dev().core().revoke_instance(instance).unwrap();
+    std::fs::create_dir_all(h.cache_root()).unwrap();
+    std::fs::write(h.cache_root().join("credential"), &credential).unwrap();
+    let d = doctor(healthy_env(&h)).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    assert!(
+        d.line("credential").contains("credential file")
+            && d.line("credential").contains("rejected"),
+        "{}",
+        d.out
+    );
+    assert!(
+        !d.out.contains(&credential),
+        "credential printed:\n{}",
+        d.out
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_cache_dir_fails() {
+    let h = Harness::start("doctor-cache").await;
+    let credential = register(&h);
+    // Tests run as root, so permissions alone cannot make a directory unwritable: put a
+    // regular file where a directory of the path should be.
+    let blocker = h.tmp.path().join("blocker");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_CREDENTIAL", &credential);
+    set(
+        &mut env,
+        "WSRUNNER_CACHE_ROOT",
+        &blocker.join("cache").display().to_string(),
+    );
+    let d = doctor(env).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    d.assert_status("cache", "FAIL");
+    assert!(d.line("cache").contains("is not writable"), "{}", d.out);
+    assert!(d.line("cache").contains("WSRUNNER_CACHE_ROOT"), "{}", d.out);
+    // The credential file lives under the cache root by default: it cannot persist either.
+    d.assert_status("cred-file", "FAIL");
+    assert!(
+        d.line("cred-file")
+            .contains("ask for a new token after every restart"),
+        "{}",
+        d.out
+    );
+    assert!(!blocker.join("cache").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_fails_without_pulling() {
+    let h = Harness::start("doctor-image").await;
+    let credential = register(&h);
+    let missing = format!("windshift-doctor-missing-{}:none", unique("img"));
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_CREDENTIAL", &credential);
+    set(&mut env, "WSRUNNER_IMAGE", &missing);
+    let d = doctor(env.clone()).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    d.assert_status("image", "FAIL");
+    assert!(d.line("image").contains("is not present"), "{}", d.out);
+    assert!(d.line("image").contains("docker pull"), "{}", d.out);
+
+    // An unlabelled image is refused unless allowed.
+    set(&mut env, "WSRUNNER_IMAGE", "windshift-test-agent:unlabeled");
+    let d = doctor(env.clone()).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    assert!(
+        d.line("image")
+            .contains("has no org.windshift.agent-contract label"),
+        "{}",
+        d.out
+    );
+    set(&mut env, "WSRUNNER_ALLOW_UNLABELED_IMAGE", "1");
+    let d = doctor(env).await;
+    d.assert_status("image", "WARN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_docker_cli_fails_and_skips_the_engine_checks() {
+    let h = Harness::start("doctor-docker").await;
+    let credential = register(&h);
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_CREDENTIAL", &credential);
+    set(&mut env, "WSRUNNER_DOCKER", "/nonexistent/docker");
+    let d = doctor(env).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    d.assert_status("docker", "FAIL");
+    assert!(d.line("docker").contains("WSRUNNER_DOCKER"), "{}", d.out);
+    d.assert_status("image", "SKIP");
+    d.assert_status("network", "SKIP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_held_by_a_running_runner_is_fine() {
+    let h = Harness::start("doctor-held").await;
+    let mut runner = h.runner(&[]);
+    // Wait until the runner has opened its journal (and so holds sled's lock).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !journal_exists(&h.journal_dir()) || h.dev().core().instances().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "runner never started:\n{}",
+            h.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = doctor(healthy_env(&h)).await;
+    let _ = runner.kill();
+    let _ = runner.wait();
+    d.assert_status("journal", "PASS");
+    assert!(
+        d.line("journal").contains("held by a running runner"),
+        "{}",
+        d.out
+    );
+    // The runner stored its credential; doctor finds and accepts it.
+    d.assert_status("credential", "PASS");
+    assert_eq!(d.code, 0, "{}", d.out);
+
+    // Stopped: the journal opens cleanly.
+    let d = doctor(healthy_env(&h)).await;
+    assert!(d.line("journal").contains("opens cleanly"), "{}", d.out);
+}
+
+fn journal_exists(dir: &Path) -> bool {
+    dir.join("conf").exists() || dir.join("db").exists()
+}
