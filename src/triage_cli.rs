@@ -354,7 +354,7 @@ mod tests {
             (&["---root", "/x"][..], "bad flag syntax"),
             (&["-allow-file-url=maybe"][..], "invalid boolean value"),
         ] {
-            let err = parse(PREPARE_FLAGS, args).err().expect("error");
+            let err = parse(PREPARE_FLAGS, args).expect_err("error");
             assert!(err.contains(needle), "{args:?}: {err}");
         }
         assert_eq!(parse(PUSH_FLAGS, &["-h"]).err().as_deref(), Some("help"));
