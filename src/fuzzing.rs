@@ -738,7 +738,7 @@ fn check_validators(arg: &str) {
     }
 }
 
-/// git check-ref-format's rules for a branch (an independent statement of them, plus the
+/// `git check-ref-format --branch`'s rules (an independent statement of them, plus the
 /// spec's no-leading-'-' rule), used to check what `validate_branch_name` accepts.
 fn git_ref_rules_hold(name: &str) -> bool {
     !name.is_empty()
@@ -750,6 +750,7 @@ fn git_ref_rules_hold(name: &str) -> bool {
         && !name.contains("//")
         && !name.contains("@{")
         && name != "@"
+        && name != "HEAD"
         && !name
             .bytes()
             .any(|b| b < 0x20 || b == 0x7f || b" ~^:?*[\\".contains(&b))
@@ -782,7 +783,13 @@ pub fn go_duration(data: &[u8]) -> Option<Duration> {
     let parsed = parse_go_duration(text);
     // Go's sign rule: `-x` is x negated, so it is valid exactly when x is, and only a zero
     // survives our refusal of negative values.
-    if let Some(rest) = text.trim().strip_prefix('-') {
+    // (Only for one bare sign: `- 5s` and `-+5s` are malformed in Go, while the unsigned
+    // rest would parse after trimming or as its own sign.)
+    let signed_rest = text
+        .trim()
+        .strip_prefix('-')
+        .filter(|rest| !rest.starts_with(|c: char| c.is_whitespace() || c == '+' || c == '-'));
+    if let Some(rest) = signed_rest {
         match parse_go_duration(rest) {
             Ok(d) if d.is_zero() => assert_eq!(parsed, Ok(Duration::ZERO), "{text:?}"),
             Ok(_) => assert_eq!(parsed, Err(DurationError::Negative), "{text:?}"),

@@ -150,6 +150,8 @@ fn triage_args_corpus_replays_and_seeds_parse_as_expected() {
             "seed-prepare-valid" | "seed-prepare-dest" => TriageOutcome::Prepare { valid: true },
             "seed-prepare-hostile" => TriageOutcome::Prepare { valid: false },
             "seed-push-valid" => TriageOutcome::Push { valid: true },
+            // git refuses a branch named HEAD; validation now says so up front.
+            "regress-branch-head" => TriageOutcome::Push { valid: false },
             "seed-help" => TriageOutcome::Help,
             "seed-bad-int" => TriageOutcome::FlagError,
             "seed-bad-sub" => TriageOutcome::BadSubcommand,
@@ -181,6 +183,7 @@ fn go_duration_corpus_replays_and_seeds_parse_as_go_does() {
             | "seed-1e3s"
             | "seed-minus-only"
             | "seed-minus-dot"
+            | "seed-minus-space"
             | "seed-frac-overflow" => None,
             _ => continue,
         };
