@@ -461,19 +461,30 @@ pub enum DurationError {
 /// Parses Go's `time.ParseDuration` syntax (`300ms`, `1.5h`, `2h45m`, `0`), as upstream's
 /// variables use it. Negative values are refused: every duration here is a positive interval.
 pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
-    let mut s = text.trim();
-    if s.is_empty() {
+    let text = text.trim();
+    if text.is_empty() {
         return Err(DurationError::Empty);
     }
-    if let Some(rest) = s.strip_prefix('-') {
-        if rest.trim_start_matches(['0', '.']).is_empty() {
-            return Ok(Duration::ZERO);
-        }
+    // One optional sign, as in Go: `-x` is valid exactly when `x` is; only `-0…` survives
+    // the refusal of negative values.
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let magnitude = parse_unsigned_go_duration(unsigned)?;
+    if negative && !magnitude.is_zero() {
         return Err(DurationError::Negative);
     }
-    s = s.strip_prefix('+').unwrap_or(s);
+    Ok(magnitude)
+}
+
+/// [`parse_go_duration`] after the sign.
+fn parse_unsigned_go_duration(mut s: &str) -> Result<Duration, DurationError> {
     if s == "0" {
         return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err(DurationError::BadNumber);
     }
     let mut total_nanos: u128 = 0;
     while !s.is_empty() {
@@ -513,7 +524,9 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
         let mut scale = unit_nanos;
         for digit in frac_part.bytes().take(30) {
             scale /= 10;
-            nanos += u128::from(digit - b'0') * scale;
+            nanos = nanos
+                .checked_add(u128::from(digit - b'0') * scale)
+                .ok_or(DurationError::Overflow)?;
         }
         total_nanos = total_nanos
             .checked_add(nanos)

@@ -129,6 +129,28 @@ pub struct StatusError {
 }
 
 impl StatusError {
+    /// The error of a non-2xx answer, from its status and raw body: the body is parsed as an
+    /// [`ErrorBody`] when it is one (its text redacted) and kept as a redacted excerpt either
+    /// way. Pure, so the fuzz target (`fuzzing::wire_json`) reaches the client's parsing path.
+    pub fn from_response(
+        endpoint: &'static str,
+        status: u16,
+        body: &[u8],
+        retry_after: Option<Duration>,
+    ) -> StatusError {
+        let parsed = serde_json::from_slice::<ErrorBody>(body).ok().map(|mut b| {
+            b.error = redact(&b.error).into_owned();
+            b
+        });
+        StatusError {
+            endpoint,
+            status,
+            body: parsed,
+            excerpt: redact(&excerpt(body)).into_owned(),
+            retry_after,
+        }
+    }
+
     fn message(&self) -> String {
         match &self.body {
             Some(b) if !b.error.is_empty() => {
@@ -731,19 +753,7 @@ impl Client {
                 .throttled_429
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let body = serde_json::from_slice::<ErrorBody>(&bytes)
-            .ok()
-            .map(|mut b| {
-                b.error = redact(&b.error).into_owned();
-                b
-            });
-        let se = StatusError {
-            endpoint,
-            status: status.as_u16(),
-            body,
-            excerpt: redact(&excerpt(&bytes)).into_owned(),
-            retry_after,
-        };
+        let se = StatusError::from_response(endpoint, status.as_u16(), &bytes, retry_after);
         let is_auth = match auth {
             Auth::Runtime { forbidden_is_auth } => {
                 status == StatusCode::UNAUTHORIZED
@@ -776,8 +786,12 @@ fn excerpt(bytes: &[u8]) -> String {
 
 /// `Retry-After` in seconds (the HTTP-date form is not used by Windshift).
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let secs: u64 = v.parse().ok()?;
+    parse_retry_after_value(headers.get(RETRY_AFTER)?.to_str().ok()?)
+}
+
+/// A `Retry-After` header value in seconds, capped at 300 s; `None` when it is not a number.
+pub fn parse_retry_after_value(value: &str) -> Option<Duration> {
+    let secs: u64 = value.trim().parse().ok()?;
     Some(Duration::from_secs(secs.min(300)))
 }
 

@@ -128,6 +128,10 @@ pub fn validate_branch_name(field: &'static str, name: &str) -> Result<(), Valid
     if name.contains("..") || name.contains("@{") || name == "@" {
         return fail(format!("{shown:?} contains '..' or '@{{' or is '@'"));
     }
+    // `git check-ref-format --branch HEAD` fails: git would refuse the branch much later.
+    if name == "HEAD" {
+        return fail("\"HEAD\" is not a valid branch name; give a branch such as main".into());
+    }
     if name.starts_with('/') || name.ends_with('/') || name.contains("//") {
         return fail(format!("{shown:?} has an empty path component"));
     }
@@ -427,6 +431,7 @@ mod tests {
         for bad in [
             "",
             "-x",
+            "HEAD",
             "a b",
             "a:b",
             "a?b",
