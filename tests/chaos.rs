@@ -5,7 +5,9 @@
 //! Knobs (environment):
 //! - `WSR_CHAOS_ITERATIONS` (default 20, the CI size);
 //! - `WSR_CHAOS_SEED` (default: from the clock; always printed, and printed again on failure);
-//! - `WSR_CHAOS_LONG=1`: long mode (outages up to 3 minutes, a 60 s lease window).
+//! - `WSR_CHAOS_LONG=1`: long mode (outages up to 3 minutes, a 60 s lease window);
+//! - `WSR_CHAOS_MAX_MINUTES`: stop after the iteration that crosses this budget;
+//! - `WSR_CHAOS_SUMMARY=<file>`: also write the summary table there.
 //!
 //! Long run: `WSR_CHAOS_LONG=1 WSR_CHAOS_ITERATIONS=500 cargo test --release --test chaos --
 //! --nocapture` (see docs/RELIABILITY.md, "Chaos").
@@ -74,7 +76,7 @@ enum Fault {
 #[derive(Debug, Clone)]
 enum Step {
     Kill { down_ms: u64 },
-    FaultsOn { fault: Fault, faults: Faults },
+    FaultsOn { faults: Faults },
     FaultsOff,
     OutageFor { secs: u64 },
     RestartDevserver { down_ms: u64 },
@@ -395,9 +397,13 @@ impl Chaos {
     /// Lines of the runner log saying the server refused the rest of a run's events (409).
     fn dropped_after_verdict(&self, run_id: i64) -> bool {
         let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let key = format!("run_id={run_id} ");
-        log.lines()
-            .any(|l| l.contains("server ended the run") && l.contains(&key))
+        let key = format!("run_id={run_id}");
+        log.lines().any(|l| {
+            l.contains("server ended the run")
+                && l.match_indices(&key).any(|(at, _)| {
+                    !l[at + key.len()..].starts_with(|c: char| c.is_ascii_digit())
+                })
+        })
     }
 }
 
@@ -529,7 +535,7 @@ fn draw_plan(rng: &mut Rng, iteration: usize, long: bool, tmpfs: bool) -> Plan {
                 },
                 outage_until_ms: None,
             };
-            steps.push((at, Step::FaultsOn { fault, faults }));
+            steps.push((at, Step::FaultsOn { faults }));
             steps.push((at + rng.range(1000, 5000), Step::FaultsOff));
         }
     }
@@ -575,6 +581,8 @@ struct Exposure {
     /// Sum of windows in which the runner could not heartbeat (dead, server down, outage).
     unreachable: Duration,
     force_canceled: Vec<i64>,
+    /// Set when the runner did not exit 0 after a SIGTERM drain.
+    drain_failed: Option<String>,
     killed: bool,
     devserver_restarted: bool,
 }
@@ -641,9 +649,7 @@ async fn execute(chaos: &mut Chaos, plan: &Plan, ids: &[i64], exposure: &mut Exp
                 chaos.signal_runner(libc::SIGTERM);
                 let code = chaos.wait_runner_exit(Duration::from_secs(90)).await;
                 if code != Some(0) {
-                    // Recorded by the caller through the log; keep going.
-                    eprintln!("chaos: runner exit after SIGTERM drain: {code:?}");
-                    exposure.force_canceled.push(-1);
+                    exposure.drain_failed = Some(format!("exit {code:?}"));
                 }
                 chaos.start_runner();
                 exposure.unreachable += began.elapsed();
@@ -831,7 +837,13 @@ async fn chaos_runner_keeps_every_invariant_under_faults() {
     let mut all_runs: Vec<RunRecord> = Vec::new();
     let started = Instant::now();
 
+    // A time budget for long runs: stop after the iteration that crosses it (the summary says so).
+    let budget = env_u64("WSR_CHAOS_MAX_MINUTES").map(|m| Duration::from_secs(m * 60));
     for iteration in 0..iterations {
+        if budget.is_some_and(|b| started.elapsed() > b) {
+            eprintln!("chaos: time budget reached after {iteration} iterations");
+            break;
+        }
         let plan = draw_plan(&mut rng, iteration, long, chaos.tmpfs);
         for f in &plan.faults {
             *tally.faults.entry(*f).or_default() += 1;
@@ -859,15 +871,29 @@ async fn chaos_runner_keeps_every_invariant_under_faults() {
         chaos.release_disk();
         chaos.set_faults(Faults::default());
         let mut violations = Vec::new();
-        if exposure.force_canceled.contains(&-1) {
-            violations.push("runner did not exit 0 after a SIGTERM drain".to_string());
+        if let Some(how) = &exposure.drain_failed {
+            violations.push(format!("runner did not exit 0 after a SIGTERM drain: {how}"));
         }
 
-        let settled = wait_for(Duration::from_secs(180), || {
-            ids.iter()
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let settled = loop {
+            // A runner must not die by itself (e.g. at boot under 5xx): restart it and say so.
+            if let Some(Ok(Some(status))) = chaos.runner.as_mut().map(|c| c.try_wait()) {
+                violations.push(format!("runner exited by itself: {status}"));
+                chaos.runner = None;
+                chaos.start_runner();
+            }
+            if ids
+                .iter()
                 .all(|id| TERMINAL.contains(&chaos.run(*id).status.as_str()))
-        })
-        .await;
+            {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         if !settled {
             violations.push("runs not terminal within 180 s".into());
         }
@@ -912,7 +938,14 @@ async fn chaos_runner_keeps_every_invariant_under_faults() {
             "chaos: iteration {iteration}: faults {:?}, runs {:?}, unreachable {:?}, violations {}",
             plan.faults,
             runs.iter()
-                .map(|r| format!("{}={}", r.id, chaos.run(r.id).status))
+                .map(|r| {
+                    let run = chaos.run(r.id);
+                    if run.error.is_empty() {
+                        format!("{}={}", r.id, run.status)
+                    } else {
+                        format!("{}={} ({})", r.id, run.status, run.error)
+                    }
+                })
                 .collect::<Vec<_>>(),
             exposure.unreachable,
             violations.len()
@@ -932,6 +965,8 @@ async fn chaos_runner_keeps_every_invariant_under_faults() {
         let _ = std::fs::write(path, &summary);
     }
     if !tally.violations.is_empty() {
+        // Keep the devserver data, journal and runner log for the post-mortem.
+        chaos.tmp.disable_cleanup(true);
         let kept = chaos.tmp.path().to_path_buf();
         eprintln!(
             "--- runner log (tail) ---\n{}\n--- end ---",
