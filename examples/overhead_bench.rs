@@ -13,8 +13,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use windshift_devserver::types::{CreatePool, CreateRepo, EnqueueRepo, EnqueueRun, MintToken};
-use windshift_devserver::{DevServer, DevServerConfig};
+use windshift_devserver::types::{
+    CreatePool, CreateRepo, EnqueueRepo, EnqueueRun, MintToken, RunView,
+};
+use windshift_devserver::{Core, DevServer, DevServerConfig};
 
 const IMAGE: &str = "windshift-test-agent:dev";
 const SLUG: &str = "bench/app";
@@ -30,6 +32,19 @@ fn git(dir: &Path, args: &[&str]) {
         .output()
         .expect("git");
     assert!(out.status.success(), "git {args:?}: {out:?}");
+}
+
+/// Waits until the runner finished the run (polled every 20 ms; durations use server stamps).
+async fn wait_final(core: &Core, id: i64) -> RunView {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = core.run(id).expect("run");
+        if !matches!(r.status.as_str(), "queued" | "running") {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "runner run {id} did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -133,17 +148,6 @@ async fn main() {
         .spawn()
         .expect("runner");
 
-    let run_through_runner = |id: i64| async move {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let r = core.run(id).expect("run");
-            if !matches!(r.status.as_str(), "queued" | "running") {
-                return r;
-            }
-            assert!(Instant::now() < deadline, "runner run {id} did not finish");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     let run_floor = |id: i64| {
         let out = Command::new(&floor)
             .arg(dev.api_url())
@@ -155,12 +159,12 @@ async fn main() {
         assert!(out.status.success(), "floor run {id}: {out:?}");
         core.run(id).expect("run")
     };
-    let took = |r: &windshift_devserver::types::RunView| {
+    let took = |r: &RunView| {
         (r.ended_at_ms.unwrap_or(0) - r.started_at_ms.unwrap_or(0)) as f64
     };
 
     // Warm-up: fills both bare caches and the page cache; not measured.
-    let w = run_through_runner(enqueue(runner_pool)).await;
+    let w = wait_final(&core, enqueue(runner_pool)).await;
     assert_eq!(w.status, "succeeded", "warm-up runner run: {w:?}");
     let w = run_floor(enqueue(floor_pool));
     assert_eq!(w.status, "succeeded", "warm-up floor run: {w:?}");
@@ -168,7 +172,7 @@ async fn main() {
     println!("per-run overhead: {rounds} rounds, warm caches, claim → accepted report (server clock)");
     let (mut rs, mut fs) = (vec![], vec![]);
     for round in 0..rounds {
-        let r = run_through_runner(enqueue(runner_pool)).await;
+        let r = wait_final(&core, enqueue(runner_pool)).await;
         assert_eq!(r.status, "succeeded", "{r:?}");
         let f = run_floor(enqueue(floor_pool));
         assert_eq!(f.status, "succeeded", "{f:?}");

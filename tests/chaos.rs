@@ -104,6 +104,8 @@ struct Chaos {
     journal_dir: PathBuf,
     log_path: PathBuf,
     runner: Option<Child>,
+    /// When the current runner process was spawned.
+    spawned_at: Instant,
     tmpfs: bool,
     liveness: Duration,
 }
@@ -176,6 +178,7 @@ impl Chaos {
             token,
             cache_root,
             runner: None,
+            spawned_at: Instant::now(),
             tmpfs,
             liveness,
         }
@@ -216,6 +219,7 @@ impl Chaos {
             .spawn()
             .expect("runner starts");
         self.runner = Some(child);
+        self.spawned_at = Instant::now();
     }
 
     fn signal_runner(&self, sig: i32) {
@@ -603,6 +607,9 @@ struct Tally {
 async fn execute(chaos: &mut Chaos, plan: &Plan, ids: &[i64], exposure: &mut Exposure) {
     let mut now = 0;
     for (at, step) in &plan.steps {
+        if std::env::var("WSR_CHAOS_TRACE").is_ok() {
+            eprintln!("chaos: step at {at} ms: {step:?} (runner pid {:?})", chaos.runner.as_ref().map(|c| c.id()));
+        }
         if *at > now {
             tokio::time::sleep(Duration::from_millis(at - now)).await;
             now = *at;
@@ -646,6 +653,11 @@ async fn execute(chaos: &mut Chaos, plan: &Plan, ids: &[i64], exposure: &mut Exp
                 }
             }
             Step::Drain => {
+                // A SIGTERM in the first milliseconds after exec, before the runtime installed
+                // its handler, ends the process by the default action (like a crash, which
+                // recovery handles); the drain under test is that of a started runner.
+                let up = chaos.spawned_at + Duration::from_secs(1);
+                tokio::time::sleep_until(up.into()).await;
                 chaos.signal_runner(libc::SIGTERM);
                 let code = chaos.wait_runner_exit(Duration::from_secs(90)).await;
                 if code != Some(0) {

@@ -450,9 +450,15 @@ impl RunTask {
                 if let Err(e) = send_prompt(stdin.as_ref(), &plan.prompt, &dir).await {
                     warn!(
                         run_id = self.run_id,
-                        "writing the prompt after re-attach failed: {e}"
+                        "writing the prompt after re-attach failed: {e}; killing the container (the agent can never receive its prompt)"
                     );
                     stdin = None;
+                    // Without a prompt the agent waits on an open stdin forever (found by the
+                    // chaos suite: SIGKILL between `start` and the stdin holder). Killing the
+                    // container ends the run as failed (spec 6.1) instead of hanging it.
+                    if let Err(e) = self.ctx.engine.kill(name).await {
+                        warn!(run_id = self.run_id, "cannot kill the container: {e}");
+                    }
                 }
             }
         } else {
