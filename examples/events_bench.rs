@@ -27,9 +27,7 @@ async fn main() {
         .await
         .expect("devserver");
     let core = dev.core().clone();
-    println!(
-        "{events} content events per round, server limit 20 req/s burst 100, {rounds} rounds"
-    );
+    println!("{events} content events per round, server limit 20 req/s burst 100, {rounds} rounds");
     let mut drains = Vec::new();
     for round in 0..rounds {
         // A fresh pool and instance per round: the rate bucket starts full each time.
@@ -77,7 +75,10 @@ async fn main() {
         let queued = t.elapsed();
         let summary = stream.finish().await;
         let drained = t.elapsed();
-        assert_eq!(summary.stopped, None, "the server accepted the run's events");
+        assert_eq!(
+            summary.stopped, None,
+            "the server accepted the run's events"
+        );
 
         // None lost, none reordered: the stored texts concatenate to every line in order.
         let stored = core.events(run.id).expect("events");

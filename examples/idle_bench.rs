@@ -15,15 +15,20 @@ use std::time::Duration;
 use windshift_devserver::types::{CreatePool, MintToken};
 use windshift_devserver::{DevServer, DevServerConfig};
 
-/// Resident set (KiB) and user+system CPU ticks of a process, from /proc.
-fn sample(pid: u32) -> (u64, u64) {
+/// A `/proc/<pid>/status` field in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
+    status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// Resident set (KiB) and user+system CPU ticks of a process, from /proc.
+fn sample(pid: u32) -> (u64, u64) {
+    let rss = status_kib(pid, "VmRSS:");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces): utime is 14th, stime 15th.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -57,6 +62,8 @@ fn release_dir() -> PathBuf {
 
 struct Measured {
     rss_kib: f64,
+    /// Private (anonymous) resident memory: heap and stacks, without mapped code.
+    anon_kib: f64,
     peak_rss_kib: f64,
     cpu_pct: f64,
 }
@@ -71,9 +78,11 @@ async fn measure(child: &Child, warmup: Duration, window: Duration) -> Measured 
         rss.push(sample(child.id()).0 as f64);
     }
     let (_, t1) = sample(child.id());
+    let anon_kib = status_kib(child.id(), "RssAnon:") as f64;
     let peak = rss.iter().cloned().fold(0.0, f64::max);
     Measured {
         rss_kib: median(rss),
+        anon_kib,
         peak_rss_kib: peak,
         cpu_pct: (t1 - t0) as f64 / ticks_per_sec() / window.as_secs_f64() * 100.0,
     }
@@ -115,6 +124,7 @@ async fn main() {
     );
     let (mut r_rss, mut r_peak, mut r_cpu, mut f_rss, mut f_peak, mut f_cpu) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut r_anon, mut f_anon) = (vec![], vec![]);
     for round in 0..rounds {
         let token = |_: ()| {
             core.mint_token(pool.id, &MintToken::default())
@@ -163,14 +173,18 @@ async fn main() {
         let _ = runner.wait();
         let _ = floor.wait();
         println!(
-            "round {round}: runner RSS {:.1} MiB (peak {:.1}) CPU {:.2}% | floor RSS {:.1} MiB (peak {:.1}) CPU {:.2}%",
+            "round {round}: runner RSS {:.1} MiB (peak {:.1}, anon {:.1}) CPU {:.2}% | floor RSS {:.1} MiB (peak {:.1}, anon {:.1}) CPU {:.2}%",
             r.rss_kib / 1024.0,
             r.peak_rss_kib / 1024.0,
+            r.anon_kib / 1024.0,
             r.cpu_pct,
             f.rss_kib / 1024.0,
             f.peak_rss_kib / 1024.0,
+            f.anon_kib / 1024.0,
             f.cpu_pct
         );
+        r_anon.push(r.anon_kib);
+        f_anon.push(f.anon_kib);
         r_rss.push(r.rss_kib);
         r_peak.push(r.peak_rss_kib);
         r_cpu.push(r.cpu_pct);
@@ -179,6 +193,13 @@ async fn main() {
         f_cpu.push(f.cpu_pct);
     }
     let (rr, fr) = (median(r_rss), median(f_rss));
+    let (ra, fa) = (median(r_anon), median(f_anon));
+    println!(
+        "median anonymous RSS: runner {:.1} MiB, floor {:.1} MiB ({:.2}x)",
+        ra / 1024.0,
+        fa / 1024.0,
+        ra / fa
+    );
     println!(
         "median: runner RSS {:.1} MiB (peak {:.1}), CPU {:.2}% | floor RSS {:.1} MiB (peak {:.1}), CPU {:.2}% | RSS ratio {:.2}x",
         rr / 1024.0,

@@ -29,7 +29,11 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let Some(cred) = reg.get("credential").and_then(|c| c.as_str()).map(str::to_owned) else {
+    let Some(cred) = reg
+        .get("credential")
+        .and_then(|c| c.as_str())
+        .map(str::to_owned)
+    else {
         eprintln!("idle_floor: register answered without a credential");
         std::process::exit(1);
     };

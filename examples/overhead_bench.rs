@@ -62,7 +62,10 @@ async fn main() {
     let runner_bin = root.join("target/release/windshift-runner");
     let floor = root.join("scripts/bench/floor_run.sh");
     if !runner_bin.exists() {
-        eprintln!("missing {}: cargo build --release --bin windshift-runner", runner_bin.display());
+        eprintln!(
+            "missing {}: cargo build --release --bin windshift-runner",
+            runner_bin.display()
+        );
         std::process::exit(2);
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -71,7 +74,11 @@ async fn main() {
     git(&src, &["init", "-q", "-b", "main"]);
     // A small real-looking repository: 200 files.
     for i in 0..200 {
-        std::fs::write(src.join(format!("lib/f{i}.rs")), format!("pub fn f{i}() {{}}\n")).unwrap();
+        std::fs::write(
+            src.join(format!("lib/f{i}.rs")),
+            format!("pub fn f{i}() {{}}\n"),
+        )
+        .unwrap();
     }
     git(&src, &["add", "."]);
     git(&src, &["commit", "-q", "-m", "initial"]);
@@ -95,7 +102,11 @@ async fn main() {
         .id
     };
     let (runner_pool, floor_pool) = (pool("runner"), pool("floor"));
-    let mint = |p| core.mint_token(p, &MintToken::default()).expect("token").token;
+    let mint = |p| {
+        core.mint_token(p, &MintToken::default())
+            .expect("token")
+            .token
+    };
     let enqueue = |p| {
         core.enqueue(&EnqueueRun {
             pool_id: p,
@@ -113,7 +124,14 @@ async fn main() {
 
     // The floor's credential: register once, outside the measured part.
     let reg = Command::new("curl")
-        .args(["-sf", "-X", "POST", "-H", "Content-Type: application/json", "-d"])
+        .args([
+            "-sf",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+        ])
         .arg(format!(
             r#"{{"registration_token":"{}","name":"floor"}}"#,
             mint(floor_pool)
@@ -159,9 +177,7 @@ async fn main() {
         assert!(out.status.success(), "floor run {id}: {out:?}");
         core.run(id).expect("run")
     };
-    let took = |r: &RunView| {
-        (r.ended_at_ms.unwrap_or(0) - r.started_at_ms.unwrap_or(0)) as f64
-    };
+    let took = |r: &RunView| (r.ended_at_ms.unwrap_or(0) - r.started_at_ms.unwrap_or(0)) as f64;
 
     // Warm-up: fills both bare caches and the page cache; not measured.
     let w = wait_final(&core, enqueue(runner_pool)).await;
@@ -169,7 +185,9 @@ async fn main() {
     let w = run_floor(enqueue(floor_pool));
     assert_eq!(w.status, "succeeded", "warm-up floor run: {w:?}");
 
-    println!("per-run overhead: {rounds} rounds, warm caches, claim → accepted report (server clock)");
+    println!(
+        "per-run overhead: {rounds} rounds, warm caches, claim → accepted report (server clock)"
+    );
     let (mut rs, mut fs) = (vec![], vec![]);
     for round in 0..rounds {
         let r = wait_final(&core, enqueue(runner_pool)).await;
@@ -186,7 +204,10 @@ async fn main() {
         fs.push(took(&f));
     }
     let (r, f) = (median(rs), median(fs));
-    println!("median: runner {r:.0} ms, floor {f:.0} ms, ratio {:.2}", r / f);
+    println!(
+        "median: runner {r:.0} ms, floor {f:.0} ms, ratio {:.2}",
+        r / f
+    );
     // SAFETY: kill(2) on our own child.
     unsafe {
         libc::kill(runner.id() as i32, libc::SIGTERM);

@@ -860,6 +860,26 @@ impl RunTask {
                 remove_dir(&self.container_dir(&c.name));
             }
         }
+        // Private dirs of attempts whose container was already gone (e.g. removed before a
+        // crash, then redone by recovery); found by the chaos suite, else only the next
+        // start's sweep removed them.
+        let attempt0 = crate::effects::container::container_name(
+            &self.ctx.engine.cfg.instance,
+            self.run_id,
+            0,
+        );
+        if let Some(prefix) = attempt0.strip_suffix('0') {
+            if let Ok(entries) = std::fs::read_dir(&self.ctx.containers_dir) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.strip_prefix(prefix).is_some_and(|attempt| {
+                        !attempt.is_empty() && attempt.bytes().all(|b| b.is_ascii_digit())
+                    }) {
+                        remove_dir(&entry.path());
+                    }
+                }
+            }
+        }
         self.remove_checkout().await;
         for secret in self.secrets.env.values() {
             crate::redact::forget_secret(secret);
