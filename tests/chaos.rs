@@ -8,7 +8,7 @@
 //! - `WSR_CHAOS_LONG=1`: long mode (outages up to 3 minutes, a 60 s lease window);
 //! - `WSR_CHAOS_MAX_MINUTES`: stop after the iteration that crosses this budget;
 //! - `WSR_CHAOS_SUMMARY=<file>`: also write the summary table there;
-//! - `WSR_CHAOS_STRICT=1`: open findings (docs/RELIABILITY.md, F6) fail the test too.
+//! - `WSR_CHAOS_STRICT=1`: open findings (docs/RELIABILITY.md, F5 and F6) fail the test too.
 //!
 //! Long run: `WSR_CHAOS_LONG=1 WSR_CHAOS_ITERATIONS=500 cargo test --release --test chaos --
 //! --nocapture` (see docs/RELIABILITY.md, "Chaos").
@@ -30,8 +30,8 @@ const IMAGE: &str = "windshift-test-agent:dev";
 const SLUG: &str = "acme/app";
 const LABEL_INSTANCE: &str = "org.windshift.runner.instance";
 const TERMINAL: [&str; 4] = ["succeeded", "failed", "canceled", "killed"];
-/// Recovery decisions that do not re-read the container's output (open finding F6).
-const F6_DECISIONS: [&str; 5] = [
+/// Recovery decisions that do not re-read the container's output (open finding F5).
+const F5_DECISIONS: [&str; 5] = [
     "harvest_exit",
     "push_again",
     "report_again",
@@ -408,7 +408,7 @@ impl Chaos {
     }
 
     /// True if the runner logged the claim of this run and nothing else about it: the claim
-    /// answer arrived, the run never reached the journal (F7).
+    /// answer arrived, the run never reached the journal (F6).
     fn claim_forgotten(&self, run_id: i64) -> bool {
         let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let key = format!("run_id={run_id}");
@@ -638,9 +638,9 @@ struct Tally {
     reaped: usize,
     duplicate_events: usize,
     events_dropped_after_verdict: usize,
-    /// Runs that hit the open finding F6 (counted, not failed unless strict).
+    /// Runs that hit the open finding F5 (counted, not failed unless strict).
     known_f6: usize,
-    /// Runs that hit the open finding F7 (claimed, never journaled).
+    /// Runs that hit the open finding F6 (claimed, never journaled).
     known_f7: usize,
     violations: Vec<String>,
 }
@@ -757,11 +757,11 @@ fn check_runs(
         *tally.statuses.entry(run.status.clone()).or_default() += 1;
         if !TERMINAL.contains(&run.status.as_str()) {
             if run.status == "running" && chaos.claim_forgotten(r.id) && !strict() {
-                // Open finding F7: the runner died after the server answered the claim and
+                // Open finding F6: the runner died after the server answered the claim and
                 // before the run was journaled; the instance's heartbeats keep the lease, so
                 // only the server's duration backstop would end it. Cancel it to go on.
                 eprintln!(
-                    "chaos: KNOWN F7 (iteration {}): run {} claimed, then forgotten by a restart",
+                    "chaos: KNOWN F6 (iteration {}): run {} claimed, then forgotten by a restart",
                     r.iteration, r.id
                 );
                 tally.known_f7 += 1;
@@ -845,16 +845,16 @@ fn check_runs(
             let refused = chaos.dropped_after_verdict(r.id);
             if refused {
                 tally.events_dropped_after_verdict += (r.flood - next) as usize;
-            } else if let Some(decision) = F6_DECISIONS
+            } else if let Some(decision) = F5_DECISIONS
                 .iter()
                 .find(|d| run.status == "succeeded" && chaos.recovered_with(r.id, d))
                 .filter(|_| !strict())
             {
-                // Open finding F6 (docs/RELIABILITY.md): events queued in memory at a SIGKILL
+                // Open finding F5 (docs/RELIABILITY.md): events queued in memory at a SIGKILL
                 // are lost when recovery does not re-read the container's output. Counted
                 // and printed, not failed, unless WSR_CHAOS_STRICT=1.
                 eprintln!(
-                    "chaos: KNOWN F6 (iteration {}): run {} lost {} of {} flood events after recovery decision {decision}",
+                    "chaos: KNOWN F5 (iteration {}): run {} lost {} of {} flood events after recovery decision {decision}",
                     r.iteration,
                     r.id,
                     r.flood - next,
@@ -971,7 +971,7 @@ async fn chaos_runner_keeps_every_invariant_under_faults() {
         let deadline = Instant::now() + Duration::from_secs(180);
         let started_settle = Instant::now();
         let settled = loop {
-            // F7 (see check_runs) never settles by itself: stop waiting once it is certain.
+            // F6 (see check_runs) never settles by itself: stop waiting once it is certain.
             if !strict()
                 && ids.iter().any(|id| chaos.claim_forgotten(*id))
                 && started_settle.elapsed() > Duration::from_secs(20)
@@ -1119,12 +1119,12 @@ fn summary(t: &Tally, seed: u64, took: Duration, long: bool, tmpfs: bool) -> Str
     );
     let _ = writeln!(
         s,
-        "| open finding F6 hit (events lost after `harvest_exit` recovery; fails with WSR_CHAOS_STRICT=1) | {} |",
+        "| open finding F5 hit (events lost after a recovery that does not re-read the logs; fails with WSR_CHAOS_STRICT=1) | {} |",
         t.known_f6
     );
     let _ = writeln!(
         s,
-        "| open finding F7 hit (claimed run never journaled; fails with WSR_CHAOS_STRICT=1) | {} |",
+        "| open finding F6 hit (claimed run never journaled; fails with WSR_CHAOS_STRICT=1) | {} |",
         t.known_f7
     );
     let _ = writeln!(s, "| invariant violations | {} |", t.violations.len());
