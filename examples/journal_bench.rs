@@ -1,8 +1,8 @@
 //! Journal performance report (docs/PERFORMANCE.md):
 //! 1. per-transition commit latency (one sled transaction + blocking flush) against a raw
 //!    4 KiB write + fsync in the same directory, measured in the same run;
-//! 2. journal open time (open + read the active-runs index, what start-up does) with 10,000
-//!    terminal and 100 active runs.
+//! 2. journal open time (open + read the active-runs index, what start-up does) with 100,000
+//!    terminal and 100 active runs (`JOURNAL_BENCH_TERMINAL` changes the terminal count).
 //!
 //! `cargo run --release --example journal_bench -- [DIR] [ROUNDS]`
 //! DIR defaults to a fresh dir under target/ (the same disk as the build); ROUNDS to 3.
@@ -17,7 +17,8 @@ use windshift_runner::fsm::{self, Checkout, CheckoutRepo, Event, RepoHead, RunPl
 use windshift_runner::journal::{commit_event, Journal, Record, SledJournal, SCHEMA_VERSION};
 
 const TRANSITIONS: usize = 2_000;
-const TERMINAL_RUNS: i64 = 10_000;
+/// Default number of terminal runs in the start-up journal (`JOURNAL_BENCH_TERMINAL`).
+const TERMINAL_RUNS: i64 = 100_000;
 const ACTIVE_RUNS: i64 = 100;
 const OPENS: usize = 5;
 
@@ -129,16 +130,17 @@ fn raw_fsync_latency(dir: &Path) -> (Duration, Duration) {
     (percentile(&samples, 0.5), percentile(&samples, 0.99))
 }
 
-/// Builds the 10,000 terminal + 100 active journal once (flushing in batches), then times
-/// open + active() OPENS times and returns the median.
-fn open_time(dir: &Path) -> (Duration, usize) {
+/// Builds the terminal + 100 active journal once (flushing in batches), then times
+/// open + active() OPENS times and returns the median, and the time the build took.
+fn open_time(dir: &Path, terminal_runs: i64) -> (Duration, usize) {
     let path = dir.join("open");
+    let built = Instant::now();
     {
         let j = SledJournal::open(&path).expect("open");
-        for run in 1..=(TERMINAL_RUNS + ACTIVE_RUNS) {
+        for run in 1..=(terminal_runs + ACTIVE_RUNS) {
             let p = plan(run);
             let evs = events(&p);
-            let upto = if run > TERMINAL_RUNS { 4 } else { evs.len() };
+            let upto = if run > terminal_runs { 4 } else { evs.len() };
             let mut last: Option<Record> = None;
             for event in &evs[..upto] {
                 let (state, _) = fsm::apply(last.as_ref().map(|r| &r.state), event).expect("legal");
@@ -163,6 +165,16 @@ fn open_time(dir: &Path) -> (Duration, usize) {
         }
         j.flush().expect("flush");
     }
+    let size = std::process::Command::new("du")
+        .arg("-sh")
+        .arg(&path)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    println!(
+        "built the start-up journal ({terminal_runs} terminal + {ACTIVE_RUNS} active runs) in {:.1} s: {size}",
+        built.elapsed().as_secs_f64()
+    );
     let mut times = Vec::new();
     let mut active = 0;
     for _ in 0..OPENS {
@@ -204,7 +216,11 @@ fn main() {
         r50.push(us(rp50));
         r99.push(us(rp99));
     }
-    let (open, active) = open_time(&dir);
+    let terminal_runs: i64 = std::env::var("JOURNAL_BENCH_TERMINAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(TERMINAL_RUNS);
+    let (open, active) = open_time(&dir, terminal_runs);
     println!(
         "median: commit p50 {:.0} us, p99 {:.0} us; raw write+fsync p50 {:.0} us, p99 {:.0} us",
         median(c50),
@@ -213,7 +229,7 @@ fn main() {
         median(r99)
     );
     println!(
-        "open + read active index, {TERMINAL_RUNS} terminal + {ACTIVE_RUNS} active runs: median of {OPENS} = {:.1} ms ({active} active found)",
+        "open + read active index, {terminal_runs} terminal + {ACTIVE_RUNS} active runs: median of {OPENS} = {:.1} ms ({active} active found)",
         open.as_secs_f64() * 1e3
     );
     let _ = std::fs::remove_dir_all(&dir);

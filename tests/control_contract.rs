@@ -57,6 +57,18 @@ async fn preflight_unreachable_is_only_a_warning() {
 }
 
 #[tokio::test]
+async fn preflight_during_an_outage_is_only_a_warning() {
+    let ts = TestServer::start().await;
+    let until = windshift_devserver::core::now_ms() + 60_000;
+    ts.server.core().faults.lock().unwrap().outage_until_ms = Some(until);
+    match client(&ts.api_url()).preflight().await.unwrap() {
+        Preflight::Unreachable { message } => assert!(message.contains("503"), "{message}"),
+        other => panic!("a 503 is transient, not fatal: {other:?}"),
+    }
+    ts.server.stop().await;
+}
+
+#[tokio::test]
 async fn register_201_then_token_reuse_and_garbage_are_401() {
     let ts = TestServer::start().await;
     let pool = ts.pool(0);

@@ -467,7 +467,7 @@ impl Client {
     }
 
     /// `GET /version` (spec 2.2). A bad status or body is an error (fatal at boot, with the
-    /// `/api` guidance); a transport error is [`Preflight::Unreachable`].
+    /// `/api` guidance); a transport error, a 5xx or a 429 is [`Preflight::Unreachable`].
     pub async fn preflight(&self) -> Result<Preflight, ControlError> {
         let url = format!("{}/version", self.inner.base);
         let resp = match self.inner.http.get(&url).send().await {
@@ -484,6 +484,15 @@ impl Client {
             url: redact(&url).into_owned(),
             detail,
         };
+        // 5xx and 429 say the server is there but busy or restarting: as transient as a
+        // refused connection. Fatal here would exit 78, which the unit's
+        // RestartPreventExitStatus keeps down for good (found by the chaos suite: a runner
+        // restarted during an outage never came back).
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            return Ok(Preflight::Unreachable {
+                message: format!("{} answered HTTP {}", redact(&url), status.as_u16()),
+            });
+        }
         if status != StatusCode::OK {
             return Err(fail(format!("answered HTTP {}", status.as_u16())));
         }

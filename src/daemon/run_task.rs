@@ -464,9 +464,15 @@ impl RunTask {
                 if let Err(e) = send_prompt(stdin.as_ref(), &plan.prompt, &dir).await {
                     warn!(
                         run_id = self.run_id,
-                        "writing the prompt after re-attach failed: {e}"
+                        "writing the prompt after re-attach failed: {e}; killing the container (the agent can never receive its prompt)"
                     );
                     stdin = None;
+                    // Without a prompt the agent waits on an open stdin forever (found by the
+                    // chaos suite: SIGKILL between `start` and the stdin holder). Killing the
+                    // container ends the run as failed (spec 6.1) instead of hanging it.
+                    if let Err(e) = self.ctx.engine.kill(name).await {
+                        warn!(run_id = self.run_id, "cannot kill the container: {e}");
+                    }
                 }
             }
         } else {
@@ -862,6 +868,26 @@ impl RunTask {
                     warn!(container = %c.name, "container removal failed (the sweep retries): {e}");
                 }
                 remove_dir(&self.container_dir(&c.name));
+            }
+        }
+        // Private dirs of attempts whose container was already gone (e.g. removed before a
+        // crash, then redone by recovery); found by the chaos suite, else only the next
+        // start's sweep removed them.
+        let attempt0 = crate::effects::container::container_name(
+            &self.ctx.engine.cfg.instance,
+            self.run_id,
+            0,
+        );
+        if let Some(prefix) = attempt0.strip_suffix('0') {
+            if let Ok(entries) = std::fs::read_dir(&self.ctx.containers_dir) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.strip_prefix(prefix).is_some_and(|attempt| {
+                        !attempt.is_empty() && attempt.bytes().all(|b| b.is_ascii_digit())
+                    }) {
+                        remove_dir(&entry.path());
+                    }
+                }
             }
         }
         self.remove_checkout().await;
