@@ -155,7 +155,7 @@ async fn a_crash_while_the_server_is_down_completes_once_both_are_back() {
     // The runner starts without the server: it must not give up, and must keep the agent.
     let mut second = h.runner(&[]);
     h.wait_until(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "recovery without the server",
         || h.log().contains("decision=\"reattach\"") || h.log().contains("decision=reattach"),
     )
@@ -224,4 +224,24 @@ async fn a_restart_after_the_server_reaped_the_run_abandons_it_cleanly() {
     assert!(describe.contains("abandoned"), "{describe}");
     let verify = h.journal_verify();
     assert!(verify.status.success(), "{verify:?}");
+}
+
+/// An idle runner whose server disappeared still stops promptly on SIGTERM: a claim or a
+/// heartbeat retrying an unreachable server does not hold up the shutdown for its whole
+/// retry budget (two minutes by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_server_gone_stops_without_waiting_out_retries() {
+    let mut h = Harness::start("gone-stop").await;
+    let mut runner = h.runner(&[]);
+    h.wait_ready(1).await;
+    h.stop_dev().await;
+    // Let the claim loop and a heartbeat both start retrying against the dead address.
+    h.wait_until(Duration::from_secs(30), "calls retrying", || {
+        h.log().contains("retrying control-plane call")
+    })
+    .await;
+    signal(&runner, libc::SIGTERM);
+    // Far below the client's 120 s retry budget, which an unfixed runner waits out.
+    let code = wait_exit(&mut runner, Duration::from_secs(30)).await;
+    assert_eq!(code, 0, "{}", h.log());
 }

@@ -39,6 +39,9 @@ use crate::metrics::{Health, Metrics};
 use run_task::{RunTask, Start, StopRequest};
 use systemd::Notifier;
 
+/// How long an in-flight claim may still take once a shutdown was asked for.
+const SHUTDOWN_CLAIM_GRACE: Duration = Duration::from_secs(5);
+
 /// Exit code for a fatal runtime error (journal, Docker, server unreachable at registration).
 pub const EXIT_FATAL: i32 = 1;
 
@@ -578,7 +581,24 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
             p = sup.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = shutdown.changed() => continue,
         };
-        let wait = match ctx.client.claim().await {
+        // A claim retrying against an unreachable server must not hold up a shutdown for
+        // its whole retry budget; one that is merely slow gets a few seconds to answer, so
+        // a run the server already handed us is not dropped.
+        let claim = ctx.client.claim();
+        tokio::pin!(claim);
+        let claimed = tokio::select! {
+            r = &mut claim => r,
+            _ = shutdown.changed() => {
+                match tokio::time::timeout(SHUTDOWN_CLAIM_GRACE, &mut claim).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        warn!("shutting down: abandoned a claim the server has not answered");
+                        return;
+                    }
+                }
+            }
+        };
+        let wait = match claimed {
             Ok(Some(job)) => {
                 sup.last_contact.store(now_ms(), Ordering::Relaxed);
                 ctx.metrics.request("claim", "ok");
@@ -658,7 +678,12 @@ async fn heartbeat_loop(
             _ = stop.changed() => return,
         }
         tick.store(now_ms(), Ordering::Relaxed);
-        match ctx.client.heartbeat().await {
+        // The stop signal also interrupts a heartbeat that is retrying an unreachable server.
+        let beat = tokio::select! {
+            r = ctx.client.heartbeat() => r,
+            _ = stop.changed() => return,
+        };
+        match beat {
             Ok(hb) => {
                 last_contact.store(now_ms(), Ordering::Relaxed);
                 ctx.metrics.request("heartbeat", "ok");
