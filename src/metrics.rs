@@ -220,7 +220,7 @@ impl Metrics {
             ),
             (
                 "windshift_runner_events_dropped_total",
-                "Run events not delivered because the server said the run is final (409).",
+                "Run events not delivered: the run was final or not ours (409/403/404), the event was refused (400), or its retry budget ran out.",
                 &self.events_dropped,
             ),
         ] {

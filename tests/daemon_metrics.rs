@@ -43,6 +43,7 @@ async fn metrics_and_health_follow_the_daemon() {
                     &text,
                     "windshift_runner_requests_total{call=\"claim\",outcome=\"no_work\"}",
                 ) >= Some(1.0)
+                && metric(&text, "windshift_runner_events_sent_total") >= Some(4.0)
         },
     )
     .await;
@@ -69,6 +70,11 @@ async fn metrics_and_health_follow_the_daemon() {
     );
     assert!(
         metric(&text, "windshift_runner_queue_depth").is_some(),
+        "{text}"
+    );
+    // Every run sends lifecycle and agent events; the sender's totals reach /metrics.
+    assert!(
+        metric(&text, "windshift_runner_events_sent_total") >= Some(4.0),
         "{text}"
     );
     assert!(

@@ -748,6 +748,7 @@ async fn watchdog_loop(
         .min(ctx.cfg.heartbeat_interval)
         .max(Duration::from_millis(100));
     let window = (ctx.cfg.heartbeat_interval * 2).as_millis() as i64;
+    let mut seen_events = crate::control::events::EventCountsSnapshot::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -775,5 +776,14 @@ async fn watchdog_loop(
             let _ = notifier.watchdog_ping();
         }
         ctx.metrics.set_health(health);
+        // The event sender keeps its own totals; export what changed since the last turn.
+        let now_events = ctx.events.counters();
+        ctx.metrics.events(
+            now_events.sent - seen_events.sent,
+            now_events.merged - seen_events.merged,
+            (now_events.dropped_after_409 + now_events.rejected + now_events.failed)
+                - (seen_events.dropped_after_409 + seen_events.rejected + seen_events.failed),
+        );
+        seen_events = now_events;
     }
 }
