@@ -809,7 +809,25 @@ impl RunTask {
                 debug!(run_id = self.run_id, "event stream ended early: {why}");
             }
         }
-        let event = match self.ctx.client.report(self.run_id, &report).await {
+        // The client retries within its budget (minutes). A drain past its deadline must not
+        // wait that out: the report intent is journaled, so the next start sends it again.
+        let client = self.ctx.client.clone();
+        let answer = {
+            let call = client.report(self.run_id, &report);
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    answer = &mut call => break answer,
+                    stop = self.stops.recv() => match stop {
+                        Some(StopRequest::Drain) => return Err(Interrupted::Shutdown),
+                        // A cancel cannot change a decided verdict; keep reporting it.
+                        Some(StopRequest::Cancel) => {}
+                        None => break call.await,
+                    },
+                }
+            }
+        };
+        let event = match answer {
             Ok(()) => {
                 self.ctx.metrics.request("report", "ok");
                 info!(run_id = self.run_id, status = %report.status, "verdict reported");
