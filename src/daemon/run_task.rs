@@ -148,8 +148,10 @@ impl RunTask {
                         self.last.state.describe()
                     ),
                 }
+                // Flush what is queued, briefly: a server that is down must not hold up a
+                // shutdown (the verdict-relevant facts are journaled already).
                 if let Some(events) = self.events.take() {
-                    events.finish().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), events.finish()).await;
                 }
                 None
             }
@@ -804,7 +806,19 @@ impl RunTask {
     async fn report(&mut self, report: ReportRequest) -> Result<Vec<Effect>, Interrupted> {
         // Every event goes out before the verdict: after it the server answers 409.
         if let Some(events) = self.events.take() {
-            let summary = events.finish().await;
+            let finish = events.finish();
+            tokio::pin!(finish);
+            let summary = loop {
+                tokio::select! {
+                    summary = &mut finish => break summary,
+                    stop = self.stops.recv() => match stop {
+                        // A drain past its deadline: the report intent is journaled.
+                        Some(StopRequest::Drain) => return Err(Interrupted::Shutdown),
+                        Some(StopRequest::Cancel) => {}
+                        None => break finish.await,
+                    },
+                }
+            };
             if let Some(why) = summary.stopped {
                 debug!(run_id = self.run_id, "event stream ended early: {why}");
             }
