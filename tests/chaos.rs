@@ -31,8 +31,9 @@ const SLUG: &str = "acme/app";
 const LABEL_INSTANCE: &str = "org.windshift.runner.instance";
 const TERMINAL: [&str; 4] = ["succeeded", "failed", "canceled", "killed"];
 /// Recovery decisions that do not re-read the container's output (open finding F5).
-const F5_DECISIONS: [&str; 5] = [
+const F5_DECISIONS: [&str; 6] = [
     "harvest_exit",
+    "redo",
     "push_again",
     "report_again",
     "push_already_landed",
