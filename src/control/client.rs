@@ -558,34 +558,37 @@ impl Client {
 
     /// `POST /runner/runs/{id}/events` (spec 2.5): one event.
     pub async fn send_event(&self, run_id: i64, event: &EventRequest) -> Result<(), ControlError> {
-        let _: OkResponse = self
-            .call(
-                "events",
-                Method::POST,
-                &format!("/runner/runs/{run_id}/events"),
-                Some(json_bytes(event)?),
-                Auth::Runtime {
-                    forbidden_is_auth: false,
-                },
-                &self.inner.cfg.retry,
-                false,
-            )
-            .await?;
-        Ok(())
+        let body = json_bytes(event)?;
+        self.post_run(run_id, "events", body, &self.inner.cfg.retry)
+            .await
     }
 
     /// `POST /runner/runs/{id}/result` (spec 2.6), retried within `result_retry`.
     pub async fn report(&self, run_id: i64, report: &ReportRequest) -> Result<(), ControlError> {
+        let body = json_bytes(report)?;
+        self.post_run(run_id, "result", body, &self.inner.cfg.result_retry)
+            .await
+    }
+
+    /// A run-scoped call (`/runner/runs/{id}/<endpoint>`) answered by `{"ok": true}`; a 403
+    /// there means "not your run", not a rejected credential (spec 2.10).
+    async fn post_run(
+        &self,
+        run_id: i64,
+        endpoint: &'static str,
+        body: Vec<u8>,
+        policy: &RetryPolicy,
+    ) -> Result<(), ControlError> {
         let _: OkResponse = self
             .call(
-                "result",
+                endpoint,
                 Method::POST,
-                &format!("/runner/runs/{run_id}/result"),
-                Some(json_bytes(report)?),
+                &format!("/runner/runs/{run_id}/{endpoint}"),
+                Some(body),
                 Auth::Runtime {
                     forbidden_is_auth: false,
                 },
-                &self.inner.cfg.result_retry,
+                policy,
                 false,
             )
             .await?;
