@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use windshift_devserver::types::{CreatePool, CreateRepo, EnqueueRepo, EnqueueRun, MintToken};
+use windshift_devserver::types::{EnqueueRepo, EnqueueRun};
 use windshift_devserver::{DevServer, DevServerConfig};
 
 use crate::config::{LogFormat, RunnerConfig};
@@ -75,23 +75,10 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("devserver: {e}"))?;
     let core = dev.core().clone();
-    let pool = core
-        .create_pool(&CreatePool {
-            name: "demo".into(),
-            max_concurrent_runs: 0,
-        })
-        .map_err(|e| format!("create pool: {e:?}"))?;
-    let token = core
-        .mint_token(pool.id, &MintToken::default())
-        .map_err(|e| format!("mint token: {e:?}"))?
-        .token;
-    let repo = core
-        .create_repo(&CreateRepo {
-            slug: SLUG.into(),
-            path: source.display().to_string(),
-        })
+    let (pool, token, repo) = core
+        .provision("demo", SLUG, &source.display().to_string())
         .await
-        .map_err(|e| format!("create repo: {e:?}"))?;
+        .map_err(|e| format!("set up the devserver: {e:?}"))?;
     let run = core
         .enqueue(&EnqueueRun {
             pool_id: pool.id,

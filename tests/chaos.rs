@@ -21,9 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use windshift_devserver::types::{
-    CreatePool, CreateRepo, EnqueueRepo, EnqueueRun, Faults, MintToken, RunView,
-};
+use windshift_devserver::types::{EnqueueRepo, EnqueueRun, Faults, RunView};
 use windshift_devserver::{DevServer, DevServerConfig, RunningDevServer};
 
 const IMAGE: &str = "windshift-test-agent:dev";
@@ -152,22 +150,10 @@ impl Chaos {
         // A restart must come back on the same address: the runner keeps its WS_API_URL.
         dev_cfg.listen = addr;
         let core = dev.core().clone();
-        let pool = core
-            .create_pool(&CreatePool {
-                name: "chaos".into(),
-                max_concurrent_runs: 0,
-            })
-            .expect("pool");
-        let token = core
-            .mint_token(pool.id, &MintToken::default())
-            .expect("token")
-            .token;
-        core.create_repo(&CreateRepo {
-            slug: SLUG.into(),
-            path: src.display().to_string(),
-        })
-        .await
-        .expect("repo");
+        let (pool, token, _) = core
+            .provision("chaos", SLUG, &src.display().to_string())
+            .await
+            .expect("pool, token and repo");
 
         let cache_root = tmp.path().join("cache");
         std::fs::create_dir_all(&cache_root).expect("cache dir");

@@ -917,6 +917,28 @@ impl Core {
     }
 
     /// Imports a local repository as the bare repo `<repos>/<owner>/<name>.git`.
+    /// A pool, a fresh registration token for it, and one repository imported from a local
+    /// path: what the demo and the runner's tests start from.
+    pub async fn provision(
+        &self,
+        pool_name: &str,
+        slug: &str,
+        path: &str,
+    ) -> Result<(Pool, String, Repo), ApiError> {
+        let pool = self.create_pool(&CreatePool {
+            name: pool_name.into(),
+            max_concurrent_runs: 0,
+        })?;
+        let token = self.mint_token(pool.id, &MintToken::default())?.token;
+        let repo = self
+            .create_repo(&CreateRepo {
+                slug: slug.into(),
+                path: path.into(),
+            })
+            .await?;
+        Ok((pool, token, repo))
+    }
+
     pub async fn create_repo(&self, req: &CreateRepo) -> Result<Repo, ApiError> {
         let slug = req.slug.trim().trim_end_matches(".git").to_string();
         let valid_part = |p: &str| {

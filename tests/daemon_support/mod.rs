@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use windshift_devserver::types::{
-    CreatePool, CreateRepo, EnqueueRepo, EnqueueRun, MintToken, RunView, StoredEvent,
-};
+use windshift_devserver::types::{EnqueueRepo, EnqueueRun, RunView, StoredEvent};
 use windshift_devserver::{DevServer, DevServerConfig, RunningDevServer};
 
 pub const IMAGE: &str = "windshift-test-agent:dev";
@@ -69,22 +67,10 @@ impl Harness {
             .await
             .expect("devserver starts");
         let core = dev.core().clone();
-        let pool = core
-            .create_pool(&CreatePool {
-                name: "pool".into(),
-                max_concurrent_runs: 0,
-            })
-            .expect("pool");
-        let token = core
-            .mint_token(pool.id, &MintToken::default())
-            .expect("token")
-            .token;
-        core.create_repo(&CreateRepo {
-            slug: SLUG.into(),
-            path: src.display().to_string(),
-        })
-        .await
-        .expect("repo");
+        let (pool, token, _) = core
+            .provision("pool", SLUG, &src.display().to_string())
+            .await
+            .expect("pool, token and repo");
         let dev_addr = dev.addr();
         Harness {
             dev: Some(dev),
