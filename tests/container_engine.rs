@@ -146,7 +146,7 @@ async fn create_reads_the_env_file_then_deletes_it_and_keeps_secrets_off_argv() 
     );
     let argv = create_argv(&engine.cfg, &s, Path::new("/x"));
     assert!(!argv.iter().any(|a| a.contains("wsrc_envfiletestsecret")));
-    let out = std::process::Command::new("docker")
+    let out = engine_command()
         .args(["inspect", "--format", "{{json .Config.Env}}", &name])
         .output()
         .expect("inspect");
@@ -187,6 +187,7 @@ fn label_engine(default_image: &str, allowed: &[&str], allow_unlabeled: bool) ->
         default_image: default_image.into(),
         allowed_images: allowed.iter().map(|s| s.to_string()).collect(),
         allow_unlabeled,
+        docker: engine_cli(),
         ..ContainerConfig::default()
     })
 }
@@ -288,14 +289,13 @@ async fn ensure_network_creates_once_and_never_builtins() {
     let name = format!("wsr-test-net-{}", unique_instance("net"));
     let engine = Engine::new(ContainerConfig {
         network: name.clone(),
+        docker: engine_cli(),
         ..ContainerConfig::default()
     });
     struct RemoveNet(String);
     impl Drop for RemoveNet {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("docker")
-                .args(["network", "rm", &self.0])
-                .output();
+            let _ = engine_command().args(["network", "rm", &self.0]).output();
         }
     }
     let _guard = RemoveNet(name.clone());
@@ -307,7 +307,7 @@ async fn ensure_network_creates_once_and_never_builtins() {
         engine.ensure_network().await.expect("present"),
         NetworkStatus::Present
     );
-    let driver = std::process::Command::new("docker")
+    let driver = engine_command()
         .args(["network", "inspect", "--format", "{{.Driver}}", &name])
         .output()
         .expect("inspect");
@@ -315,6 +315,7 @@ async fn ensure_network_creates_once_and_never_builtins() {
     for builtin in ["bridge", "host", "none"] {
         let engine = Engine::new(ContainerConfig {
             network: builtin.into(),
+            docker: engine_cli(),
             ..ContainerConfig::default()
         });
         assert_eq!(

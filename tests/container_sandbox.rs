@@ -18,12 +18,29 @@ fn list_dir(path: &std::path::Path) -> Vec<String> {
     names
 }
 
+/// The container's root filesystem changes, without the mount points Podman itself adds to
+/// every container before it starts (`/etc` for hosts/resolv.conf, `/var/tmp`): those are
+/// the engine's, not the agent's. Docker adds none.
 fn docker_diff(name: &str) -> String {
-    let out = std::process::Command::new("docker")
+    let out = engine_command()
         .args(["diff", name])
         .output()
         .expect("docker diff");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let engine_made = [
+        "C /etc",
+        "A /var",
+        "A /var/tmp",
+        "C /var",
+        "A /run",
+        "C /run",
+    ];
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| !(engine_cli() == "podman" && engine_made.contains(l)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[tokio::test]
@@ -147,7 +164,11 @@ async fn memory_beyond_the_limit_is_refused() {
         .unwrap_or(0);
     assert!(reached < 256, "got {reached} MiB with a 256 MiB limit");
     assert_eq!(driven.result.exit_code, Some(137), "the kernel kills it");
-    assert!(driven.result.oom_killed);
+    // Podman on this cgroup-v1 host reports OOMKilled=false for the same kernel kill (exit 137
+    // with the memory limit hit); the runner never relies on the flag (docs/containers.md).
+    if engine_cli() == "docker" {
+        assert!(driven.result.oom_killed, "{:?}", driven.result);
+    }
 }
 
 #[tokio::test]

@@ -17,6 +17,20 @@ pub const IMAGE: &str = "windshift-test-agent:dev";
 pub const IMAGE_UNLABELED: &str = "windshift-test-agent:unlabeled";
 pub const IMAGE_WRONG_LABEL: &str = "windshift-test-agent:v0";
 
+/// The container CLI the tests drive: `docker` unless `WSR_TEST_ENGINE` names another
+/// (scripts/test-podman.sh runs the container tests again with `podman`).
+pub fn engine_cli() -> String {
+    std::env::var("WSR_TEST_ENGINE")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "docker".into())
+}
+
+/// A command for the tests' own calls to the engine CLI (inspect, ps, rm, diff).
+pub fn engine_command() -> std::process::Command {
+    std::process::Command::new(engine_cli())
+}
+
 /// A runner instance name no other test uses.
 pub fn unique_instance(tag: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -39,15 +53,13 @@ impl Drop for Cleanup {
 
 pub fn remove_instance_containers(instance: &str) {
     let filter = format!("label={LABEL_INSTANCE}={instance}");
-    if let Ok(out) = std::process::Command::new("docker")
+    if let Ok(out) = engine_command()
         .args(["ps", "-aq", "--filter", &filter])
         .output()
     {
         let ids = String::from_utf8_lossy(&out.stdout);
         for id in ids.split_whitespace() {
-            let _ = std::process::Command::new("docker")
-                .args(["rm", "-f", id])
-                .output();
+            let _ = engine_command().args(["rm", "-f", id]).output();
         }
     }
 }
@@ -61,6 +73,7 @@ pub fn test_engine(instance: &str) -> (Engine, Cleanup) {
         cpus: "1".into(),
         default_image: IMAGE.into(),
         instance: instance.to_owned(),
+        docker: engine_cli(),
         ..ContainerConfig::default()
     };
     (
@@ -244,7 +257,7 @@ where
 
 /// Whether `docker ps` (running containers only) lists the name.
 pub fn is_running(name: &str) -> bool {
-    let out = std::process::Command::new("docker")
+    let out = engine_command()
         .args([
             "ps",
             "--filter",

@@ -159,9 +159,14 @@ impl Harness {
             .env("WSRUNNER_MEMORY", "256m")
             .env("WSRUNNER_CPUS", "1")
             .env("RUST_LOG", "info,windshift_runner=debug")
+            .env("WSRUNNER_DOCKER", engine_cli())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        // Podman's per-host settings (scripts/test-podman.sh) must reach the runner's podman.
+        if let Ok(conf) = std::env::var("CONTAINERS_CONF") {
+            cmd.env("CONTAINERS_CONF", conf);
+        }
         for (k, v) in extra {
             cmd.env(k, v);
         }
@@ -246,7 +251,7 @@ impl Harness {
 
     /// Containers labelled for runner instances of this test (any state).
     pub fn containers(&self) -> Vec<String> {
-        let out = Command::new("docker")
+        let out = Command::new(engine_cli())
             .args(["ps", "-a", "--format", "{{.Names}}"])
             .output()
             .expect("docker ps");
@@ -397,6 +402,16 @@ impl Harness {
     }
 }
 
+/// The engine CLI the runner under test drives: `docker` unless `WSR_TEST_ENGINE` names
+/// another (scripts/test-podman.sh sets `podman`; the runner child inherits
+/// `WSRUNNER_DOCKER` from the same script).
+pub fn engine_cli() -> String {
+    std::env::var("WSR_TEST_ENGINE")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "docker".into())
+}
+
 /// A free loopback port (bound and released; the runner binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -431,7 +446,9 @@ impl Drop for Harness {
     fn drop(&mut self) {
         // Remove any container a failed test left behind.
         for name in self.containers() {
-            let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+            let _ = Command::new(engine_cli())
+                .args(["rm", "-f", &name])
+                .output();
         }
     }
 }

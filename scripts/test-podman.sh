@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs the container tests (engine, sandbox, JSONL driver, cancel, re-attach) and the daemon's
+# crash-recovery, lifecycle (cancel, drain) and verdict tests a second time with rootful Podman
+# as the engine CLI, plus daemon_podman's own end-to-end check (docs/containers.md).
+# Called by scripts/test.sh when `podman` is installed; `.ci/run` installs it.
+# Extra arguments go to cargo nextest / cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v podman >/dev/null 2>&1; then
+  echo "test-podman: podman is not installed (apt-get install podman); skipping the Podman pass" >&2
+  exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "test-podman: needs root (the runner supports rootful Podman only); skipping" >&2
+  exit 0
+fi
+
+# The test images are built by Docker (scripts/build-test-agent-image.sh); copy them into
+# Podman's store when their ids differ, so the Podman pass runs the very same rootfs.
+for tag in dev unlabeled v0; do
+  ref="windshift-test-agent:$tag"
+  want="$(docker image inspect --format '{{.Id}}' "$ref" | sed 's/^sha256://')"
+  have="$(podman image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true)"
+  if [ "$want" != "$have" ]; then
+    docker save "$ref" | podman load -q >/dev/null
+  fi
+done
+
+# Podman asks the OCI runtime for nofile/nproc limits of about a million. A root without
+# CAP_SYS_RESOURCE (a nested or sandboxed host, like this CI machine) cannot raise its limits,
+# so runc refuses every container ("error setting rlimits ... operation not permitted").
+# Pin the defaults below what this process may set: nofile at its own hard limit, nproc at
+# 32000 (here runc refused anything above ~32768 even though `ulimit -Hu` says 96364). The
+# tests' per-container process cap is --pids-limit, which these values do not touch.
+nproc_hard="$(ulimit -Hu)"
+[ "$nproc_hard" = unlimited ] || [ "$nproc_hard" -gt 32000 ] && nproc_hard=32000
+CONF_DIR="$(mktemp -d)"
+trap 'rm -rf "$CONF_DIR"' EXIT
+cat > "$CONF_DIR/containers.conf" <<EOF
+[containers]
+default_ulimits = [
+  "nofile=$(ulimit -Hn):$(ulimit -Hn)",
+  "nproc=$nproc_hard:$nproc_hard",
+]
+EOF
+export CONTAINERS_CONF="$CONF_DIR/containers.conf"
+
+export WSR_TEST_ENGINE=podman
+export WSRUNNER_DOCKER=podman
+tests=(--test container_engine --test container_sandbox --test container_driver
+  --test daemon_crash --test daemon_lifecycle --test daemon_verdicts --test daemon_podman)
+# daemon_podman's test is #[ignore]d in the Docker pass; these binaries have no other ignored test.
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run -p windshift-runner --no-fail-fast --run-ignored all "${tests[@]}" "$@"
+else
+  cargo test -p windshift-runner --no-fail-fast "${tests[@]}" "$@" -- --include-ignored
+fi
