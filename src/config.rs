@@ -25,6 +25,10 @@ pub const DEFAULT_DRAIN_TIMEOUT: &str = "10m";
 /// Ours: a per-run wall-clock limit, below the server's 8 h backstop so the runner, not the
 /// reaper, reports the verdict.
 pub const DEFAULT_RUN_TIMEOUT: &str = "7h30m";
+/// Ours: how long the runner stays silent (no claim, no heartbeat) after a claim whose answer
+/// was lost, so the server's reaper (90 s liveness window, checked about once a minute) fails
+/// a run it may have handed us unseen. "0" turns the pause off.
+pub const DEFAULT_LEASE_YIELD: &str = "160s";
 /// Ours: idle bare caches older than this are evicted (upstream never evicts).
 pub const DEFAULT_CACHE_MAX_AGE: &str = "168h";
 /// Ours: terminal runs older than this are archived out of the journal.
@@ -88,6 +92,10 @@ pub struct RunnerConfig {
     /// How long SIGTERM lets in-flight runs finish before they are cancelled [default: 10m].
     #[arg(long, env = "WSRUNNER_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
+    /// Silence after a claim whose answer was lost, so the server reaps a run it may have
+    /// handed out unseen; "0" disables [default: 160s].
+    #[arg(long, env = "WSRUNNER_LEASE_YIELD")]
+    pub lease_yield: Option<String>,
     /// Wall-clock limit of one run; past it the run is cancelled and reported [default: 7h30m].
     #[arg(long, env = "WSRUNNER_RUN_TIMEOUT")]
     pub run_timeout: Option<String>,
@@ -154,6 +162,8 @@ pub struct ValidConfig {
     pub initial_prompt: String,
     pub concurrency: usize,
     pub drain_timeout: Duration,
+    /// Zero: off.
+    pub lease_yield: Duration,
     pub run_timeout: Duration,
     pub network: String,
     pub pids_limit: u32,
@@ -185,6 +195,7 @@ impl std::fmt::Debug for ValidConfig {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("concurrency", &self.concurrency)
             .field("drain_timeout", &self.drain_timeout)
+            .field("lease_yield", &self.lease_yield)
             .field("run_timeout", &self.run_timeout)
             .field("network", &self.network)
             .field("pids_limit", &self.pids_limit)
@@ -253,6 +264,17 @@ fn positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigE
         return Err(invalid(var, value, "must be greater than zero"));
     }
     Ok(d)
+}
+
+/// `WSRUNNER_LEASE_YIELD`: "0" turns it off; otherwise a duration. A pause shorter than the
+/// server's liveness window (90 s upstream) cannot let its reaper act; it is not refused,
+/// because tests pair a short pause with a devserver whose window is short too.
+fn lease_yield(value: &str) -> Result<Duration, ConfigError> {
+    const VAR: &str = "WSRUNNER_LEASE_YIELD";
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    positive_duration(VAR, value)
 }
 
 impl RunnerConfig {
@@ -411,6 +433,7 @@ impl RunnerConfig {
                 "WSRUNNER_DRAIN_TIMEOUT",
                 &non_empty_or(&self.drain_timeout, DEFAULT_DRAIN_TIMEOUT),
             )?,
+            lease_yield: lease_yield(&non_empty_or(&self.lease_yield, DEFAULT_LEASE_YIELD))?,
             run_timeout: positive_duration(
                 "WSRUNNER_RUN_TIMEOUT",
                 &non_empty_or(&self.run_timeout, DEFAULT_RUN_TIMEOUT),
@@ -571,6 +594,19 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(parse_go_duration(text), Ok(want), "{text}");
         }
+    }
+
+    #[test]
+    fn lease_yield_defaults_turns_off_with_zero_and_names_itself_when_bad() {
+        let cfg = base().validate(Some("h")).unwrap();
+        assert_eq!(cfg.lease_yield, Duration::from_secs(160));
+        let mut off = base();
+        off.lease_yield = Some("0".into());
+        assert_eq!(off.validate(Some("h")).unwrap().lease_yield, Duration::ZERO);
+        let mut bad = base();
+        bad.lease_yield = Some("soon".into());
+        let err = bad.validate(Some("h")).unwrap_err().to_string();
+        assert!(err.contains("WSRUNNER_LEASE_YIELD"), "{err}");
     }
 
     #[test]

@@ -160,3 +160,20 @@ fn records_survive_reopen_and_the_async_helper_commits_durably() {
     assert_eq!(slots.len(), 4);
     assert_eq!(j.active().unwrap().len(), 1);
 }
+
+#[test]
+fn unresolved_claim_mark_survives_a_reopen_until_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("journal");
+    {
+        let j = SledJournal::open(&db).unwrap();
+        assert_eq!(j.unresolved_claim().unwrap(), None);
+        j.set_unresolved_claim(Some(1_234)).unwrap();
+    }
+    let j = SledJournal::open(&db).unwrap();
+    assert_eq!(j.unresolved_claim().unwrap(), Some(1_234));
+    j.set_unresolved_claim(None).unwrap();
+    drop(j);
+    let j = SledJournal::open(&db).unwrap();
+    assert_eq!(j.unresolved_claim().unwrap(), None);
+}

@@ -143,15 +143,20 @@ async fn register(State(core): State<Shared>, req: Request) -> Result<Response, 
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
-async fn claim(
-    State(core): State<Shared>,
-    headers: HeaderMap,
-) -> Result<Json<ClaimAnswer>, ApiError> {
+async fn claim(State(core): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
     core.check_harness()?;
     let id = core.authenticate(auth_header(&headers))?;
-    Ok(Json(ClaimAnswer {
-        job: core.claim(id)?,
-    }))
+    let job = core.claim(id)?;
+    if job.is_some() {
+        let mut f = core.faults.lock().unwrap_or_else(|e| e.into_inner());
+        if f.lose_claim_answers > 0 {
+            f.lose_claim_answers -= 1;
+            let mut resp = StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            resp.extensions_mut().insert(DropConnection);
+            return Ok(resp);
+        }
+    }
+    Ok(Json(ClaimAnswer { job }).into_response())
 }
 
 async fn heartbeat(

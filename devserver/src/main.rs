@@ -330,6 +330,7 @@ async fn admin(base: &str, action: AdminAction) -> Result<Value, String> {
                 added_latency_ms: latency_ms,
                 outage_until_ms: outage_secs
                     .map(|s| windshift_devserver::core::now_ms() + (s as i64) * 1000),
+                ..Faults::default()
             };
             (
                 reqwest::Method::PUT,

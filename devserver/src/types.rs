@@ -270,6 +270,10 @@ pub struct Faults {
     /// While set and in the future (unix ms), every request answers 503.
     #[serde(default)]
     pub outage_until_ms: Option<i64>,
+    /// The next N claims that hand out a run are carried out, then their connection is
+    /// closed without an answer: the run is `running` for an instance that never saw it.
+    #[serde(default)]
+    pub lose_claim_answers: u32,
 }
 
 /// `POST /admin/harness`.

@@ -361,6 +361,10 @@ pub struct ClientCounters {
     pub requests: AtomicU64,
     pub retries: AtomicU64,
     pub throttled_429: AtomicU64,
+    /// Claim attempts that may have reached the server but whose answer was lost (the
+    /// connection failed after the request was sent, or a 200 body was unreadable): the
+    /// server may have handed this instance a run it never learnt about.
+    pub lost_claim_answers: AtomicU64,
 }
 
 /// The runner protocol client. Cheap to clone; clones share the credential, the pacing
@@ -743,20 +747,43 @@ impl Client {
                 .body(b.to_vec());
         }
         self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = req.send().await.map_err(|e| ControlError::Transport {
-            endpoint,
-            message: redact(&error_chain(&e)).into_owned(),
+        // A claim is not idempotent: when its answer is lost after the request left, the
+        // server may have handed us a run. Only a failed connect proves it never arrived.
+        let lost_claim_answer = || {
+            if endpoint == "claim" {
+                self.inner
+                    .counters
+                    .lost_claim_answers
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let resp = req.send().await.map_err(|e| {
+            if !e.is_connect() {
+                lost_claim_answer();
+            }
+            ControlError::Transport {
+                endpoint,
+                message: redact(&error_chain(&e)).into_owned(),
+            }
         })?;
         let status = resp.status();
         let retry_after = parse_retry_after(resp.headers());
-        let bytes = resp.bytes().await.map_err(|e| ControlError::Transport {
-            endpoint,
-            message: redact(&error_chain(&e)).into_owned(),
+        let bytes = resp.bytes().await.map_err(|e| {
+            if status.is_success() {
+                lost_claim_answer();
+            }
+            ControlError::Transport {
+                endpoint,
+                message: redact(&error_chain(&e)).into_owned(),
+            }
         })?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| ControlError::Decode {
-                endpoint,
-                message: redact(&format!("{e}; body: {}", excerpt(&bytes))).into_owned(),
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                lost_claim_answer();
+                ControlError::Decode {
+                    endpoint,
+                    message: redact(&format!("{e}; body: {}", excerpt(&bytes))).into_owned(),
+                }
             });
         }
         if status.as_u16() == 429 {

@@ -351,6 +351,10 @@ struct Supervisor {
     last_contact: Arc<AtomicI64>,
     /// Unix ms of the heartbeat loop's last turn (the watchdog's liveness signal).
     heartbeat_tick: Arc<AtomicI64>,
+    /// Unix ms until which the runner deliberately stays silent (0: not yielding).
+    yielding_until: Arc<AtomicI64>,
+    /// A claim's answer may have been lost: yield the lease once no run is in flight.
+    yield_pending: bool,
 }
 
 impl Supervisor {
@@ -453,6 +457,8 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
         slots: Arc::new(Semaphore::new(ctx.cfg.concurrency)),
         last_contact: Arc::new(AtomicI64::new(now_ms())),
         heartbeat_tick: Arc::new(AtomicI64::new(now_ms())),
+        yielding_until: Arc::new(AtomicI64::new(0)),
+        yield_pending: false,
     };
 
     if let Some(addr) = ctx.cfg.metrics_addr {
@@ -471,6 +477,17 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
         }
     };
     recovery::sweep(&ctx, &recovered.owned_containers, &recovered.owned_runs).await;
+    match ctx.journal.unresolved_claim() {
+        Ok(Some(since)) => {
+            warn!(
+                since_ms = since,
+                "the previous process stopped before a claim's answer was journaled; the server may hold a run for this instance that the journal does not know"
+            );
+            sup.yield_pending = true;
+        }
+        Ok(None) => {}
+        Err(e) => warn!("cannot read the unresolved-claim mark: {e}"),
+    }
     let resumed = recovered.resume.len();
     for r in recovered.resume {
         // A slot if one is free; recovered runs beyond the concurrency still run.
@@ -487,6 +504,7 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
         sup.runs.clone(),
         sup.last_contact.clone(),
         sup.heartbeat_tick.clone(),
+        sup.yielding_until.clone(),
         hb_stop_rx.clone(),
     ));
     let watchdog = tokio::spawn(watchdog_loop(
@@ -494,6 +512,7 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
         notifier.clone(),
         sup.last_contact.clone(),
         sup.heartbeat_tick.clone(),
+        sup.yielding_until.clone(),
         hb_stop_rx,
     ));
 
@@ -573,6 +592,12 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
         if ctx.shutting_down() || ctx.client.auth_state().is_rejected() {
             return;
         }
+        if sup.yield_pending {
+            if !yield_lease(sup, &mut shutdown).await {
+                return;
+            }
+            continue;
+        }
         if sup.in_flight() == 0 && last_eviction.is_none_or(|t| t.elapsed() >= EVICTION_EVERY) {
             last_eviction = Some(tokio::time::Instant::now());
             evict_idle_caches(&ctx).await;
@@ -581,6 +606,24 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
             p = sup.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = shutdown.changed() => continue,
         };
+        // Persist-then-send for the claim too: a claim is not idempotent, so the journal
+        // notes it is in flight before it leaves and forgets it only once the answer (and
+        // the run it carries) is journaled.
+        if let Err(e) = set_unresolved_claim(&ctx, Some(now_ms())).await {
+            drop(permit);
+            let wait = errors.next_backoff().unwrap_or(ctx.cfg.poll_interval);
+            error!(retry_in = ?wait, "not claiming: the journal cannot record the claim: {e}");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let lost_before = ctx
+            .client
+            .counters()
+            .lost_claim_answers
+            .load(Ordering::Relaxed);
         // A claim retrying against an unreachable server must not hold up a shutdown for
         // its whole retry budget; one that is merely slow gets a few seconds to answer, so
         // a run the server already handed us is not dropped.
@@ -592,22 +635,36 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 match tokio::time::timeout(SHUTDOWN_CLAIM_GRACE, &mut claim).await {
                     Ok(r) => r,
                     Err(_) => {
+                        // The mark stays: the next start yields the lease.
                         warn!("shutting down: abandoned a claim the server has not answered");
                         return;
                     }
                 }
             }
         };
+        if matches!(claimed, Ok(Some(_))) {
+            run_task::crash_failpoint_at("claim-answered");
+        }
+        let lost = ctx
+            .client
+            .counters()
+            .lost_claim_answers
+            .load(Ordering::Relaxed)
+            > lost_before;
+        if lost {
+            warn!(
+                "a claim's answer was lost after the request reached the server; the server may hold a run for this instance that the runner never saw"
+            );
+            sup.yield_pending = true;
+        }
+        let got_job = matches!(claimed, Ok(Some(_)));
         let wait = match claimed {
             Ok(Some(job)) => {
                 sup.last_contact.store(now_ms(), Ordering::Relaxed);
                 ctx.metrics.request("claim", "ok");
                 errors.reset();
                 sup.start_claimed(job, permit).await;
-                if once {
-                    return;
-                }
-                continue;
+                Duration::ZERO
             }
             Ok(None) => {
                 sup.last_contact.store(now_ms(), Ordering::Relaxed);
@@ -620,6 +677,10 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 drop(permit);
                 ctx.metrics.request("claim", &outcome_label(&e));
                 if let ControlError::CredentialRejected(_) = e {
+                    // Answered (401/403): nothing was handed out.
+                    if !lost {
+                        let _ = set_unresolved_claim(&ctx, None).await;
+                    }
                     error!("claim: {e}; no further claims");
                     ctx.metrics
                         .set_health(Health::Unhealthy(format!("credential rejected: {e}")));
@@ -630,11 +691,79 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 wait
             }
         };
+        if !lost {
+            if let Err(e) = set_unresolved_claim(&ctx, None).await {
+                warn!("cannot clear the unresolved-claim mark: {e}");
+            }
+        }
+        if got_job {
+            if once {
+                return;
+            }
+            continue;
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}
         }
     }
+}
+
+/// Sets or clears the journal's unresolved-claim mark off the async workers (it flushes).
+async fn set_unresolved_claim(ctx: &Ctx, since_ms: Option<i64>) -> Result<(), String> {
+    let journal = ctx.journal.clone();
+    tokio::task::spawn_blocking(move || journal.set_unresolved_claim(since_ms))
+        .await
+        .map_err(|e| format!("journal task failed: {e}"))?
+        .map_err(|e| e.to_string())
+}
+
+/// Yields the lease after a claim whose answer was lost (docs/daemon.md): once no run is in
+/// flight, the runner neither claims nor heartbeats for `WSRUNNER_LEASE_YIELD`, so the
+/// server's reaper fails any run it handed this instance that the runner never saw, instead
+/// of leaving it `running` until the 8 h backstop. Runs in flight finish first (they would
+/// be reaped too). Returns false when a shutdown came first (the mark stays for next start).
+async fn yield_lease(sup: &mut Supervisor, shutdown: &mut watch::Receiver<u8>) -> bool {
+    let ctx = sup.ctx.clone();
+    if ctx.cfg.lease_yield.is_zero() {
+        warn!("WSRUNNER_LEASE_YIELD=0: not pausing; a run the server handed out unseen stays running until the server's backstop");
+    } else {
+        // Runs in flight keep their heartbeats until they end; no new claim meanwhile.
+        while sup.in_flight() > 0 {
+            tokio::select! {
+                joined = sup.tasks.join_next() => {
+                    if let Some(Err(e)) = joined {
+                        error!("a run task failed: {e}");
+                    }
+                }
+                _ = shutdown.changed() => {}
+            }
+            if ctx.shutting_down() {
+                return false;
+            }
+        }
+        let pause = ctx.cfg.lease_yield;
+        warn!(
+            pause = ?pause,
+            "yielding the lease: no claims and no heartbeats, so the server reaps a run it may have handed out unseen"
+        );
+        sup.yielding_until
+            .store(now_ms() + pause.as_millis() as i64, Ordering::Relaxed);
+        let paused = tokio::select! {
+            _ = tokio::time::sleep(pause) => true,
+            _ = shutdown.changed() => false,
+        };
+        sup.yielding_until.store(0, Ordering::Relaxed);
+        if !paused || ctx.shutting_down() {
+            return false;
+        }
+        info!("lease yield over; claiming again");
+    }
+    if let Err(e) = set_unresolved_claim(&ctx, None).await {
+        warn!("cannot clear the unresolved-claim mark: {e}");
+    }
+    sup.yield_pending = false;
+    true
 }
 
 /// How often idle repository caches are checked against `WSRUNNER_CACHE_MAX_AGE`.
@@ -662,6 +791,7 @@ async fn heartbeat_loop(
     runs: Runs,
     last_contact: Arc<AtomicI64>,
     tick: Arc<AtomicI64>,
+    yielding_until: Arc<AtomicI64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let interval = ctx.cfg.heartbeat_interval;
@@ -678,6 +808,9 @@ async fn heartbeat_loop(
             _ = stop.changed() => return,
         }
         tick.store(now_ms(), Ordering::Relaxed);
+        if now_ms() < yielding_until.load(Ordering::Relaxed) {
+            continue; // a deliberate silence (yield_lease)
+        }
         // The stop signal also interrupts a heartbeat that is retrying an unreachable server.
         let beat = tokio::select! {
             r = ctx.client.heartbeat() => r,
@@ -736,6 +869,7 @@ async fn watchdog_loop(
     notifier: Notifier,
     last_contact: Arc<AtomicI64>,
     tick: Arc<AtomicI64>,
+    yielding_until: Arc<AtomicI64>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Checked at least once per heartbeat interval, so health turns within about two
@@ -764,6 +898,8 @@ async fn watchdog_loop(
             ))
         } else if loop_age > window + 5_000 {
             Health::Unhealthy("the heartbeat loop is stuck".into())
+        } else if now < yielding_until.load(Ordering::Relaxed) {
+            Health::Healthy // silent on purpose (yield_lease), not cut off
         } else if contact_age > window {
             Health::Unhealthy(format!(
                 "the Windshift server has not been reached for {} s",

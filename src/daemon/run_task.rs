@@ -933,18 +933,35 @@ impl RunTask {
 /// the process kills itself with SIGKILL right after that event's record is flushed, so the
 /// crash tests can stop the runner at an exact durable state. Unset in production.
 pub(crate) fn crash_failpoint(record: &Record) {
-    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let point = POINT.get_or_init(|| std::env::var("WSRUNNER_TEST_CRASH_AFTER").ok());
-    if point.as_deref() == Some(record.event.kind().to_string().as_str()) {
+    if crash_failpoint_matches(&record.event.kind().to_string()) {
         error!(
             run_id = record.run_id,
             seq = record.seq,
             "test failpoint reached: killing the runner"
         );
-        // SAFETY: kill(2) on our own pid.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
+        kill_self();
+    }
+}
+
+/// A failpoint outside a journal commit (e.g. `claim-answered`: a claim's answer arrived and
+/// is not journaled yet).
+pub(crate) fn crash_failpoint_at(point: &str) {
+    if crash_failpoint_matches(point) {
+        error!(point, "test failpoint reached: killing the runner");
+        kill_self();
+    }
+}
+
+fn crash_failpoint_matches(point: &str) -> bool {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let wanted = POINT.get_or_init(|| std::env::var("WSRUNNER_TEST_CRASH_AFTER").ok());
+    wanted.as_deref() == Some(point)
+}
+
+fn kill_self() {
+    // SAFETY: kill(2) on our own pid.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
     }
 }
 

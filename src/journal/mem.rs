@@ -13,6 +13,8 @@ struct Inner {
     /// Appends since the last flush, in order.
     pending: Vec<((i64, u64), Vec<u8>)>,
     flushes: u64,
+    /// The unresolved-claim mark (durable at once: the trait flushes it).
+    unresolved_claim: Option<i64>,
 }
 
 impl Inner {
@@ -134,6 +136,17 @@ impl Journal for MemJournal {
             .into_values()
             .filter(|s| !matches!(s, Slot::Record(r) if r.state.is_terminal()))
             .collect())
+    }
+
+    fn set_unresolved_claim(&self, since_ms: Option<i64>) -> Result<(), JournalError> {
+        let mut inner = self.lock();
+        inner.unresolved_claim = since_ms;
+        inner.flushes += 1;
+        Ok(())
+    }
+
+    fn unresolved_claim(&self) -> Result<Option<i64>, JournalError> {
+        Ok(self.lock().unresolved_claim)
     }
 
     fn run_ids(&self) -> Result<Vec<i64>, JournalError> {

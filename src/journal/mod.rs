@@ -161,6 +161,12 @@ pub trait Journal: Send + Sync {
     fn run_ids(&self) -> Result<Vec<i64>, JournalError>;
     /// A run's slots in seq order.
     fn records(&self, run_id: i64) -> Result<Vec<Slot>, JournalError>;
+    /// Durably records (`Some(since_ms)`) or clears (`None`) that a claim call may have been
+    /// answered by the server with a run this journal does not hold (docs/daemon.md, "Claims
+    /// the server answered but the runner never saw"). Flushes before returning.
+    fn set_unresolved_claim(&self, since_ms: Option<i64>) -> Result<(), JournalError>;
+    /// The mark [`Journal::set_unresolved_claim`] left, if any.
+    fn unresolved_claim(&self) -> Result<Option<i64>, JournalError>;
 }
 
 /// Why an event could not be committed.

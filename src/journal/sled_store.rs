@@ -2,7 +2,8 @@
 //!
 //! Trees: `records` ((run, seq) → record JSON), `active` (run → last seq, non-terminal runs
 //! only: start-up reads this instead of history), `ended` (run → terminal time and last seq:
-//! what retention walks), `meta` (schema version).
+//! what retention walks), `meta` (schema version; `unresolved_claim`: unix ms of a claim whose
+//! answer may have been lost, see `Journal::set_unresolved_claim`).
 
 use std::fs;
 use std::io::Write;
@@ -17,10 +18,14 @@ use super::{
     JournalError, Quarantined, Record, Slot, SCHEMA_VERSION,
 };
 
+/// `meta` key of the unresolved-claim mark.
+const UNRESOLVED_CLAIM: &str = "unresolved_claim";
+
 /// The sled journal. Cheap to clone (sled handles are reference counted).
 #[derive(Clone)]
 pub struct SledJournal {
     db: sled::Db,
+    meta: sled::Tree,
     records: sled::Tree,
     active: sled::Tree,
     ended: sled::Tree,
@@ -87,6 +92,7 @@ impl SledJournal {
             }
         }
         Ok(SledJournal {
+            meta,
             records: db.open_tree("records")?,
             active: db.open_tree("active")?,
             ended: db.open_tree("ended")?,
@@ -324,6 +330,28 @@ impl Journal for SledJournal {
             }
         }
         Ok(out)
+    }
+
+    fn set_unresolved_claim(&self, since_ms: Option<i64>) -> Result<(), JournalError> {
+        match since_ms {
+            Some(ms) => self.meta.insert(UNRESOLVED_CLAIM, &ms.to_be_bytes())?,
+            None => self.meta.remove(UNRESOLVED_CLAIM)?,
+        };
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn unresolved_claim(&self) -> Result<Option<i64>, JournalError> {
+        match self.meta.get(UNRESOLVED_CLAIM)? {
+            None => Ok(None),
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(|b| Some(i64::from_be_bytes(b)))
+                .map_err(|_| {
+                    JournalError::Corruption("meta.unresolved_claim is not an i64".into())
+                }),
+        }
     }
 
     fn run_ids(&self) -> Result<Vec<i64>, JournalError> {
