@@ -451,6 +451,24 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
     if let Event::RunNoLongerRunning = event {
         return Ok(abandon(state));
     }
+    // A stop (cancel, drain deadline, run timeout) is the same in every state that can still
+    // be stopped: the first one is recorded and, while a container may run, kills it; a
+    // later one is refused. Once the verdict is decided there is nothing to stop.
+    if let Some(reason) = stop_reason(event) {
+        let mut next = state.clone();
+        let Some((stop, kill)) = stop_slot(&mut next) else {
+            return Err(na());
+        };
+        if stop.is_some() {
+            return Err(stopping());
+        }
+        *stop = Some(reason);
+        let effects = kill
+            .map(|name| Effect::KillContainer { name })
+            .into_iter()
+            .collect();
+        return Ok((next, effects));
+    }
     match state {
         RunState::Claimed {
             plan,
@@ -490,22 +508,6 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                     None => Verdict::failed(format!("triage prepare: {error}")),
                 };
                 Ok(to_report(plan.clone(), verdict, true))
-            }
-            Event::CancelRequested { .. }
-            | Event::DrainDeadlinePassed
-            | Event::RunTimeoutPassed => {
-                if stop.is_some() {
-                    return Err(stopping());
-                }
-                // The in-flight prepare is cut short by the daemon; its outcome still arrives.
-                Ok((
-                    RunState::Claimed {
-                        plan: plan.clone(),
-                        prepare: prepare.clone(),
-                        stop: stop_reason(event),
-                    },
-                    Vec::new(),
-                ))
             }
             _ => Err(na()),
         },
@@ -569,24 +571,6 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 };
                 Ok(to_report(plan.clone(), verdict, true))
             }
-            Event::CancelRequested { .. }
-            | Event::DrainDeadlinePassed
-            | Event::RunTimeoutPassed => {
-                if stop.is_some() {
-                    return Err(stopping());
-                }
-                Ok((
-                    RunState::Prepared {
-                        plan: plan.clone(),
-                        checkout: checkout.clone(),
-                        container: container.clone(),
-                        stop: stop_reason(event),
-                    },
-                    vec![Effect::KillContainer {
-                        name: container.name.clone(),
-                    }],
-                ))
-            }
             _ => Err(na()),
         },
         RunState::Running {
@@ -631,19 +615,6 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                     Ok(on_exit(plan, checkout, agent, *stop, container, *code))
                 }
                 Event::ContainerVanished => Ok(on_vanished(plan, container, *stop)),
-                Event::CancelRequested { .. }
-                | Event::DrainDeadlinePassed
-                | Event::RunTimeoutPassed => {
-                    if stop.is_some() {
-                        return Err(stopping());
-                    }
-                    Ok((
-                        with(agent.clone(), stop_reason(event)),
-                        vec![Effect::KillContainer {
-                            name: container.name.clone(),
-                        }],
-                    ))
-                }
                 _ => Err(na()),
             }
         }
@@ -728,24 +699,6 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 effects.extend(more);
                 Ok((next, effects))
             }
-            Event::CancelRequested { .. }
-            | Event::DrainDeadlinePassed
-            | Event::RunTimeoutPassed => {
-                if stop.is_some() {
-                    return Err(stopping());
-                }
-                Ok((
-                    RunState::Running {
-                        plan: plan.clone(),
-                        checkout: checkout.clone(),
-                        container: container.clone(),
-                        agent: agent.clone(),
-                        stop: stop_reason(event),
-                        after: Some(after.clone()),
-                    },
-                    Vec::new(),
-                ))
-            }
             _ => Err(na()),
         },
         RunState::Pushed { plan, report } => match event {
@@ -804,6 +757,31 @@ fn stop_reason(event: &Event) -> Option<StopReason> {
         Event::DrainDeadlinePassed => Some(StopReason::Drain),
         Event::RunTimeoutPassed => Some(StopReason::Timeout),
         _ => None,
+    }
+}
+
+/// Where a state records a stop, and the container a stop must kill (`None` once the
+/// verdict is decided).
+fn stop_slot(state: &mut RunState) -> Option<(&mut Option<StopReason>, Option<String>)> {
+    match state {
+        // The in-flight prepare is cut short by the daemon; its outcome still arrives.
+        RunState::Claimed { stop, .. } => Some((stop, None)),
+        RunState::Prepared {
+            stop, container, ..
+        }
+        | RunState::Running {
+            stop,
+            container,
+            after: None,
+            ..
+        } => Some((stop, Some(container.name.clone()))),
+        // The container has exited: the stop only decides the verdict from here on.
+        RunState::Running {
+            stop,
+            after: Some(_),
+            ..
+        } => Some((stop, None)),
+        RunState::Pushed { .. } | RunState::Reported { .. } | RunState::Failed { .. } => None,
     }
 }
 
