@@ -562,6 +562,7 @@ fn draw_plan(rng: &mut Rng, iteration: usize, long: bool, tmpfs: bool) -> Plan {
                     0
                 },
                 outage_until_ms: None,
+                only_path_prefix: None,
             };
             steps.push((at, Step::FaultsOn { faults }));
             steps.push((at + rng.range(1000, 5000), Step::FaultsOff));
