@@ -33,6 +33,9 @@ pub const DEFAULT_LEASE_YIELD: &str = "160s";
 pub const DEFAULT_CACHE_MAX_AGE: &str = "168h";
 /// Ours: terminal runs older than this are archived out of the journal.
 pub const DEFAULT_JOURNAL_RETENTION: &str = "336h";
+/// Ours: how long a git network step (cache fetch/clone, ls-remote, push) keeps retrying
+/// transient failures, from its first failure; `0` means one attempt.
+pub const DEFAULT_GIT_RETRY_TIMEOUT: &str = "3m";
 
 /// Every `windshift-runner run` setting. Field docs become `--help` text.
 #[derive(Args, Clone, Default)]
@@ -120,6 +123,9 @@ pub struct RunnerConfig {
     /// Idle bare caches older than this are evicted [default: 168h].
     #[arg(long, env = "WSRUNNER_CACHE_MAX_AGE")]
     pub cache_max_age: Option<String>,
+    /// How long a git network step retries HTTP 5xx/429 and connection errors, 0 = never [default: 3m].
+    #[arg(long, env = "WSRUNNER_GIT_RETRY_TIMEOUT")]
+    pub git_retry_timeout: Option<String>,
     /// Address for /metrics (Prometheus) and /healthz, e.g. 127.0.0.1:9464 [default: off].
     #[arg(long, env = "WSRUNNER_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
@@ -172,6 +178,8 @@ pub struct ValidConfig {
     pub journal_dir: PathBuf,
     pub journal_retention: Duration,
     pub cache_max_age: Duration,
+    /// Budget of git's network steps across transient failures (zero: one attempt).
+    pub git_retry_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
 }
@@ -204,6 +212,7 @@ impl std::fmt::Debug for ValidConfig {
             .field("journal_dir", &self.journal_dir)
             .field("journal_retention", &self.journal_retention)
             .field("cache_max_age", &self.cache_max_age)
+            .field("git_retry_timeout", &self.git_retry_timeout)
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)
             .finish()
@@ -252,14 +261,19 @@ fn non_empty(value: &Option<String>) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    let d = parse_go_duration(value).map_err(|e| {
+/// A Go duration where zero is meaningful (it turns the feature off).
+fn go_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    parse_go_duration(value).map_err(|e| {
         invalid(
             var,
             value,
             format!("{e}; use Go duration syntax such as 500ms, 10s, 5m or 1h30m"),
         )
-    })?;
+    })
+}
+
+fn positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let d = go_duration(var, value)?;
     if d.is_zero() {
         return Err(invalid(var, value, "must be greater than zero"));
     }
@@ -450,6 +464,10 @@ impl RunnerConfig {
             cache_max_age: positive_duration(
                 "WSRUNNER_CACHE_MAX_AGE",
                 &non_empty_or(&self.cache_max_age, DEFAULT_CACHE_MAX_AGE),
+            )?,
+            git_retry_timeout: go_duration(
+                "WSRUNNER_GIT_RETRY_TIMEOUT",
+                &non_empty_or(&self.git_retry_timeout, DEFAULT_GIT_RETRY_TIMEOUT),
             )?,
             metrics_addr,
             log_format,
@@ -660,6 +678,22 @@ mod tests {
         assert_eq!(c.name, "host-1");
         assert_eq!(c.concurrency, 1);
         assert!(!c.allow_insecure && !c.allow_unlabeled_image);
+        assert_eq!(c.git_retry_timeout, Duration::from_secs(180));
+    }
+
+    #[test]
+    fn git_retry_timeout_accepts_zero_and_refuses_garbage() {
+        let mut c = base();
+        c.git_retry_timeout = Some("0".into());
+        assert_eq!(c.validate(None).unwrap().git_retry_timeout, Duration::ZERO);
+        c.git_retry_timeout = Some("90s".into());
+        assert_eq!(
+            c.validate(None).unwrap().git_retry_timeout,
+            Duration::from_secs(90)
+        );
+        c.git_retry_timeout = Some("3".into());
+        let err = c.validate(None).unwrap_err().to_string();
+        assert!(err.contains("WSRUNNER_GIT_RETRY_TIMEOUT"), "{err}");
     }
 
     #[test]

@@ -562,6 +562,7 @@ fn draw_plan(rng: &mut Rng, iteration: usize, long: bool, tmpfs: bool) -> Plan {
                     0
                 },
                 outage_until_ms: None,
+                only_path_prefix: None,
                 ..Faults::default()
             };
             steps.push((at, Step::FaultsOn { faults }));

@@ -1,11 +1,14 @@
 //! Faults around the daemon: the credential revoked at runtime, SIGKILL at random moments, a
-//! crash while the server is down, and a restart after the server already reaped the run.
+//! crash while the server is down, a restart after the server already reaped the run, and git
+//! proxy errors during a push or a prepare.
 
 mod daemon_support;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use daemon_support::*;
+use windshift_devserver::types::Faults;
 
 fn phase_count(h: &Harness, id: i64, phase: &str) -> usize {
     h.phases(id).iter().filter(|p| *p == phase).count()
@@ -244,4 +247,84 @@ async fn sigterm_with_the_server_gone_stops_without_waiting_out_retries() {
     // Far below the client's 120 s retry budget, which an unfixed runner waits out.
     let code = wait_exit(&mut runner, Duration::from_secs(30)).await;
     assert_eq!(code, 0, "{}", h.log());
+}
+
+fn git_faults(prefix: String, faults: Faults) -> Faults {
+    Faults {
+        only_path_prefix: Some(prefix),
+        ..faults
+    }
+}
+
+/// F7: a push that meets 5xx answers from the git proxy is retried, and the run succeeds with
+/// exactly the agent's commit, pushed once. Only the receive-pack POST is faulted, so prepare
+/// passes and the window certainly covers the push; the test closes it after the runner has
+/// seen a refused attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_proxy_5xx_during_the_push_is_retried_and_the_run_succeeds() {
+    let h = Harness::start("gitretry-push").await;
+    let core = h.dev().core().clone();
+    let id = h.enqueue(r#"commit file=agent.txt msg="agent change"; finish completed "done""#);
+    let ws = h.run(id).repos[0].workspace_id;
+    *core.faults.lock().unwrap() = git_faults(
+        format!("/api/git-proxy/{ws}/acme/app/git-receive-pack"),
+        Faults {
+            error_5xx_probability: 1.0,
+            ..Default::default()
+        },
+    );
+    let mut runner = h.runner(&[]);
+    h.wait_until(Duration::from_secs(120), "a refused push attempt", || {
+        core.faults_injected.load(Ordering::Relaxed) >= 1
+            && h.log().contains("git step failed transiently; retrying")
+    })
+    .await;
+    assert_eq!(core.pushes_served.load(Ordering::Relaxed), 0);
+    *core.faults.lock().unwrap() = Faults::default();
+
+    let run = h.wait_final(id).await;
+    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
+    let pushed = h
+        .remote_branch(&format!("agent-runs/run-{id}"))
+        .expect("branch pushed");
+    assert_eq!(h.subject(&pushed), "agent change");
+    assert_eq!(core.pushes_served.load(Ordering::Relaxed), 1, "one push");
+    assert_eq!(phase_count(&h, id, "pushed"), 1, "{:?}", h.phases(id));
+    signal(&runner, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
+}
+
+/// A cancel reaches a prepare that is waiting out a git-proxy outage: with a one-hour retry
+/// budget, only the cancel can end the run, and it ends canceled, not failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_stops_a_prepare_retrying_through_a_git_outage() {
+    let h = Harness::start("gitretry-cancel").await;
+    let core = h.dev().core().clone();
+    *core.faults.lock().unwrap() = git_faults(
+        "/api/git-proxy/".into(),
+        Faults {
+            outage_until_ms: Some(windshift_devserver::core::now_ms() + 3_600_000),
+            ..Default::default()
+        },
+    );
+    let id = h.enqueue(r#"finish completed "never runs""#);
+    let mut runner = h.runner(&[("WSRUNNER_GIT_RETRY_TIMEOUT", "1h")]);
+    h.wait_until(Duration::from_secs(60), "prepare retrying", || {
+        core.faults_injected.load(Ordering::Relaxed) >= 1
+            && h.log().contains("git step failed transiently; retrying")
+    })
+    .await;
+    core.cancel(id, false).expect("cancel");
+    let run = h.wait_final(id).await;
+    assert_eq!(run.status, "canceled", "{run:?}\n{}", h.log());
+    assert_eq!(run.error, "context canceled");
+    assert!(
+        h.log()
+            .contains("git retry stopped: the operation was cancelled"),
+        "{}",
+        h.log()
+    );
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+    signal(&runner, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
 }

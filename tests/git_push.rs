@@ -66,6 +66,7 @@ impl Fixture {
             token: TOKEN.into(),
             skip_if_head: out.base_commit.clone(),
             policy: DEV,
+            ..PushRequest::default()
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -254,6 +255,10 @@ pub struct Core {
     limiters: Mutex<HashMap<i64, Bucket>>,
     register_limiter: Mutex<Bucket>,
     pub faults: Mutex<Faults>,
+    /// Requests answered by an injected fault (error, 429, dropped connection, outage).
+    pub faults_injected: AtomicU64,
+    /// Pushes (receive-pack requests) that passed the gate and reached `git http-backend`.
+    pub pushes_served: AtomicU64,
     pub repos_dir: PathBuf,
 }
 
@@ -293,6 +298,8 @@ impl Core {
             limiters: Mutex::new(HashMap::new()),
             register_limiter: Mutex::new(Bucket::new(burst)),
             faults: Mutex::new(Faults::default()),
+            faults_injected: AtomicU64::new(0),
+            pushes_served: AtomicU64::new(0),
             repos_dir,
         })
     }

@@ -161,9 +161,15 @@ async fn handle_inner(
             .into_response());
         }
     }
-    run_backend(&core, &method, &slug, &tail, &query, &headers, body, run_id)
+    let is_push = tail == "git-receive-pack";
+    let answer = run_backend(&core, &method, &slug, &tail, &query, &headers, body, run_id)
         .await
-        .map_err(IntoResponse::into_response)
+        .map_err(IntoResponse::into_response)?;
+    if is_push {
+        core.pushes_served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(answer)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,6 +1,7 @@
 //! HTTP surface: the runner protocol under `/api`, the git proxy, and the admin API under
-//! `/admin`. Faults are injected in front of `/api` only, so the admin API stays usable while a
-//! test simulates an outage.
+//! `/admin`. Faults are injected in front of `/api` only (the git proxy included), so the admin
+//! API stays usable while a test simulates an outage; `Faults::only_path_prefix` narrows them
+//! to some routes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,10 +86,20 @@ async fn faults(State(core): State<Shared>, req: Request, next: Next) -> Respons
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    // Inside the nested `/api` router the path has lost its `/api` prefix.
+    let full_path = format!("/api{}", req.uri().path());
+    if !fault_applies(&f, &full_path) {
+        return next.run(req).await;
+    }
     if f.added_latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(f.added_latency_ms)).await;
     }
+    let injected = || {
+        core.faults_injected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
     if f.outage_until_ms.map(|t| t > now_ms()).unwrap_or(false) {
+        injected();
         return ApiError::new(503, "SERVICE_UNAVAILABLE", "injected outage").into_response();
     }
     let (drop_roll, err_roll, rate_roll): (f64, f64, f64) = {
@@ -96,17 +107,28 @@ async fn faults(State(core): State<Shared>, req: Request, next: Next) -> Respons
         (rng.gen(), rng.gen(), rng.gen())
     };
     if drop_roll < f.drop_connection_probability {
+        injected();
         let mut resp = StatusCode::INTERNAL_SERVER_ERROR.into_response();
         resp.extensions_mut().insert(DropConnection);
         return resp;
     }
     if err_roll < f.error_5xx_probability {
+        injected();
         return ApiError::internal("injected server error").into_response();
     }
     if rate_roll < f.rate_429_probability {
+        injected();
         return ApiError::rate_limited().into_response();
     }
     next.run(req).await
+}
+
+/// Whether the fault settings cover a request for `full_path` (e.g. `/api/runner/claim`).
+pub fn fault_applies(f: &Faults, full_path: &str) -> bool {
+    match f.only_path_prefix.as_deref() {
+        Some(prefix) if !prefix.is_empty() => full_path.starts_with(prefix),
+        _ => true,
+    }
 }
 
 fn parse_body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {

@@ -153,6 +153,9 @@ enum AdminAction {
         /// Full outage for this many seconds from now.
         #[arg(long)]
         outage_secs: Option<u64>,
+        /// Fault only requests whose path starts with this (e.g. /api/git-proxy/).
+        #[arg(long)]
+        only_path_prefix: Option<String>,
     },
     /// Run one reaper sweep now.
     Reap,
@@ -322,6 +325,7 @@ async fn admin(base: &str, action: AdminAction) -> Result<Value, String> {
             drop,
             latency_ms,
             outage_secs,
+            only_path_prefix,
         } => {
             let f = Faults {
                 error_5xx_probability: error_5xx,
@@ -330,6 +334,7 @@ async fn admin(base: &str, action: AdminAction) -> Result<Value, String> {
                 added_latency_ms: latency_ms,
                 outage_until_ms: outage_secs
                     .map(|s| windshift_devserver::core::now_ms() + (s as i64) * 1000),
+                only_path_prefix,
                 ..Faults::default()
             };
             (

@@ -256,7 +256,8 @@ pub struct InstanceView {
 }
 
 /// Fault injection settings, switchable at runtime (`PUT /admin/faults`). Probabilities are
-/// in `0.0..=1.0` and apply to every runner-protocol and git-proxy request.
+/// in `0.0..=1.0` and apply to every runner-protocol and git-proxy request, or only to those
+/// whose path starts with `only_path_prefix`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Faults {
     #[serde(default)]
@@ -274,6 +275,10 @@ pub struct Faults {
     /// closed without an answer: the run is `running` for an instance that never saw it.
     #[serde(default)]
     pub lose_claim_answers: u32,
+    /// When set, faults (latency and outage included) hit only requests whose full path
+    /// starts with this, e.g. `/api/git-proxy/` or `/api/runner/claim`; others pass untouched.
+    #[serde(default)]
+    pub only_path_prefix: Option<String>,
 }
 
 /// `POST /admin/harness`.

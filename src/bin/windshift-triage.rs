@@ -87,6 +87,7 @@ fn run_push(flags: &Flags) -> Result<String, String> {
         token: read_token(flags.str("token-file"))?,
         skip_if_head: flags.str("skip-if-head").to_owned(),
         policy: policy(flags),
+        ..PushRequest::default()
     };
     let out = git::push(&req).map_err(|e| e.to_string())?;
     // serde_json::json! sorts keys; the fixed order below matches upstream's struct order.

@@ -55,7 +55,7 @@ impl RetryPolicy {
         }
     }
 
-    fn backoff(&self) -> backoff::ExponentialBackoff {
+    pub(crate) fn backoff(&self) -> backoff::ExponentialBackoff {
         backoff::ExponentialBackoffBuilder::new()
             .with_initial_interval(self.initial.max(Duration::from_millis(1)))
             .with_max_interval(self.max_interval.max(self.initial))

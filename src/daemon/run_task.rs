@@ -297,20 +297,38 @@ impl RunTask {
     }
 
     /// Awaits `work` while journaling stops that arrive meanwhile. The effects those stops
-    /// hand out are returned for the queue (a blocking git step cannot be interrupted; the
-    /// state machine decides what the stop means once its outcome is known).
+    /// hand out are returned for the queue (a blocking git call cannot be interrupted; the
+    /// state machine decides what the stop means once its outcome is known). A stop cancels
+    /// `retry`, so a git step waiting out a transient failure gives up at once instead of
+    /// holding the stop for its retry budget.
     async fn with_stops<T>(
         &mut self,
         work: impl std::future::Future<Output = T>,
+        retry: Option<&git::GitRetry>,
     ) -> Result<(T, Vec<Effect>), Interrupted> {
         tokio::pin!(work);
         let mut extra = Vec::new();
         loop {
             tokio::select! {
                 out = &mut work => return Ok((out, extra)),
-                stop = self.next_stop() => extra.extend(self.commit(stop).await?),
+                stop = self.next_stop() => {
+                    // Journaled first: the outcome that the cancel hastens must find it.
+                    let more = self.commit(stop).await?;
+                    if let Some(retry) = retry {
+                        retry.cancel();
+                    }
+                    extra.extend(more);
+                }
             }
         }
+    }
+
+    /// A fresh retry budget for one git step (`WSRUNNER_GIT_RETRY_TIMEOUT`).
+    fn git_retry(&self) -> git::GitRetry {
+        git::GitRetry::new(git::RetryPolicy {
+            max_elapsed: self.ctx.cfg.git_retry_timeout,
+            ..git::DEFAULT_GIT_RETRY
+        })
     }
 
     fn token(&self) -> Option<String> {
@@ -352,6 +370,9 @@ impl RunTask {
             });
         }
         let env: HashMap<String, String> = plan.container_env(&self.secrets).into_iter().collect();
+        // If this future is dropped (shutdown), the blocking prepare stops retrying too.
+        let retry = self.git_retry();
+        let _cancel_if_dropped = retry.cancel_on_drop();
         let request = RunWorkspaceRequest {
             root: self.ctx.cfg.cache_root.display().to_string(),
             run_id: self.run_id,
@@ -359,10 +380,11 @@ impl RunTask {
             token,
             policy: self.ctx.git_policy,
             ws_toml: WsToml::from_run_env(&env),
+            retry: retry.clone(),
             ..Default::default()
         };
         let work = tokio::task::spawn_blocking(move || git::prepare_run_workspace(&request));
-        let (result, mut extra) = self.with_stops(work).await?;
+        let (result, mut extra) = self.with_stops(work, Some(&retry)).await?;
         let event = match result {
             Ok(Ok(ws)) => Event::CheckoutReady {
                 checkout: Checkout {
@@ -727,7 +749,7 @@ impl RunTask {
             }
             Ok::<_, String>(heads)
         });
-        let (result, mut extra) = self.with_stops(work).await?;
+        let (result, mut extra) = self.with_stops(work, None).await?;
         let event = match result {
             Ok(Ok(heads)) => Event::HeadsInspected { heads },
             Ok(Err(e)) => Event::PushFailed {
@@ -748,6 +770,9 @@ impl RunTask {
             _ => Checkout::default(),
         };
         let token = self.token().unwrap_or_default();
+        // One budget and cancel switch for the run's pushes; dropping this future cancels it.
+        let retry = self.git_retry();
+        let _cancel_if_dropped = retry.cancel_on_drop();
         let mut requests = Vec::new();
         for head in &heads {
             let Some(repo) = checkout.repos.iter().find(|r| r.slug == head.slug) else {
@@ -762,6 +787,7 @@ impl RunTask {
                 token: token.clone(),
                 skip_if_head: repo.base_commit.clone(),
                 policy: self.ctx.git_policy,
+                retry: retry.clone(),
             });
         }
         let work = tokio::task::spawn_blocking(move || {
@@ -777,7 +803,7 @@ impl RunTask {
             }
             Ok::<_, String>(pushed)
         });
-        let (result, mut extra) = self.with_stops(work).await?;
+        let (result, mut extra) = self.with_stops(work, Some(&retry)).await?;
         let event = match result {
             Ok(Ok(pushed)) if pushed.is_empty() => Event::PushSkipped,
             Ok(Ok(pushed)) => Event::PushDone { heads: pushed },

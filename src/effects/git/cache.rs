@@ -1,5 +1,6 @@
 //! The bare-clone cache (spec 4.11 layout) and what keeps it healthy: cloning into a temp
-//! dir then renaming, stale lock cleanup, one re-clone when a fetch fails, and eviction.
+//! dir then renaming, stale lock cleanup, one re-clone when a fetch fails, retries across
+//! transient network errors, and eviction.
 //!
 //! ```text
 //! <root>/<workspace_id>/<owner>/<repo>/.bare          bare cache (never mounted)
@@ -14,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use super::cmd::{GitSession, Reach};
 use super::error::GitError;
 use super::lock::CacheLock;
+use super::retry::GitRetry;
 
 /// Name of the bare repository inside a repo cache directory.
 pub const BARE_DIR: &str = ".bare";
@@ -222,9 +224,24 @@ fn clone_bare_into_place(
 /// (spec 4.11 steps 2–4). The caller holds the cache lock.
 ///
 /// Recovery: a missing or half-made `.bare` (no `HEAD`) is cloned afresh; a fetch or
-/// rev-parse that fails for a reason other than a missing branch or refused credentials
-/// triggers one fresh clone (swapped in only if it succeeds) and one retry.
+/// rev-parse that fails for a reason other than a missing branch, refused credentials or a
+/// transient network error triggers one fresh clone (swapped in only if it succeeds) and one
+/// retry. A transient failure (HTTP 5xx/429, a dropped connection…) is retried as a whole
+/// within `retry`'s budget instead: a new clone cannot fix the network.
 pub(crate) fn refresh_cache(
+    session: &GitSession,
+    cache: &RepoCache,
+    remote: &str,
+    branch: &str,
+    lock: &CacheLock,
+    retry: &GitRetry,
+) -> Result<String, GitError> {
+    retry.run("cache fetch", || {
+        refresh_cache_once(session, cache, remote, branch, lock)
+    })
+}
+
+fn refresh_cache_once(
     session: &GitSession,
     cache: &RepoCache,
     remote: &str,
@@ -241,7 +258,7 @@ pub(crate) fn refresh_cache(
     match fetch_branch(session, cache, remote, branch) {
         Ok(sha) => Ok(sha),
         Err(e @ (GitError::RemoteBranchMissing { .. } | GitError::AuthFailed { .. })) => Err(e),
-        Err(e) if fresh => Err(e),
+        Err(e) if fresh || e.is_transient() => Err(e),
         Err(first) => {
             tracing::warn!(
                 cache = %cache.dir().display(),
@@ -249,6 +266,10 @@ pub(crate) fn refresh_cache(
                 "cache fetch failed; re-cloning it once"
             );
             clone_bare_into_place(session, cache, remote, lock).map_err(|clone_err| {
+                // A re-clone that met a network hiccup is retried like any transient error.
+                if clone_err.is_transient() {
+                    return clone_err;
+                }
                 GitError::Command {
                     what: "fetch into the cache (and the re-clone after it)".into(),
                     status: "failed".into(),

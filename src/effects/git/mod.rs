@@ -5,7 +5,8 @@
 //! (or runs `windshift-triage` as a child, which is what makes a cancel kill it).
 //!
 //! Each operation is idempotent for a (run id, step, attempt): prepare wipes and remakes the
-//! checkout; push checks the remote branch and treats "already at the sha" as done.
+//! checkout; push checks the remote branch and treats "already at the sha" as done. That is
+//! what lets the network steps retry on transient failures (retry.rs).
 //! See docs/git.md for the layout, the hardening and the recovery rules.
 
 mod cache;
@@ -15,6 +16,7 @@ mod lock;
 mod ownership;
 mod prepare;
 mod push;
+mod retry;
 pub mod validate;
 mod workspace;
 mod wstoml;
@@ -28,6 +30,9 @@ pub use lock::CacheLock;
 pub use ownership::{hand_to_agent, readable_by_agent, AGENT_GID, AGENT_UID};
 pub use prepare::{prepare, GitTransport, PrepareOutput, PrepareRequest, DEFAULT_LOCK_TIMEOUT};
 pub use push::{branch_head, push, remote_ref_sha, PushOutcome, PushRequest};
+pub use retry::{
+    classify_git_stderr, CancelOnDrop, GitRetry, RetryPolicy, Transience, DEFAULT_GIT_RETRY,
+};
 pub use validate::{
     run_branch, validate_branch_name, validate_prepare_inputs, validate_slug, PrepareInputs,
     TransportPolicy, ValidatedPrepare, ValidationError,

@@ -11,6 +11,7 @@ use super::cmd::{GitSession, Reach};
 use super::error::GitError;
 use super::lock::CacheLock;
 use super::ownership::hand_to_agent;
+use super::retry::GitRetry;
 use super::validate::{validate_prepare_inputs, PrepareInputs, TransportPolicy, ValidationError};
 
 /// How long a prepare waits for another process's hold on the same repo cache. A cold
@@ -66,6 +67,8 @@ pub struct PrepareRequest {
     pub transport: GitTransport,
     pub policy: TransportPolicy,
     pub lock_timeout: Duration,
+    /// Budget and cancel switch for the cache fetch/clone across transient network errors.
+    pub retry: GitRetry,
 }
 
 impl Default for PrepareRequest {
@@ -83,6 +86,7 @@ impl Default for PrepareRequest {
             transport: GitTransport::Askpass,
             policy: TransportPolicy::default(),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            retry: GitRetry::default(),
         }
     }
 }
@@ -108,6 +112,7 @@ impl fmt::Debug for PrepareRequest {
             )
             .field("transport", &self.transport)
             .field("policy", &self.policy)
+            .field("retry", &self.retry)
             .finish()
     }
 }
@@ -144,7 +149,14 @@ pub fn prepare(req: &PrepareRequest) -> Result<PrepareOutput, GitError> {
     let session = GitSession::new(Some(&req.token), req.policy, v.remote_scheme)?;
     let cache = RepoCache::new(&v.root, v.workspace_id, &v.owner, &v.repo);
     let lock = CacheLock::acquire(&cache.lock_path(), req.lock_timeout)?;
-    let base_commit = refresh_cache(&session, &cache, &req.remote_url, &v.fetch_branch, &lock)?;
+    let base_commit = refresh_cache(
+        &session,
+        &cache,
+        &req.remote_url,
+        &v.fetch_branch,
+        &lock,
+        &req.retry,
+    )?;
 
     remove_path(&v.checkout)?;
     if let Some(parent) = v.checkout.parent() {

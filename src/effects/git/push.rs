@@ -1,11 +1,13 @@
 //! `push` (spec 4.11 "Push"): never from the checkout the agent touched, never forced, and
-//! idempotent: a remote branch already at the commit counts as pushed.
+//! idempotent: a remote branch already at the commit counts as pushed, which is also what
+//! makes retrying a push across a transient network error safe.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use super::cmd::{GitSession, Reach};
 use super::error::GitError;
+use super::retry::GitRetry;
 use super::validate::{
     validate_abs_path, validate_branch_name, validate_commit_id, validate_remote_url, RemoteScheme,
     TransportPolicy,
@@ -25,6 +27,8 @@ pub struct PushRequest {
     /// The base commit; when the branch is still there, nothing is pushed.
     pub skip_if_head: String,
     pub policy: TransportPolicy,
+    /// Budget and cancel switch for `ls-remote` + `push` across transient network errors.
+    pub retry: GitRetry,
 }
 
 impl std::fmt::Debug for PushRequest {
@@ -43,6 +47,7 @@ impl std::fmt::Debug for PushRequest {
             )
             .field("skip_if_head", &self.skip_if_head)
             .field("policy", &self.policy)
+            .field("retry", &self.retry)
             .finish()
     }
 }
@@ -126,12 +131,29 @@ pub fn push(req: &PushRequest) -> Result<PushOutcome, GitError> {
         });
     }
 
-    if ls_remote_branch(&session, &req.remote_url, &req.branch)?.as_deref() == Some(&head) {
-        return Ok(PushOutcome {
-            head_sha: head,
-            skipped: false,
-            already_on_remote: true,
-        });
+    // Each attempt starts by asking the remote, so a push whose answer was lost (a 5xx or a
+    // dropped connection after the update landed) counts as done on the next attempt.
+    req.retry.run("push", || {
+        push_once(&session, req, &push_repo, &head, &branch_ref)
+    })
+}
+
+/// One attempt: `ls-remote` (already at the sha → done), then `git push`, then on failure
+/// `ls-remote` again (the update may have landed) before classifying the error.
+fn push_once(
+    session: &GitSession,
+    req: &PushRequest,
+    push_repo: &Path,
+    head: &str,
+    branch_ref: &str,
+) -> Result<PushOutcome, GitError> {
+    let done = || PushOutcome {
+        head_sha: head.to_owned(),
+        skipped: false,
+        already_on_remote: true,
+    };
+    if ls_remote_branch(session, &req.remote_url, &req.branch)?.as_deref() == Some(head) {
+        return Ok(done());
     }
     let target = format!("{head}:{branch_ref}");
     let out = session.output(
@@ -149,19 +171,15 @@ pub fn push(req: &PushRequest) -> Result<PushOutcome, GitError> {
     )?;
     if out.status.success() {
         return Ok(PushOutcome {
-            head_sha: head,
+            head_sha: head.to_owned(),
             skipped: false,
             already_on_remote: false,
         });
     }
     // The update may have landed before the connection broke: the remote decides.
-    if let Ok(Some(now)) = ls_remote_branch(&session, &req.remote_url, &req.branch) {
+    if let Ok(Some(now)) = ls_remote_branch(session, &req.remote_url, &req.branch) {
         if now == head {
-            return Ok(PushOutcome {
-                head_sha: head,
-                skipped: false,
-                already_on_remote: true,
-            });
+            return Ok(done());
         }
     }
     let stderr = session.redact(String::from_utf8_lossy(&out.stderr).trim());
@@ -190,7 +208,9 @@ pub fn branch_head(checkout: &Path, branch: &str) -> Result<String, GitError> {
 }
 
 /// The commit `refs/heads/<branch>` points at on the remote, or `None` when the branch does
-/// not exist. Recovery uses it to decide whether a journaled push already landed.
+/// not exist. Recovery uses it to decide whether a journaled push already landed. One
+/// attempt, no retry: recovery must not hold the first claim for a retry budget, and an
+/// unanswered question only means the (idempotent) push is done again.
 pub fn remote_ref_sha(
     remote_url: &str,
     branch: &str,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::cache::{remove_path, workspace_root};
 use super::error::GitError;
 use super::prepare::{prepare, GitTransport, PrepareOutput, PrepareRequest, DEFAULT_LOCK_TIMEOUT};
+use super::retry::GitRetry;
 use super::validate::{validate_slug, TransportPolicy};
 use super::wstoml::WsToml;
 
@@ -60,6 +61,8 @@ pub struct RunWorkspaceRequest {
     pub lock_timeout: Duration,
     /// Written into each checkout (and the workspace root of a multi-repo run).
     pub ws_toml: Option<WsToml>,
+    /// Shared by every repo's prepare: one cancel switch and one retry count for the run.
+    pub retry: GitRetry,
 }
 
 impl Default for RunWorkspaceRequest {
@@ -72,6 +75,7 @@ impl Default for RunWorkspaceRequest {
             policy: TransportPolicy::default(),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             ws_toml: None,
+            retry: GitRetry::default(),
         }
     }
 }
@@ -141,6 +145,7 @@ pub fn prepare_run_workspace(req: &RunWorkspaceRequest) -> Result<RunWorkspace, 
             transport: GitTransport::Proxy,
             policy: req.policy,
             lock_timeout: req.lock_timeout,
+            retry: req.retry.clone(),
         })?;
         if let Some(cfg) = &req.ws_toml {
             cfg.write_into(&output.checkout_path)?;
