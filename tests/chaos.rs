@@ -7,6 +7,8 @@
 //! - `WSR_CHAOS_SEED` (default: from the clock; always printed, and printed again on failure);
 //! - `WSR_CHAOS_LONG=1`: long mode (outages up to 3 minutes, a 60 s lease window);
 //! - `WSR_CHAOS_MAX_MINUTES`: stop after the iteration that crosses this budget;
+//! - `WSR_CHAOS_FIRST_ITERATION=<n>`: resume a seed's run at iteration n (earlier plans are
+//!   drawn, not run);
 //! - `WSR_CHAOS_SUMMARY=<file>`: also write the summary table there;
 //! - `WSR_CHAOS_STRICT=1`: open findings (docs/RELIABILITY.md) fail the test too.
 //!
@@ -208,7 +210,10 @@ impl Chaos {
             .env("WSRUNNER_HEARTBEAT_INTERVAL", "1s")
             .env("WSRUNNER_DRAIN_TIMEOUT", "3s")
             // The lease yield (F6) must outlast this devserver's liveness window.
-            .env("WSRUNNER_LEASE_YIELD", format!("{}s", self.liveness.as_secs() + 5))
+            .env(
+                "WSRUNNER_LEASE_YIELD",
+                format!("{}s", self.liveness.as_secs() + 5),
+            )
             .env("WSRUNNER_CONCURRENCY", "2")
             .env("WSRUNNER_MEMORY", "256m")
             .env("WSRUNNER_CPUS", "1")
@@ -924,12 +929,18 @@ async fn chaos_runner_keeps_every_invariant_under_faults() {
 
     // A time budget for long runs: stop after the iteration that crosses it (the summary says so).
     let budget = env_u64("WSR_CHAOS_MAX_MINUTES").map(|m| Duration::from_secs(m * 60));
+    // Resuming a long run: the plans of skipped iterations are drawn (so the generator is
+    // where it was) but not executed.
+    let first = env_u64("WSR_CHAOS_FIRST_ITERATION").unwrap_or(0) as usize;
     for iteration in 0..iterations {
         if budget.is_some_and(|b| started.elapsed() > b) {
             eprintln!("chaos: time budget reached after {iteration} iterations");
             break;
         }
         let plan = draw_plan(&mut rng, iteration, long, chaos.tmpfs);
+        if iteration < first {
+            continue;
+        }
         for f in &plan.faults {
             *tally.faults.entry(*f).or_default() += 1;
         }
