@@ -642,3 +642,65 @@ async fn a_500_is_reported_with_status_and_body_when_the_budget_runs_out() {
     assert!(!e.to_string().contains(&r.credential));
     ts.server.stop().await;
 }
+
+/// F6: a claim whose connection fails after the request left may have been carried out by the
+/// server; only a failed connect proves it never arrived. The daemon yields its lease on the
+/// first kind (tests/daemon_lost_claim.rs).
+#[tokio::test]
+async fn claim_answers_lost_after_sending_are_counted_and_refused_connects_are_not() {
+    use std::sync::atomic::Ordering;
+    let ts = TestServer::start().await;
+    let dropped = client_no_retry(&ts.api_url());
+    let pool = ts.pool(0);
+    let registered = dropped
+        .register(&ts.token(pool), "lost-answer")
+        .await
+        .expect("register");
+    dropped.set_credential(&registered.credential);
+    let credential = "wsrc_lostanswertestcredential";
+
+    // Nothing listens on this port: the connect fails, the claim cannot have arrived.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        format!("http://127.0.0.1:{port}/api")
+    };
+    let refused = client_no_retry(&closed);
+    refused.set_credential(credential);
+    assert!(refused.claim().await.is_err());
+    assert_eq!(
+        refused
+            .counters()
+            .lost_claim_answers
+            .load(Ordering::Relaxed),
+        0
+    );
+
+    // The server takes the request and closes the connection without an answer.
+    *ts.server.core().faults.lock().unwrap() = Faults {
+        drop_connection_probability: 1.0,
+        ..Faults::default()
+    };
+    assert!(matches!(
+        dropped.claim().await,
+        Err(ControlError::Transport { .. })
+    ));
+    assert_eq!(
+        dropped
+            .counters()
+            .lost_claim_answers
+            .load(Ordering::Relaxed),
+        1
+    );
+    // Other calls are idempotent or answered by status: never counted.
+    let _ = dropped.heartbeat().await;
+    assert_eq!(
+        dropped
+            .counters()
+            .lost_claim_answers
+            .load(Ordering::Relaxed),
+        1
+    );
+    *ts.server.core().faults.lock().unwrap() = Faults::default();
+}
