@@ -935,7 +935,10 @@ impl RunTask {
 pub(crate) fn crash_failpoint(record: &Record) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| std::env::var("WSRUNNER_TEST_CRASH_AFTER").ok());
-    if point.as_deref() == Some(record.event.kind().to_string().as_str()) {
+    if point
+        .as_deref()
+        .is_some_and(|point| failpoint_matches(point, &record.event))
+    {
         error!(
             run_id = record.run_id,
             seq = record.seq,
@@ -945,6 +948,26 @@ pub(crate) fn crash_failpoint(record: &Record) {
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
+    }
+}
+
+/// `<event kind>`, or `agent_signal:<signal>` (`event`, `finish`, `error`, `session_idle`)
+/// for one kind of agent signal.
+fn failpoint_matches(point: &str, event: &Event) -> bool {
+    use crate::fsm::contract::AgentSignal;
+    let kind = event.kind().to_string();
+    match (point.split_once(':'), event) {
+        (None, _) => point == kind,
+        (Some((want, signal)), Event::AgentSignal { signal: got }) if want == kind => {
+            signal
+                == match got {
+                    AgentSignal::Event { .. } => "event",
+                    AgentSignal::Finish { .. } => "finish",
+                    AgentSignal::Error { .. } => "error",
+                    AgentSignal::SessionIdle => "session_idle",
+                }
+        }
+        _ => false,
     }
 }
 
