@@ -178,6 +178,12 @@ async fn replay_after_crash(point: &str, decision: &str) {
         "recovery decided {decision} after a crash at {point}\n{}",
         h.log()
     );
+    assert!(
+        h.log()
+            .contains("replayed the container's output past the saved progress"),
+        "recovery replayed the container's output\n{}",
+        h.log()
+    );
     assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
     assert!(run.reported.is_some(), "reported by the runner, not reaped");
     let pushed = h

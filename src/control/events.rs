@@ -131,6 +131,8 @@ struct QueueState {
     items: VecDeque<EventRequest>,
     bytes: usize,
     closed: bool,
+    /// The worker holds one event it took from `items` and has not finished sending.
+    in_flight: bool,
     /// Set once the server said the run is not ours/running any more.
     stopped: Option<String>,
 }
@@ -217,9 +219,12 @@ impl RunEvents {
         }
     }
 
-    /// Events queued and not yet sent.
+    /// Events queued or being sent, not yet answered by the server. Zero means every event
+    /// handed to [`RunEvents::send`] so far was delivered (or refused for good): the agent
+    /// output progress may be saved only then.
     pub fn backlog(&self) -> usize {
-        self.queue.lock().items.len()
+        let st = self.queue.lock();
+        st.items.len() + usize::from(st.in_flight)
     }
 
     /// Closes the stream and waits until every queued event was sent (or the run stopped).
@@ -245,6 +250,7 @@ async fn worker(client: Client, run_id: i64, queue: Arc<RunQueue>, counters: Arc
                     st.bytes = st
                         .bytes
                         .saturating_sub(ev.payload_json.len() + ev.event_type.len());
+                    st.in_flight = true;
                     Some(ev)
                 }
                 None if st.closed => return,
@@ -286,6 +292,7 @@ async fn worker(client: Client, run_id: i64, queue: Arc<RunQueue>, counters: Arc
                 tracing::error!(run_id, event_type = %event.event_type, error = %e, "event not delivered after retries");
             }
         }
+        queue.lock().in_flight = false;
     }
 }
 

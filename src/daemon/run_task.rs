@@ -46,7 +46,16 @@ impl StopRequest {
 pub(crate) enum Start {
     Effects(Vec<Effect>),
     Feed(Vec<Event>),
-    Reattach { name: String, feed: Vec<Event> },
+    Reattach {
+        name: String,
+        feed: Vec<Event>,
+    },
+    /// Recovery: forward what these stopped containers printed past their saved progress
+    /// (lines a previous process read but may not have delivered), then begin with `then`.
+    Replay {
+        containers: Vec<String>,
+        then: Box<Start>,
+    },
 }
 
 /// Why a run task stopped before its run reached a terminal state. The run stays in the
@@ -74,6 +83,10 @@ pub(crate) struct RunTask {
     /// When the run's own wall-clock limit passes (from the claim time, across restarts).
     deadline: tokio::time::Instant,
     deadline_fired: bool,
+    /// Stopped containers whose output was handed to the event sender but may not be
+    /// delivered yet. Their logs are the only copy of that output after a crash, so they are
+    /// removed only once the sender has drained (see [`RunTask::settle_output`]).
+    pending_output: Vec<String>,
     span: Span,
 }
 
@@ -104,6 +117,7 @@ impl RunTask {
             stops,
             deadline: tokio::time::Instant::now() + remaining,
             deadline_fired: false,
+            pending_output: Vec::new(),
             span,
         }
     }
@@ -160,6 +174,15 @@ impl RunTask {
 
     async fn drive_inner(&mut self, start: Start) -> Result<(), Interrupted> {
         let mut queue: VecDeque<Effect> = VecDeque::new();
+        let start = match start {
+            // The replayed output is queued before anything the decision produces, so the
+            // server gets the agent's lines before the lifecycle events that follow them.
+            Start::Replay { containers, then } => {
+                queue.extend(self.replay_output(&containers).await?);
+                *then
+            }
+            other => other,
+        };
         match start {
             Start::Effects(effects) => queue.extend(effects),
             Start::Feed(events) => {
@@ -191,6 +214,11 @@ impl RunTask {
                         )));
                     }
                 }
+            }
+            Start::Replay { .. } => {
+                return Err(Interrupted::Journal(
+                    "internal: a replay nested in a replay".into(),
+                ))
             }
         }
         loop {
@@ -608,15 +636,113 @@ impl RunTask {
             }
         };
         effects.extend(self.commit(exit).await?);
-        // The result is durable: the container and its private files can go.
-        if let Err(e) = self.ctx.engine.remove(name).await {
-            warn!(
-                container = name,
-                "container removal failed (the sweep retries): {e}"
-            );
+        // The result is durable. The container (with its private files) goes once the sender
+        // has delivered its output: until then its logs are the only copy of the queued lines
+        // that a crash would lose (F5); recovery replays them from there.
+        progress.save_if_drained(&dir, self.events.as_ref());
+        self.pending_output.push(name.to_owned());
+        if self.events.as_ref().is_none_or(|e| e.backlog() == 0) {
+            self.settle_output().await;
         }
-        remove_dir(&dir);
         Ok(effects)
+    }
+
+    /// Removes the stopped containers (and their private files) whose output the event sender
+    /// has delivered (or the server refused for good). Call only when its backlog is empty.
+    async fn settle_output(&mut self) {
+        for name in std::mem::take(&mut self.pending_output) {
+            if let Err(e) = self.ctx.engine.remove(&name).await {
+                warn!(
+                    container = %name,
+                    "container removal failed (the sweep retries): {e}"
+                );
+            }
+            // After the container: a crash in between leaves the container with its saved
+            // progress (a replay resumes there), never a container without it.
+            remove_dir(&self.container_dir(&name));
+        }
+    }
+
+    /// Recovery: forwards, in order, what each stopped container printed after the saved
+    /// progress, through the normal event sender. Signals and stream degradation are not fed
+    /// to the state machine: they were journaled when the previous process read them, and
+    /// the decision already accounts for them. A cancel that arrives meanwhile is journaled
+    /// and its effects returned for the queue; a drain past its deadline leaves the run (and
+    /// the container) for the next start, which replays again.
+    async fn replay_output(&mut self, containers: &[String]) -> Result<Vec<Effect>, Interrupted> {
+        let mut extra = Vec::new();
+        let mut listening = true;
+        for name in containers {
+            let dir = self.container_dir(name);
+            let mut progress = Progress::load(&dir);
+            let (tx, mut rx) = mpsc::channel::<DriverOutput>(1024);
+            let engine = self.ctx.engine.clone();
+            let reader_name = name.clone();
+            let (skip_out, skip_err) = (progress.stdout, progress.stderr);
+            let reader = tokio::spawn(async move {
+                agent_driver::replay(&engine, &reader_name, skip_out, skip_err, tx).await
+            });
+            let mut forwarded = 0u64;
+            loop {
+                let output = tokio::select! {
+                    biased;
+                    output = rx.recv() => output,
+                    stop = self.stops.recv(), if listening => {
+                        match stop {
+                            Some(StopRequest::Drain) => return Err(Interrupted::Shutdown),
+                            Some(StopRequest::Cancel) => {
+                                extra.extend(self.commit(StopRequest::Cancel.event()).await?);
+                            }
+                            None => listening = false,
+                        }
+                        continue;
+                    }
+                };
+                let Some(output) = output else { break };
+                if let DriverOutput::Event {
+                    event_type,
+                    payload_json,
+                    line,
+                } = output
+                {
+                    if let Some(events) = &self.events {
+                        events
+                            .send(EventRequest {
+                                event_type: event_type.clone(),
+                                payload_json,
+                            })
+                            .await;
+                    }
+                    progress.saw(&event_type, line);
+                    forwarded += 1;
+                }
+            }
+            match reader.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(
+                    run_id = self.run_id,
+                    container = %name,
+                    "replaying the container's output failed: {}",
+                    redact(&e.to_string())
+                ),
+                Err(e) => warn!(
+                    run_id = self.run_id,
+                    container = %name,
+                    "output replay task failed: {e}"
+                ),
+            }
+            info!(
+                run_id = self.run_id,
+                container = %name,
+                forwarded,
+                after_stdout = skip_out,
+                after_stderr = skip_err,
+                "replayed the container's output past the saved progress"
+            );
+            progress.save_if_drained(&dir, self.events.as_ref());
+            self.pending_output.push(name.clone());
+        }
+        Ok(extra)
     }
 
     async fn create_and_start(
@@ -823,6 +949,8 @@ impl RunTask {
                 debug!(run_id = self.run_id, "event stream ended early: {why}");
             }
         }
+        // Every event was delivered or refused for good: nothing is left to replay.
+        self.settle_output().await;
         // The client retries within its budget (minutes). A drain past its deadline must not
         // wait that out: the report intent is journaled, so the next start sends it again.
         let client = self.ctx.client.clone();
@@ -1083,4 +1211,36 @@ fn read_progress(dir: &Path) -> (u64, u64) {
         .split_whitespace()
         .map(|p| p.parse::<u64>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::contract::AgentSignal;
+
+    #[test]
+    fn failpoints_match_an_event_kind_or_one_agent_signal() {
+        let finish = Event::AgentSignal {
+            signal: AgentSignal::Finish {
+                outcome: "completed".into(),
+                summary: String::new(),
+            },
+        };
+        let idle = Event::AgentSignal {
+            signal: AgentSignal::SessionIdle,
+        };
+        assert!(failpoint_matches("agent_signal", &finish));
+        assert!(failpoint_matches("agent_signal:finish", &finish));
+        assert!(!failpoint_matches("agent_signal:finish", &idle));
+        assert!(failpoint_matches("agent_signal:session_idle", &idle));
+        assert!(failpoint_matches(
+            "container_started",
+            &Event::ContainerStarted
+        ));
+        assert!(!failpoint_matches(
+            "container_started:x",
+            &Event::ContainerStarted
+        ));
+        assert!(!failpoint_matches("push_done", &Event::ContainerStarted));
+    }
 }
