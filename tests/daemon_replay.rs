@@ -239,3 +239,65 @@ async fn queued_output_is_replayed_before_pushing_again() {
 async fn queued_output_is_replayed_before_reporting_again() {
     replay_after_crash("push_done", "report_again").await;
 }
+
+/// A clean stop (drain past its deadline) while the report waits for the queued flood: the
+/// run stays journaled, the progress saved is exactly what the server answered, and the next
+/// start replays only the rest: every line arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_during_the_report_replays_the_rest_without_repeats() {
+    let h = Harness::start("replay-drain").await;
+    set_faults(
+        &h,
+        Faults {
+            added_latency_ms: LATENCY_MS,
+            ..Default::default()
+        },
+    );
+    let id = h.enqueue(&format!(
+        r#"flood {FLOOD}; commit file=work.txt msg="agent work"; finish completed "kept""#
+    ));
+    let mut first = h.runner(&[("WSRUNNER_DRAIN_TIMEOUT", "1s")]);
+    h.wait_until(
+        Duration::from_secs(120),
+        "the report phase (waiting for the queued events)",
+        || h.log().contains("event=push_done"),
+    )
+    .await;
+    signal(&first, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut first, Duration::from_secs(60)).await, 0);
+    assert!(
+        h.log().contains("run left in the journal"),
+        "the drain left the run for the next start\n{}",
+        h.log()
+    );
+    let delivered = flood_seqs(&h.events(id)).len() as u64;
+    assert!(
+        delivered < FLOOD,
+        "the slowed server had not received the whole flood at the stop ({delivered})"
+    );
+    assert_eq!(h.run(id).status, "running", "not final before the restart");
+
+    set_faults(&h, Faults::default());
+    let mut second = h.runner(&[]);
+    let run = h.wait_final(id).await;
+    assert!(
+        h.log().contains("decision=\"report_again\"") || h.log().contains("decision=report_again"),
+        "{}",
+        h.log()
+    );
+    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
+    assert!(run.reported.is_some(), "reported by the runner, not reaped");
+    let events = h.events(id);
+    assert_eq!(
+        flood_seqs(&events),
+        (0..FLOOD).collect::<Vec<_>>(),
+        "every flood line exactly once, in order\n{}",
+        h.log()
+    );
+    assert_agent_output_complete(&h, id, &events, true);
+
+    signal(&second, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
+    assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
+    assert!(h.checkouts().is_empty(), "leftovers: {:?}", h.checkouts());
+}

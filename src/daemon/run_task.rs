@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn, Span};
 
 use super::Ctx;
 use crate::control::client::ControlError;
-use crate::control::events::RunEvents;
+use crate::control::events::{Delivery, RunEvents};
 use crate::control::wire::{EventRequest, ReportRequest};
 use crate::effects::agent_driver::{self, DriveOptions, DriveResult, DriverOutput, StdinChannel};
 use crate::effects::container::{ContainerSpec, LaunchKind};
@@ -86,7 +86,9 @@ pub(crate) struct RunTask {
     /// Stopped containers whose output was handed to the event sender but may not be
     /// delivered yet. Their logs are the only copy of that output after a crash, so they are
     /// removed only once the sender has drained (see [`RunTask::settle_output`]).
-    pending_output: Vec<String>,
+    pending_output: Vec<(String, Progress)>,
+    /// The run's event stream progress, kept after `events` is consumed (report, shutdown).
+    delivery: Delivery,
     span: Span,
 }
 
@@ -104,7 +106,9 @@ impl RunTask {
             .cfg
             .run_timeout
             .saturating_sub(Duration::from_millis(elapsed_ms));
-        let events = Some(ctx.events.open_run(run_id));
+        let events = ctx.events.open_run(run_id);
+        let delivery = events.delivery();
+        let events = Some(events);
         // The state is logged per line, not as a span field: the fmt layer appends every
         // re-recorded field value, which would turn the span prefix into the whole history.
         let span = tracing::info_span!("run", run_id);
@@ -118,6 +122,7 @@ impl RunTask {
             deadline: tokio::time::Instant::now() + remaining,
             deadline_fired: false,
             pending_output: Vec::new(),
+            delivery,
             span,
         }
     }
@@ -166,6 +171,13 @@ impl RunTask {
                 // shutdown (the verdict-relevant facts are journaled already).
                 if let Some(events) = self.events.take() {
                     let _ = tokio::time::timeout(Duration::from_secs(5), events.finish()).await;
+                }
+                // Then stop sending and record exactly how far the stopped containers' output
+                // got, so the next start replays the rest and repeats nothing.
+                self.delivery.halt(Duration::from_secs(5)).await;
+                let completed = self.delivery.completed();
+                for (_, progress) in &mut self.pending_output {
+                    progress.save_delivered(completed);
                 }
                 None
             }
@@ -586,7 +598,7 @@ impl RunTask {
                     }
                 }
                 _ = tick.tick() => {
-                    progress.save_if_drained(&dir, self.events.as_ref());
+                    progress.save_delivered(self.delivery.completed());
                     if self.events.as_ref().is_some_and(RunEvents::is_stopped) {
                         warn!(run_id = self.run_id, "the server says the run is no longer running; abandoning it");
                         for effect in self.commit(Event::RunNoLongerRunning).await? {
@@ -639,8 +651,8 @@ impl RunTask {
         // The result is durable. The container (with its private files) goes once the sender
         // has delivered its output: until then its logs are the only copy of the queued lines
         // that a crash would lose (F5); recovery replays them from there.
-        progress.save_if_drained(&dir, self.events.as_ref());
-        self.pending_output.push(name.to_owned());
+        progress.save_delivered(self.delivery.completed());
+        self.pending_output.push((name.to_owned(), progress));
         if self.events.as_ref().is_none_or(|e| e.backlog() == 0) {
             self.settle_output().await;
         }
@@ -650,7 +662,7 @@ impl RunTask {
     /// Removes the stopped containers (and their private files) whose output the event sender
     /// has delivered (or the server refused for good). Call only when its backlog is empty.
     async fn settle_output(&mut self) {
-        for name in std::mem::take(&mut self.pending_output) {
+        for (name, _) in std::mem::take(&mut self.pending_output) {
             if let Err(e) = self.ctx.engine.remove(&name).await {
                 warn!(
                     container = %name,
@@ -713,7 +725,7 @@ impl RunTask {
                             })
                             .await;
                     }
-                    progress.saw(&event_type, line);
+                    progress.forwarded(&event_type, line, self.delivery.accepted());
                     forwarded += 1;
                 }
             }
@@ -739,8 +751,8 @@ impl RunTask {
                 after_stderr = skip_err,
                 "replayed the container's output past the saved progress"
             );
-            progress.save_if_drained(&dir, self.events.as_ref());
-            self.pending_output.push(name.clone());
+            progress.save_delivered(self.delivery.completed());
+            self.pending_output.push((name.clone(), progress));
         }
         Ok(extra)
     }
@@ -820,7 +832,7 @@ impl RunTask {
                         })
                         .await;
                 }
-                progress.saw(&event_type, line);
+                progress.forwarded(&event_type, line, self.delivery.accepted());
             }
             DriverOutput::Signal(signal) => {
                 self.commit(Event::AgentSignal { signal }).await?;
@@ -1156,12 +1168,19 @@ fn remove_dir(dir: &Path) {
     }
 }
 
-/// Output lines of each stream handed to the event sender, and the last counts known to be
-/// delivered (saved when the sender's backlog is empty). A re-attach resumes after the saved
-/// counts: delivery is at-least-once across a crash, never lossy.
+/// How far a container's output got: the raw line numbers handed to the event sender, each
+/// with the sender's count of accepted events right after it, and the last line numbers the
+/// server is known to have answered, saved in the container's private directory. A re-attach
+/// or a recovery replay resumes after the saved numbers: delivery is at-least-once across a
+/// crash (lines answered after the last save are sent again), exact across a clean stop.
 struct Progress {
+    dir: PathBuf,
     stdout: u64,
     stderr: u64,
+    /// (accepted count after the line, stdout, stderr), oldest first, not yet answered.
+    marks: VecDeque<(u64, u64, u64)>,
+    /// The numbers of the last line the server answered, and the numbers in the file.
+    delivered: (u64, u64),
     saved: (u64, u64),
 }
 
@@ -1169,28 +1188,46 @@ impl Progress {
     fn load(dir: &Path) -> Progress {
         let (stdout, stderr) = read_progress(dir);
         Progress {
+            dir: dir.to_owned(),
             stdout,
             stderr,
+            marks: VecDeque::new(),
+            delivered: (stdout, stderr),
             saved: (stdout, stderr),
         }
     }
 
-    fn saw(&mut self, stream: &str, line: u64) {
+    /// Line `line` of `stream` was handed to the sender, which has now accepted `accepted`.
+    fn forwarded(&mut self, stream: &str, line: u64, accepted: u64) {
         match stream {
             "stderr" => self.stderr = self.stderr.max(line),
             _ => self.stdout = self.stdout.max(line),
         }
+        // The same count means nothing was sent in between: keep only the latest numbers.
+        match self.marks.back_mut() {
+            Some(last) if last.0 == accepted => *last = (accepted, self.stdout, self.stderr),
+            _ => self.marks.push_back((accepted, self.stdout, self.stderr)),
+        }
     }
 
-    fn save_if_drained(&mut self, dir: &Path, events: Option<&RunEvents>) {
-        let now = (self.stdout, self.stderr);
-        if now == self.saved || events.is_some_and(|e| e.backlog() > 0) {
+    /// Saves the line numbers of everything the server has answered (`completed` of the
+    /// sender's calls, a prefix in order).
+    fn save_delivered(&mut self, completed: u64) {
+        while let Some(&(accepted, stdout, stderr)) = self.marks.front() {
+            if accepted > completed {
+                break;
+            }
+            self.delivered = (stdout, stderr);
+            self.marks.pop_front();
+        }
+        let now = self.delivered;
+        if now == self.saved {
             return;
         }
-        let tmp = dir.join(format!("{PROGRESS_FILE}.tmp"));
+        let tmp = self.dir.join(format!("{PROGRESS_FILE}.tmp"));
         let text = format!("{} {}\n", now.0, now.1);
         if std::fs::write(&tmp, text).is_ok()
-            && std::fs::rename(&tmp, dir.join(PROGRESS_FILE)).is_ok()
+            && std::fs::rename(&tmp, self.dir.join(PROGRESS_FILE)).is_ok()
         {
             self.saved = now;
         }
