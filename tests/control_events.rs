@@ -143,7 +143,10 @@ async fn content_backlog_is_merged_not_dropped_and_409_stops_the_run() {
             })
             .await;
     }
+    let delivery = stream.delivery();
     stream.finish().await;
+    // Merged sends count one by one: every call was answered.
+    assert_eq!((delivery.accepted(), delivery.completed()), (400, 400));
     let stored: Vec<_> = ts
         .server
         .core()
@@ -185,10 +188,58 @@ async fn content_backlog_is_merged_not_dropped_and_409_stops_the_run() {
         })
         .await;
     }
+    let late_delivery = late.delivery();
     let summary = late.finish().await;
     assert!(summary.stopped.unwrap().contains("409"));
+    assert_eq!(
+        (late_delivery.accepted(), late_delivery.completed()),
+        (5, 5),
+        "refused for good counts as answered"
+    );
     let counts = sender.counters();
     assert_eq!(counts.dropped_after_409, 5);
     assert!(seq_events(ts.server.core(), run, "tool_done").is_empty());
+    ts.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_stream_says_exactly_how_many_events_the_server_has() {
+    let ts = TestServer::start_with(|c| {
+        c.rate_per_sec = 1000.0;
+        c.rate_burst = 100.0;
+    })
+    .await;
+    let pool = ts.pool(0);
+    // A slow client (20/s) keeps most of the events queued.
+    let client = paced_client(&ts.api_url(), 20.0, 1.0);
+    let r = client.register(&ts.token(pool), "halt").await.unwrap();
+    client.set_credential(&r.credential);
+    let run = ts.enqueue(pool);
+    client.claim().await.unwrap().unwrap();
+    let sender = EventSender::new(client.clone(), EventSenderConfig::default());
+    let stream = sender.open_run(run);
+    for seq in 0..60 {
+        stream
+            .send(EventRequest {
+                event_type: "tool_done".into(),
+                payload_json: format!(r#"{{"seq":{seq}}}"#),
+            })
+            .await;
+    }
+    let delivery = stream.delivery();
+    assert_eq!(delivery.accepted(), 60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while delivery.completed() < 5 {
+        assert!(std::time::Instant::now() < deadline, "no event delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    delivery.halt(Duration::from_secs(10)).await;
+    let completed = delivery.completed();
+    assert!(completed < 60, "halted before the end ({completed})");
+    // Nothing more goes out once halted, and the count is exactly what the server stored.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(delivery.completed(), completed);
+    let got = seq_events(ts.server.core(), run, "tool_done");
+    assert_eq!(got, (0..completed as i64).collect::<Vec<_>>());
     ts.server.stop().await;
 }

@@ -128,9 +128,18 @@ impl EventSender {
 
 #[derive(Default)]
 struct QueueState {
-    items: VecDeque<EventRequest>,
+    /// Queued events, each with the number of `send` calls folded into it (merges).
+    items: VecDeque<(EventRequest, u64)>,
     bytes: usize,
     closed: bool,
+    /// `send` calls folded into the event the worker is sending (0: none in flight).
+    in_flight: u64,
+    /// `send` calls so far, and how many of them the server has answered (delivered or
+    /// refused for good). Events go out in order, so the answered ones are a prefix.
+    accepted: u64,
+    completed: u64,
+    /// Set by [`Delivery::halt`]: the worker takes no further event.
+    halted: bool,
     /// Set once the server said the run is not ours/running any more.
     stopped: Option<String>,
 }
@@ -140,6 +149,8 @@ struct RunQueue {
     state: Mutex<QueueState>,
     work: Notify,
     space: Notify,
+    /// Woken whenever the worker finishes an event.
+    idle: Notify,
 }
 
 impl RunQueue {
@@ -184,19 +195,23 @@ impl RunEvents {
             {
                 let mut st = self.queue.lock();
                 if st.stopped.is_some() {
+                    st.accepted += 1;
+                    st.completed += 1;
                     self.counters
                         .dropped_after_409
                         .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 if st.items.len() >= self.cfg.merge_backlog {
-                    if let Some(last) = st.items.back_mut() {
+                    if let Some((last, count)) = st.items.back_mut() {
                         if let Some(merged) =
                             merge_content(last, &event, self.cfg.max_merged_payload)
                         {
                             let grow = merged.payload_json.len() - last.payload_json.len();
                             *last = merged;
+                            *count += 1;
                             st.bytes += grow;
+                            st.accepted += 1;
                             self.counters.merged.fetch_add(1, Ordering::Relaxed);
                             return;
                         }
@@ -207,7 +222,8 @@ impl RunEvents {
                     || (st.bytes + size > self.cfg.max_backlog_bytes && !st.items.is_empty());
                 if !full {
                     st.bytes += size;
-                    st.items.push_back(event);
+                    st.accepted += 1;
+                    st.items.push_back((event, 1));
                     drop(st);
                     self.queue.work.notify_one();
                     return;
@@ -217,9 +233,19 @@ impl RunEvents {
         }
     }
 
-    /// Events queued and not yet sent.
+    /// Events queued or being sent, not yet answered by the server. Zero means every event
+    /// handed to [`RunEvents::send`] so far was delivered (or refused for good): the agent
+    /// output progress may be saved only then.
     pub fn backlog(&self) -> usize {
-        self.queue.lock().items.len()
+        let st = self.queue.lock();
+        st.items.len() + usize::from(st.in_flight > 0)
+    }
+
+    /// A handle on this stream's delivery progress that outlives it (see [`Delivery`]).
+    pub fn delivery(&self) -> Delivery {
+        Delivery {
+            queue: self.queue.clone(),
+        }
     }
 
     /// Closes the stream and waits until every queued event was sent (or the run stopped).
@@ -235,16 +261,58 @@ impl RunEvents {
     }
 }
 
+/// How far a run's event stream got, readable after the [`RunEvents`] itself was consumed:
+/// the agent output progress (docs/daemon.md) is saved from it, so a replay after a restart
+/// resumes exactly after the last line the server answered.
+#[derive(Clone)]
+pub struct Delivery {
+    queue: Arc<RunQueue>,
+}
+
+impl Delivery {
+    /// `send` calls so far (merged ones included).
+    pub fn accepted(&self) -> u64 {
+        self.queue.lock().accepted
+    }
+
+    /// `send` calls the server has answered: delivered, or refused for good (409/403/404,
+    /// 400) or given up after the retry budget. Always a prefix of the calls in order.
+    pub fn completed(&self) -> u64 {
+        self.queue.lock().completed
+    }
+
+    /// Stops the worker from taking another event and waits (up to `limit`) for the one in
+    /// flight to be answered, so [`Delivery::completed`] stays exact while the process exits.
+    pub async fn halt(&self, limit: std::time::Duration) {
+        self.queue.lock().halted = true;
+        self.queue.work.notify_one();
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let idle = self.queue.idle.notified();
+                if self.queue.lock().in_flight == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+    }
+}
+
 async fn worker(client: Client, run_id: i64, queue: Arc<RunQueue>, counters: Arc<EventCounters>) {
     loop {
         let notified = queue.work.notified();
         let next = {
             let mut st = queue.lock();
+            if st.halted {
+                return;
+            }
             match st.items.pop_front() {
-                Some(ev) => {
+                Some((ev, count)) => {
                     st.bytes = st
                         .bytes
                         .saturating_sub(ev.payload_json.len() + ev.event_type.len());
+                    st.in_flight = count;
                     Some(ev)
                 }
                 None if st.closed => return,
@@ -263,6 +331,8 @@ async fn worker(client: Client, run_id: i64, queue: Arc<RunQueue>, counters: Arc
             Err(e) if matches!(e.status(), Some(409 | 403 | 404)) => {
                 let mut st = queue.lock();
                 let left = st.items.len() as u64 + 1;
+                let folded: u64 = st.items.iter().map(|(_, count)| count).sum();
+                st.completed += folded;
                 st.items.clear();
                 st.bytes = 0;
                 st.stopped = Some(e.to_string());
@@ -286,6 +356,12 @@ async fn worker(client: Client, run_id: i64, queue: Arc<RunQueue>, counters: Arc
                 tracing::error!(run_id, event_type = %event.event_type, error = %e, "event not delivered after retries");
             }
         }
+        {
+            let mut st = queue.lock();
+            st.completed += st.in_flight;
+            st.in_flight = 0;
+        }
+        queue.idle.notify_waiters();
     }
 }
 

@@ -11,7 +11,7 @@ use super::run_task::{repo_proxy_url, Start};
 use super::Ctx;
 use crate::control::client::ControlError;
 use crate::control::wire::EventRequest;
-use crate::effects::container::ContainerState;
+use crate::effects::container::{ContainerState, FoundContainer};
 use crate::effects::git;
 use crate::fsm::{
     recover, ContainerObservation, Observations, RecoveryDecision, RunSecrets, RunState,
@@ -40,6 +40,19 @@ pub(crate) struct Recovered {
 /// acted on.
 pub(crate) async fn recover_runs(ctx: &Ctx) -> Result<Recovered, String> {
     let active = ctx.journal.active().map_err(|e| e.to_string())?;
+    // Stopped containers still hold the output of runs whose sender had not drained at the
+    // crash; they are replayed (and so kept from the sweep) below.
+    let containers = if active.is_empty() {
+        Vec::new()
+    } else {
+        ctx.engine
+            .find_instance_containers()
+            .await
+            .unwrap_or_else(|e| {
+                warn!("cannot list this instance's containers ({e}); no output is replayed");
+                Vec::new()
+            })
+    };
     let mut recovered = Recovered {
         resume: Vec::new(),
         owned_containers: HashSet::new(),
@@ -84,11 +97,35 @@ pub(crate) async fn recover_runs(ctx: &Ctx) -> Result<Recovered, String> {
             "recovering run ({})",
             last.state.describe()
         );
+        let replay = match &decision {
+            // Abandoned: the server refuses the run's events. Re-attached: the driver reads
+            // the container's output from the saved progress itself.
+            RecoveryDecision::Feed(events)
+                if matches!(events.first(), Some(crate::fsm::Event::RunNoLongerRunning)) =>
+            {
+                Vec::new()
+            }
+            RecoveryDecision::Feed(_) | RecoveryDecision::Redo(_) => {
+                replay_sources(&containers, run_id)
+            }
+            RecoveryDecision::Nothing | RecoveryDecision::Reattach { .. } => Vec::new(),
+        };
         let start = match decision {
             RecoveryDecision::Nothing => continue,
             RecoveryDecision::Feed(events) => Start::Feed(events),
             RecoveryDecision::Redo(effects) => Start::Effects(effects),
             RecoveryDecision::Reattach { name, feed } => Start::Reattach { name, feed },
+        };
+        // The run's output is replayed before it acts on the decision (F5): events queued in
+        // the previous process's memory died with it, the container's logs did not.
+        let start = if replay.is_empty() {
+            start
+        } else {
+            recovered.owned_containers.extend(replay.iter().cloned());
+            Start::Replay {
+                containers: replay,
+                then: Box::new(start),
+            }
         };
         recovered.resume.push(Resume {
             first,
@@ -119,6 +156,18 @@ fn decision_label(d: &RecoveryDecision) -> &'static str {
         },
         RecoveryDecision::Reattach { .. } => "reattach",
     }
+}
+
+/// The run's containers that have output to replay (any attempt, oldest first): every one
+/// that exists and was started. Found by label, because a state past the exit (the report
+/// phase) no longer names its container.
+fn replay_sources(containers: &[FoundContainer], run_id: i64) -> Vec<String> {
+    let mut found: Vec<&FoundContainer> = containers
+        .iter()
+        .filter(|c| c.run_id == Some(run_id) && c.state != ContainerState::Created)
+        .collect();
+    found.sort_by_key(|c| c.attempt);
+    found.into_iter().map(|c| c.name.clone()).collect()
 }
 
 fn container_of(state: &RunState) -> Option<&str> {
@@ -325,4 +374,34 @@ fn stale_checkouts(root: &Path, owned: &HashSet<i64>) -> Vec<std::path::PathBuf>
         }
     }
     stale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(name: &str, run_id: i64, attempt: u32, state: ContainerState) -> FoundContainer {
+        FoundContainer {
+            name: name.into(),
+            run_id: Some(run_id),
+            attempt: Some(attempt),
+            state,
+        }
+    }
+
+    #[test]
+    fn replay_sources_are_the_runs_started_containers_oldest_first() {
+        let exited = ContainerState::Exited {
+            code: 0,
+            oom_killed: false,
+        };
+        let all = vec![
+            found("b", 7, 2, exited.clone()),
+            found("a", 7, 1, ContainerState::Other("dead".into())),
+            found("never-started", 7, 3, ContainerState::Created),
+            found("other-run", 8, 1, exited),
+        ];
+        assert_eq!(replay_sources(&all, 7), vec!["a", "b"]);
+        assert!(replay_sources(&all, 9).is_empty());
+    }
 }

@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn, Span};
 
 use super::Ctx;
 use crate::control::client::ControlError;
-use crate::control::events::RunEvents;
+use crate::control::events::{Delivery, RunEvents};
 use crate::control::wire::{EventRequest, ReportRequest};
 use crate::effects::agent_driver::{self, DriveOptions, DriveResult, DriverOutput, StdinChannel};
 use crate::effects::container::{ContainerSpec, LaunchKind};
@@ -46,7 +46,16 @@ impl StopRequest {
 pub(crate) enum Start {
     Effects(Vec<Effect>),
     Feed(Vec<Event>),
-    Reattach { name: String, feed: Vec<Event> },
+    Reattach {
+        name: String,
+        feed: Vec<Event>,
+    },
+    /// Recovery: forward what these stopped containers printed past their saved progress
+    /// (lines a previous process read but may not have delivered), then begin with `then`.
+    Replay {
+        containers: Vec<String>,
+        then: Box<Start>,
+    },
 }
 
 /// Why a run task stopped before its run reached a terminal state. The run stays in the
@@ -74,6 +83,12 @@ pub(crate) struct RunTask {
     /// When the run's own wall-clock limit passes (from the claim time, across restarts).
     deadline: tokio::time::Instant,
     deadline_fired: bool,
+    /// Stopped containers whose output was handed to the event sender but may not be
+    /// delivered yet. Their logs are the only copy of that output after a crash, so they are
+    /// removed only once the sender has drained (see [`RunTask::settle_output`]).
+    pending_output: Vec<(String, Progress)>,
+    /// The run's event stream progress, kept after `events` is consumed (report, shutdown).
+    delivery: Delivery,
     span: Span,
 }
 
@@ -91,7 +106,9 @@ impl RunTask {
             .cfg
             .run_timeout
             .saturating_sub(Duration::from_millis(elapsed_ms));
-        let events = Some(ctx.events.open_run(run_id));
+        let events = ctx.events.open_run(run_id);
+        let delivery = events.delivery();
+        let events = Some(events);
         // The state is logged per line, not as a span field: the fmt layer appends every
         // re-recorded field value, which would turn the span prefix into the whole history.
         let span = tracing::info_span!("run", run_id);
@@ -104,6 +121,8 @@ impl RunTask {
             stops,
             deadline: tokio::time::Instant::now() + remaining,
             deadline_fired: false,
+            pending_output: Vec::new(),
+            delivery,
             span,
         }
     }
@@ -153,6 +172,13 @@ impl RunTask {
                 if let Some(events) = self.events.take() {
                     let _ = tokio::time::timeout(Duration::from_secs(5), events.finish()).await;
                 }
+                // Then stop sending and record exactly how far the stopped containers' output
+                // got, so the next start replays the rest and repeats nothing.
+                self.delivery.halt(Duration::from_secs(5)).await;
+                let completed = self.delivery.completed();
+                for (_, progress) in &mut self.pending_output {
+                    progress.save_delivered(completed);
+                }
                 None
             }
         }
@@ -160,6 +186,15 @@ impl RunTask {
 
     async fn drive_inner(&mut self, start: Start) -> Result<(), Interrupted> {
         let mut queue: VecDeque<Effect> = VecDeque::new();
+        let start = match start {
+            // The replayed output is queued before anything the decision produces, so the
+            // server gets the agent's lines before the lifecycle events that follow them.
+            Start::Replay { containers, then } => {
+                queue.extend(self.replay_output(&containers).await?);
+                *then
+            }
+            other => other,
+        };
         match start {
             Start::Effects(effects) => queue.extend(effects),
             Start::Feed(events) => {
@@ -191,6 +226,11 @@ impl RunTask {
                         )));
                     }
                 }
+            }
+            Start::Replay { .. } => {
+                return Err(Interrupted::Journal(
+                    "internal: a replay nested in a replay".into(),
+                ))
             }
         }
         loop {
@@ -580,7 +620,7 @@ impl RunTask {
                     }
                 }
                 _ = tick.tick() => {
-                    progress.save_if_drained(&dir, self.events.as_ref());
+                    progress.save_delivered(self.delivery.completed());
                     if self.events.as_ref().is_some_and(RunEvents::is_stopped) {
                         warn!(run_id = self.run_id, "the server says the run is no longer running; abandoning it");
                         for effect in self.commit(Event::RunNoLongerRunning).await? {
@@ -630,15 +670,113 @@ impl RunTask {
             }
         };
         effects.extend(self.commit(exit).await?);
-        // The result is durable: the container and its private files can go.
-        if let Err(e) = self.ctx.engine.remove(name).await {
-            warn!(
-                container = name,
-                "container removal failed (the sweep retries): {e}"
-            );
+        // The result is durable. The container (with its private files) goes once the sender
+        // has delivered its output: until then its logs are the only copy of the queued lines
+        // that a crash would lose (F5); recovery replays them from there.
+        progress.save_delivered(self.delivery.completed());
+        self.pending_output.push((name.to_owned(), progress));
+        if self.events.as_ref().is_none_or(|e| e.backlog() == 0) {
+            self.settle_output().await;
         }
-        remove_dir(&dir);
         Ok(effects)
+    }
+
+    /// Removes the stopped containers (and their private files) whose output the event sender
+    /// has delivered (or the server refused for good). Call only when its backlog is empty.
+    async fn settle_output(&mut self) {
+        for (name, _) in std::mem::take(&mut self.pending_output) {
+            if let Err(e) = self.ctx.engine.remove(&name).await {
+                warn!(
+                    container = %name,
+                    "container removal failed (the sweep retries): {e}"
+                );
+            }
+            // After the container: a crash in between leaves the container with its saved
+            // progress (a replay resumes there), never a container without it.
+            remove_dir(&self.container_dir(&name));
+        }
+    }
+
+    /// Recovery: forwards, in order, what each stopped container printed after the saved
+    /// progress, through the normal event sender. Signals and stream degradation are not fed
+    /// to the state machine: they were journaled when the previous process read them, and
+    /// the decision already accounts for them. A cancel that arrives meanwhile is journaled
+    /// and its effects returned for the queue; a drain past its deadline leaves the run (and
+    /// the container) for the next start, which replays again.
+    async fn replay_output(&mut self, containers: &[String]) -> Result<Vec<Effect>, Interrupted> {
+        let mut extra = Vec::new();
+        let mut listening = true;
+        for name in containers {
+            let dir = self.container_dir(name);
+            let mut progress = Progress::load(&dir);
+            let (tx, mut rx) = mpsc::channel::<DriverOutput>(1024);
+            let engine = self.ctx.engine.clone();
+            let reader_name = name.clone();
+            let (skip_out, skip_err) = (progress.stdout, progress.stderr);
+            let reader = tokio::spawn(async move {
+                agent_driver::replay(&engine, &reader_name, skip_out, skip_err, tx).await
+            });
+            let mut forwarded = 0u64;
+            loop {
+                let output = tokio::select! {
+                    biased;
+                    output = rx.recv() => output,
+                    stop = self.stops.recv(), if listening => {
+                        match stop {
+                            Some(StopRequest::Drain) => return Err(Interrupted::Shutdown),
+                            Some(StopRequest::Cancel) => {
+                                extra.extend(self.commit(StopRequest::Cancel.event()).await?);
+                            }
+                            None => listening = false,
+                        }
+                        continue;
+                    }
+                };
+                let Some(output) = output else { break };
+                if let DriverOutput::Event {
+                    event_type,
+                    payload_json,
+                    line,
+                } = output
+                {
+                    if let Some(events) = &self.events {
+                        events
+                            .send(EventRequest {
+                                event_type: event_type.clone(),
+                                payload_json,
+                            })
+                            .await;
+                    }
+                    progress.forwarded(&event_type, line, self.delivery.accepted());
+                    forwarded += 1;
+                }
+            }
+            match reader.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(
+                    run_id = self.run_id,
+                    container = %name,
+                    "replaying the container's output failed: {}",
+                    redact(&e.to_string())
+                ),
+                Err(e) => warn!(
+                    run_id = self.run_id,
+                    container = %name,
+                    "output replay task failed: {e}"
+                ),
+            }
+            info!(
+                run_id = self.run_id,
+                container = %name,
+                forwarded,
+                after_stdout = skip_out,
+                after_stderr = skip_err,
+                "replayed the container's output past the saved progress"
+            );
+            progress.save_delivered(self.delivery.completed());
+            self.pending_output.push((name.clone(), progress));
+        }
+        Ok(extra)
     }
 
     async fn create_and_start(
@@ -716,7 +854,7 @@ impl RunTask {
                         })
                         .await;
                 }
-                progress.saw(&event_type, line);
+                progress.forwarded(&event_type, line, self.delivery.accepted());
             }
             DriverOutput::Signal(signal) => {
                 self.commit(Event::AgentSignal { signal }).await?;
@@ -849,6 +987,8 @@ impl RunTask {
                 debug!(run_id = self.run_id, "event stream ended early: {why}");
             }
         }
+        // Every event was delivered or refused for good: nothing is left to replay.
+        self.settle_output().await;
         // The client retries within its budget (minutes). A drain past its deadline must not
         // wait that out: the report intent is journaled, so the next start sends it again.
         let client = self.ctx.client.clone();
@@ -959,7 +1099,7 @@ impl RunTask {
 /// the process kills itself with SIGKILL right after that event's record is flushed, so the
 /// crash tests can stop the runner at an exact durable state. Unset in production.
 pub(crate) fn crash_failpoint(record: &Record) {
-    if crash_failpoint_matches(&record.event.kind().to_string()) {
+    if configured_failpoint().is_some_and(|point| failpoint_matches(point, &record.event)) {
         error!(
             run_id = record.run_id,
             seq = record.seq,
@@ -979,15 +1119,41 @@ pub(crate) fn crash_failpoint_at(point: &str) {
 }
 
 fn crash_failpoint_matches(point: &str) -> bool {
+    configured_failpoint() == Some(point)
+}
+
+/// `WSRUNNER_TEST_CRASH_AFTER`, read once.
+fn configured_failpoint() -> Option<&'static str> {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let wanted = POINT.get_or_init(|| std::env::var("WSRUNNER_TEST_CRASH_AFTER").ok());
-    wanted.as_deref() == Some(point)
+    POINT
+        .get_or_init(|| std::env::var("WSRUNNER_TEST_CRASH_AFTER").ok())
+        .as_deref()
 }
 
 fn kill_self() {
     // SAFETY: kill(2) on our own pid.
     unsafe {
         libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+}
+
+/// `<event kind>`, or `agent_signal:<signal>` (`event`, `finish`, `error`, `session_idle`)
+/// for one kind of agent signal.
+fn failpoint_matches(point: &str, event: &Event) -> bool {
+    use crate::fsm::contract::AgentSignal;
+    let kind = event.kind().to_string();
+    match (point.split_once(':'), event) {
+        (None, _) => point == kind,
+        (Some((want, signal)), Event::AgentSignal { signal: got }) if want == kind => {
+            signal
+                == match got {
+                    AgentSignal::Event { .. } => "event",
+                    AgentSignal::Finish { .. } => "finish",
+                    AgentSignal::Error { .. } => "error",
+                    AgentSignal::SessionIdle => "session_idle",
+                }
+        }
+        _ => false,
     }
 }
 
@@ -1048,12 +1214,19 @@ fn remove_dir(dir: &Path) {
     }
 }
 
-/// Output lines of each stream handed to the event sender, and the last counts known to be
-/// delivered (saved when the sender's backlog is empty). A re-attach resumes after the saved
-/// counts: delivery is at-least-once across a crash, never lossy.
+/// How far a container's output got: the raw line numbers handed to the event sender, each
+/// with the sender's count of accepted events right after it, and the last line numbers the
+/// server is known to have answered, saved in the container's private directory. A re-attach
+/// or a recovery replay resumes after the saved numbers: delivery is at-least-once across a
+/// crash (lines answered after the last save are sent again), exact across a clean stop.
 struct Progress {
+    dir: PathBuf,
     stdout: u64,
     stderr: u64,
+    /// (accepted count after the line, stdout, stderr), oldest first, not yet answered.
+    marks: VecDeque<(u64, u64, u64)>,
+    /// The numbers of the last line the server answered, and the numbers in the file.
+    delivered: (u64, u64),
     saved: (u64, u64),
 }
 
@@ -1061,28 +1234,46 @@ impl Progress {
     fn load(dir: &Path) -> Progress {
         let (stdout, stderr) = read_progress(dir);
         Progress {
+            dir: dir.to_owned(),
             stdout,
             stderr,
+            marks: VecDeque::new(),
+            delivered: (stdout, stderr),
             saved: (stdout, stderr),
         }
     }
 
-    fn saw(&mut self, stream: &str, line: u64) {
+    /// Line `line` of `stream` was handed to the sender, which has now accepted `accepted`.
+    fn forwarded(&mut self, stream: &str, line: u64, accepted: u64) {
         match stream {
             "stderr" => self.stderr = self.stderr.max(line),
             _ => self.stdout = self.stdout.max(line),
         }
+        // The same count means nothing was sent in between: keep only the latest numbers.
+        match self.marks.back_mut() {
+            Some(last) if last.0 == accepted => *last = (accepted, self.stdout, self.stderr),
+            _ => self.marks.push_back((accepted, self.stdout, self.stderr)),
+        }
     }
 
-    fn save_if_drained(&mut self, dir: &Path, events: Option<&RunEvents>) {
-        let now = (self.stdout, self.stderr);
-        if now == self.saved || events.is_some_and(|e| e.backlog() > 0) {
+    /// Saves the line numbers of everything the server has answered (`completed` of the
+    /// sender's calls, a prefix in order).
+    fn save_delivered(&mut self, completed: u64) {
+        while let Some(&(accepted, stdout, stderr)) = self.marks.front() {
+            if accepted > completed {
+                break;
+            }
+            self.delivered = (stdout, stderr);
+            self.marks.pop_front();
+        }
+        let now = self.delivered;
+        if now == self.saved {
             return;
         }
-        let tmp = dir.join(format!("{PROGRESS_FILE}.tmp"));
+        let tmp = self.dir.join(format!("{PROGRESS_FILE}.tmp"));
         let text = format!("{} {}\n", now.0, now.1);
         if std::fs::write(&tmp, text).is_ok()
-            && std::fs::rename(&tmp, dir.join(PROGRESS_FILE)).is_ok()
+            && std::fs::rename(&tmp, self.dir.join(PROGRESS_FILE)).is_ok()
         {
             self.saved = now;
         }
@@ -1103,4 +1294,36 @@ fn read_progress(dir: &Path) -> (u64, u64) {
         .split_whitespace()
         .map(|p| p.parse::<u64>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::contract::AgentSignal;
+
+    #[test]
+    fn failpoints_match_an_event_kind_or_one_agent_signal() {
+        let finish = Event::AgentSignal {
+            signal: AgentSignal::Finish {
+                outcome: "completed".into(),
+                summary: String::new(),
+            },
+        };
+        let idle = Event::AgentSignal {
+            signal: AgentSignal::SessionIdle,
+        };
+        assert!(failpoint_matches("agent_signal", &finish));
+        assert!(failpoint_matches("agent_signal:finish", &finish));
+        assert!(!failpoint_matches("agent_signal:finish", &idle));
+        assert!(failpoint_matches("agent_signal:session_idle", &idle));
+        assert!(failpoint_matches(
+            "container_started",
+            &Event::ContainerStarted
+        ));
+        assert!(!failpoint_matches(
+            "container_started:x",
+            &Event::ContainerStarted
+        ));
+        assert!(!failpoint_matches("push_done", &Event::ContainerStarted));
+    }
 }

@@ -372,6 +372,59 @@ async fn handle_line<F, Fut>(
     }
 }
 
+/// Reads a stopped container's output again from the start (`<docker> logs`, no follow)
+/// through the same line reader as [`drive`], skipping the first `skip_stdout`/`skip_stderr`
+/// raw lines of each stream, and sends what it finds to `out` (events, signals and
+/// degradation, exactly as the live reader would). Recovery uses it to forward the lines a
+/// previous runner read but may not have delivered (docs/daemon.md); the caller decides what
+/// to do with the signals. Returns the raw line counts of both streams.
+pub async fn replay(
+    engine: &Engine,
+    name: &str,
+    skip_stdout: u64,
+    skip_stderr: u64,
+    out: mpsc::Sender<DriverOutput>,
+) -> Result<(u64, u64), ContainerError> {
+    let mut logs = engine.command(&["logs", name]);
+    let mut logs = logs.spawn().map_err(|source| ContainerError::Spawn {
+        docker: engine.cfg.docker.clone(),
+        source,
+    })?;
+    let (Some(stdout), Some(stderr)) = (logs.stdout.take(), logs.stderr.take()) else {
+        return Err(ContainerError::Spawn {
+            docker: engine.cfg.docker.clone(),
+            source: io::Error::other("logs pipes missing"),
+        });
+    };
+    let stdout_task = tokio::spawn(pump("stdout", stdout, skip_stdout, out.clone(), None));
+    let stderr_task = tokio::spawn(pump("stderr", stderr, skip_stderr, out, None));
+    let read = async {
+        let stdout = stdout_task.await.unwrap_or_default();
+        let stderr = stderr_task.await.unwrap_or_default();
+        (stdout.lines, stderr.lines)
+    };
+    let Ok(lines) = tokio::time::timeout(DRAIN_TIMEOUT, read).await else {
+        let _ = logs.kill().await;
+        return Err(ContainerError::Timeout {
+            docker: engine.cfg.docker.clone(),
+            what: format!("logs {name}"),
+            secs: DRAIN_TIMEOUT.as_secs(),
+        });
+    };
+    let status = logs.wait().await.map_err(|source| ContainerError::Spawn {
+        docker: engine.cfg.docker.clone(),
+        source,
+    })?;
+    if !status.success() {
+        return Err(ContainerError::Cli {
+            docker: engine.cfg.docker.clone(),
+            what: format!("logs {name}"),
+            detail: format!("exited with {status}"),
+        });
+    }
+    Ok((lines.0.max(skip_stdout), lines.1.max(skip_stderr)))
+}
+
 /// Drives a started container to its end: prompt, output, handshake, exit code (spec 6.4).
 /// `stdin` is `None` for container kinds (spec 5.2) or when the stdin holder is gone. When
 /// `cancel` completes first, the run is aborted. The container is left in place (stopped):
