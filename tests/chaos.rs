@@ -196,7 +196,7 @@ impl Chaos {
             .env("WSRUNNER_NAME", &self.name)
             .env("WSRUNNER_CACHE_ROOT", &self.cache_root)
             .env("WSRUNNER_JOURNAL_DIR", &self.journal_dir)
-            .env("WSRUNNER_POLL_INTERVAL", "200ms")
+            .env("WSRUNNER_POLL_INTERVAL", self.poll_interval())
             .env("WSRUNNER_HEARTBEAT_INTERVAL", "1s")
             .env("WSRUNNER_DRAIN_TIMEOUT", "3s")
             // The lease yield (F6) must outlast this devserver's liveness window.
@@ -391,6 +391,17 @@ impl Chaos {
         let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The runner's claim poll: 200 ms in CI mode, to put claims in the way of every fault;
+    /// 1 s in long mode, where each lease yield after a kill mid-claim costs the 60 s lease
+    /// plus 5 s (the default is 10 s; a kill then lands mid-claim even less often).
+    fn poll_interval(&self) -> &'static str {
+        if self.liveness > Duration::from_secs(30) {
+            "1s"
+        } else {
+            "200ms"
+        }
     }
 
     /// How many log lines of the runner contain `needle`.
