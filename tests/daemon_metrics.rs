@@ -118,8 +118,13 @@ async fn metrics_and_health_follow_the_daemon() {
 
     // A crash with the container running: the restarted runner counts a re-attach.
     let id = h.enqueue(r#"say start; sleep 2500; finish completed "after the crash""#);
-    h.wait_until(Duration::from_secs(60), "the container running", || {
+    // Killed once the agent has spoken: a container that exists but has not started yet
+    // would be recovered by starting it, not by a re-attach.
+    h.wait_until(Duration::from_secs(60), "the agent running", || {
         h.has_container_for(id)
+            && h.events(id)
+                .iter()
+                .any(|e| e.event_type == "stdout" && e.payload_json.contains("start"))
     })
     .await;
     let _ = runner.kill();
