@@ -215,8 +215,10 @@ async fn claim_401_403_and_runtime_revocation_flip_auth_state() {
 
 #[tokio::test]
 async fn per_instance_rate_limit_is_429_with_retry_after_then_retried() {
+    // A slow refill (one token per 4 s): the burst runs out within 10 calls and the retrying
+    // client's first attempt is refused, however slowly a loaded machine runs them.
     let ts = TestServer::start_with(|c| {
-        c.rate_per_sec = 5.0;
+        c.rate_per_sec = 0.25;
         c.rate_burst = 3.0;
     })
     .await;
