@@ -59,7 +59,12 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let runner_bin = root.join("target/release/windshift-runner");
+    // Next to this example's own directory (target/<profile>/examples/..), so a separate
+    // CARGO_TARGET_DIR works too.
+    let runner_bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.parent()?.join("windshift-runner")))
+        .unwrap_or_else(|| root.join("target/release/windshift-runner"));
     let floor = root.join("scripts/bench/floor_run.sh");
     if !runner_bin.exists() {
         eprintln!(
