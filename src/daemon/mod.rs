@@ -619,11 +619,7 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
             }
             continue;
         }
-        let lost_before = ctx
-            .client
-            .counters()
-            .lost_claim_answers
-            .load(Ordering::Relaxed);
+        let lost_before = lost_claim_answers(&ctx);
         // A claim retrying against an unreachable server must not hold up a shutdown for
         // its whole retry budget; one that is merely slow gets a few seconds to answer, so
         // a run the server already handed us is not dropped.
@@ -642,22 +638,17 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 }
             }
         };
-        if matches!(claimed, Ok(Some(_))) {
+        let got_job = matches!(claimed, Ok(Some(_)));
+        if got_job {
             run_task::crash_failpoint_at("claim-answered");
         }
-        let lost = ctx
-            .client
-            .counters()
-            .lost_claim_answers
-            .load(Ordering::Relaxed)
-            > lost_before;
+        let lost = lost_claim_answers(&ctx) > lost_before;
         if lost {
             warn!(
                 "a claim's answer was lost after the request reached the server; the server may hold a run for this instance that the runner never saw"
             );
             sup.yield_pending = true;
         }
-        let got_job = matches!(claimed, Ok(Some(_)));
         let wait = match claimed {
             Ok(Some(job)) => {
                 sup.last_contact.store(now_ms(), Ordering::Relaxed);
@@ -707,6 +698,14 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
             _ = shutdown.changed() => {}
         }
     }
+}
+
+/// Claim answers the client lost after the request left, so far (F6).
+fn lost_claim_answers(ctx: &Ctx) -> u64 {
+    ctx.client
+        .counters()
+        .lost_claim_answers
+        .load(Ordering::Relaxed)
 }
 
 /// Sets or clears the journal's unresolved-claim mark off the async workers (it flushes).
