@@ -211,6 +211,7 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
         ccfg.control_timeout = CALL_TIMEOUT;
         ccfg.register_timeout = CALL_TIMEOUT;
         ccfg.retry = RetryPolicy::NONE;
+        ccfg.heartbeat_retry = RetryPolicy::NONE;
         match Client::new(ccfg) {
             Ok(c) => Some(c),
             Err(e) => {

@@ -318,13 +318,48 @@ async fn a_cancel_stops_a_prepare_retrying_through_a_git_outage() {
     let run = h.wait_final(id).await;
     assert_eq!(run.status, "canceled", "{run:?}\n{}", h.log());
     assert_eq!(run.error, "context canceled");
-    assert!(
+    // The retry's own log line may come just after the report: the run task reports the
+    // stop without waiting for the blocking git step to notice it.
+    h.wait_until(Duration::from_secs(30), "the git retry to stop", || {
         h.log()
-            .contains("git retry stopped: the operation was cancelled"),
-        "{}",
-        h.log()
-    );
+            .contains("git retry stopped: the operation was cancelled")
+    })
+    .await;
     assert!(h.containers().is_empty(), "{:?}", h.containers());
     signal(&runner, libc::SIGTERM);
     assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
+}
+
+/// Chaos finding F10: an outage shorter than the server's liveness window must not get the
+/// runner's runs reaped. The heartbeat used to back off like any call (steps up to 30 s), so
+/// the first beat after the server came back could land past the window; now a failing beat
+/// is tried again at least every heartbeat interval (at most 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_shorter_than_the_lease_never_gets_the_run_reaped() {
+    // Outage 18 s, lease 22 s: with the old backoff (0.5, 1, 2, 4, 8, 16 s steps) no beat
+    // lands between the outage's end and the lease's end.
+    let lease = Duration::from_secs(22);
+    let outage = Duration::from_secs(18);
+    let h = Harness::start_with("outage-lease", |cfg| cfg.liveness_window = lease).await;
+    let id = h.enqueue(r#"say ready; sleep 30000; finish completed "outlived the outage""#);
+    let mut runner = h.runner(&[]);
+    h.wait_until(Duration::from_secs(60), "the agent running", || {
+        h.events(id)
+            .iter()
+            .any(|e| e.payload_json.contains("ready"))
+    })
+    .await;
+
+    let until = windshift_devserver::core::now_ms() + outage.as_millis() as i64;
+    h.dev().core().faults.lock().unwrap().outage_until_ms = Some(until);
+    let run = h.wait_final(id).await;
+    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
+    assert!(run.reported.is_some(), "reported by the runner, not reaped");
+    signal(&runner, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut runner, Duration::from_secs(60)).await,
+        0,
+        "{}",
+        h.log()
+    );
 }

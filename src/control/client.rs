@@ -77,8 +77,12 @@ pub struct ClientConfig {
     pub control_timeout: Duration,
     /// Per-request timeout for register (upstream: 30 s).
     pub register_timeout: Duration,
-    /// Claim, heartbeat and events.
+    /// Claim and events.
     pub retry: RetryPolicy,
+    /// Heartbeat: a short maximum interval, so the first beat after an outage comes within
+    /// seconds of the server's return instead of after a long backoff step (which could
+    /// push the gap past the server's liveness window and get runs reaped).
+    pub heartbeat_retry: RetryPolicy,
     /// The result: the verdict matters most, so its budget is longer (upstream: 2 min, 5xx
     /// only; we also retry 429).
     pub result_retry: RetryPolicy,
@@ -99,6 +103,11 @@ impl ClientConfig {
             retry: RetryPolicy::new(
                 Duration::from_millis(500),
                 Duration::from_secs(30),
+                Duration::from_secs(120),
+            ),
+            heartbeat_retry: RetryPolicy::new(
+                Duration::from_millis(500),
+                Duration::from_secs(10),
                 Duration::from_secs(120),
             ),
             result_retry: RetryPolicy::new(
@@ -609,7 +618,7 @@ impl Client {
             Auth::Runtime {
                 forbidden_is_auth: true,
             },
-            &self.inner.cfg.retry,
+            &self.inner.cfg.heartbeat_retry,
             false,
         )
         .await

@@ -206,6 +206,11 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
         .unwrap_or_else(|| ClientConfig::new(cfg.api_url.clone()));
     client_cfg.api_url = cfg.api_url.clone();
     client_cfg.allow_insecure = cfg.allow_insecure;
+    // A failing heartbeat is tried again at least every heartbeat interval (at most 10 s
+    // apart), so liveness returns within seconds of the server's return.
+    let beat_gap = heartbeat_retry_gap(cfg.heartbeat_interval);
+    client_cfg.heartbeat_retry.max_interval = client_cfg.heartbeat_retry.max_interval.min(beat_gap);
+    client_cfg.heartbeat_retry.initial = client_cfg.heartbeat_retry.initial.min(beat_gap);
     let client = Client::new(client_cfg).map_err(|e| boot_err(EXIT_CONFIG, e.to_string()))?;
     if cfg.allow_insecure && cfg.api_url.to_ascii_lowercase().starts_with("http://") {
         warn!("WSRUNNER_ALLOW_INSECURE=1: talking to the server over plain http (local development only)");
@@ -785,6 +790,11 @@ async fn evict_idle_caches(ctx: &Ctx) {
     }
 }
 
+/// The longest pause between heartbeat attempts while they fail: the interval, at most 10 s.
+fn heartbeat_retry_gap(interval: Duration) -> Duration {
+    interval.min(Duration::from_secs(10))
+}
+
 async fn heartbeat_loop(
     ctx: Arc<Ctx>,
     runs: Runs,
@@ -802,8 +812,15 @@ async fn heartbeat_loop(
     let mut last_depth: Option<i64> = None;
     loop {
         tick.store(now_ms(), Ordering::Relaxed);
+        // After a failure the next beat comes sooner than a full interval, so the gap the
+        // server sees after an outage stays short.
+        let wait = if failures > 0 {
+            heartbeat_retry_gap(interval)
+        } else {
+            interval
+        };
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
         tick.store(now_ms(), Ordering::Relaxed);

@@ -91,6 +91,7 @@ pub fn config(url: &str) -> ClientConfig {
         Duration::from_secs(10),
     );
     cfg.retry = quick;
+    cfg.heartbeat_retry = quick;
     cfg.result_retry = quick;
     cfg.register_retry = quick;
     cfg
@@ -104,6 +105,7 @@ pub fn client(url: &str) -> Client {
 pub fn client_no_retry(url: &str) -> Client {
     let mut cfg = config(url);
     cfg.retry = RetryPolicy::NONE;
+    cfg.heartbeat_retry = RetryPolicy::NONE;
     cfg.result_retry = RetryPolicy::NONE;
     cfg.register_retry = RetryPolicy::NONE;
     cfg.rate = RateLimit {
