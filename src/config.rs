@@ -280,6 +280,27 @@ fn positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigE
     Ok(d)
 }
 
+impl ValidConfig {
+    /// The container engine settings these options select, for runner instance `instance`
+    /// (the daemon's engine and doctor's probe engine are the same shape).
+    pub fn container_config(
+        &self,
+        instance: impl Into<String>,
+    ) -> crate::effects::container::ContainerConfig {
+        crate::effects::container::ContainerConfig {
+            docker: self.docker.clone(),
+            network: self.network.clone(),
+            pids_limit: self.pids_limit,
+            memory: self.memory.clone(),
+            cpus: self.cpus.clone(),
+            default_image: self.image.clone(),
+            allowed_images: self.allowed_images.clone(),
+            allow_unlabeled: self.allow_unlabeled_image,
+            instance: instance.into(),
+        }
+    }
+}
+
 /// `WSRUNNER_LEASE_YIELD`: "0" turns it off; otherwise a duration. A pause shorter than the
 /// server's liveness window (90 s upstream) cannot let its reaper act; it is not refused,
 /// because tests pair a short pause with a devserver whose window is short too.

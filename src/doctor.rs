@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use crate::config::{ConfigError, RunnerConfig, ValidConfig};
 use crate::control::client::{validate_api_url, Client, ClientConfig, Preflight, RetryPolicy};
-use crate::effects::container::{
-    ContainerConfig, ContainerError, Engine, BUILTIN_NETWORKS, CONTRACT_VERSION,
-};
+use crate::effects::container::{ContainerError, Engine, BUILTIN_NETWORKS, CONTRACT_VERSION};
 use crate::journal::{JournalError, SledJournal};
 use crate::redact::{redact, register_secret};
 
@@ -247,17 +245,7 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
     }
     checks.push(credential_file_check(&cfg, opts));
 
-    let engine = Engine::new(ContainerConfig {
-        docker: cfg.docker.clone(),
-        network: cfg.network.clone(),
-        pids_limit: cfg.pids_limit,
-        memory: cfg.memory.clone(),
-        cpus: cfg.cpus.clone(),
-        default_image: cfg.image.clone(),
-        allowed_images: cfg.allowed_images.clone(),
-        allow_unlabeled: cfg.allow_unlabeled_image,
-        instance: "doctor".into(),
-    });
+    let engine = Engine::new(cfg.container_config("doctor"));
     let docker = docker_check(&engine).await;
     let docker_ok = docker.status == Status::Pass;
     checks.push(docker);

@@ -30,7 +30,7 @@ use crate::control::credential::{
 use crate::control::events::{EventSender, EventSenderConfig};
 use crate::control::{EXIT_CONFIG, EXIT_CREDENTIAL_REJECTED};
 use crate::effects::container::{
-    sanitize_name_part, BootImageCheck, ContainerConfig, ContainerError, Engine, NetworkStatus,
+    sanitize_name_part, BootImageCheck, ContainerError, Engine, NetworkStatus,
 };
 use crate::effects::git::TransportPolicy;
 use crate::fsm::{Event, RunPlan};
@@ -228,17 +228,7 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
 
     // 2. Docker: the agent network and the image contract (spec 4.1 steps 4 and 5).
     let instance = instance_name(&cfg);
-    let engine = Engine::new(ContainerConfig {
-        docker: cfg.docker.clone(),
-        network: cfg.network.clone(),
-        pids_limit: cfg.pids_limit,
-        memory: cfg.memory.clone(),
-        cpus: cfg.cpus.clone(),
-        default_image: cfg.image.clone(),
-        allowed_images: cfg.allowed_images.clone(),
-        allow_unlabeled: cfg.allow_unlabeled_image,
-        instance: instance.clone(),
-    });
+    let engine = Engine::new(cfg.container_config(instance.clone()));
     match engine.ensure_network().await {
         Ok(NetworkStatus::Created) => {
             warn!(network = %cfg.network, "created the agent network; its egress is unfiltered: apply your own egress rules")
