@@ -301,3 +301,50 @@ async fn a_drain_during_the_report_replays_the_rest_without_repeats() {
     assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
     assert!(h.checkouts().is_empty(), "leftovers: {:?}", h.checkouts());
 }
+
+/// The runner is down while the agent finishes and exits: recovery harvests the exit
+/// (`harvest_exit`), and the finish line the dead process never read must still decide the
+/// verdict. The replay feeds the signals it finds to the state machine while the run is
+/// still in its container phase; a signal the journal already holds is folded again with
+/// the same result (a finish or an error: the last one wins; idle and degraded stick).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_printed_while_the_runner_was_down_decides_the_verdict() {
+    let h = Harness::start("down-finish").await;
+    let id = h.enqueue(
+        r#"say working; sleep 4000; commit file=late.txt msg="while the runner was down"; finish completed "finished unseen"; exit 0"#,
+    );
+    let mut runner = h.runner(&[]);
+    h.wait_until(Duration::from_secs(60), "the agent working", || {
+        h.events(id)
+            .iter()
+            .any(|e| e.payload_json.contains("working"))
+    })
+    .await;
+    let _ = runner.kill();
+    let _ = runner.wait();
+    h.wait_until(
+        Duration::from_secs(60),
+        "the agent to finish and exit unwatched",
+        || {
+            h.containers()
+                .iter()
+                .any(|n| n.contains(&format!("-run-{id}-")) && container_status(n) == "exited")
+        },
+    )
+    .await;
+
+    let mut runner = h.runner(&[]);
+    let run = h.wait_final(id).await;
+    assert!(h.log().contains("decision=\"harvest_exit\""), "{}", h.log());
+    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
+    assert_eq!(run.summary, "finished unseen");
+    let pushed = h
+        .remote_branch(&format!("agent-runs/run-{id}"))
+        .expect("branch pushed");
+    assert_eq!(h.subject(&pushed), "while the runner was down");
+    signal(&runner, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut runner, Duration::from_secs(60)).await, 0);
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+    let verify = h.journal_verify();
+    assert!(verify.status.success(), "{verify:?}");
+}

@@ -698,11 +698,16 @@ impl RunTask {
     }
 
     /// Recovery: forwards, in order, what each stopped container printed after the saved
-    /// progress, through the normal event sender. Signals and stream degradation are not fed
-    /// to the state machine: they were journaled when the previous process read them, and
-    /// the decision already accounts for them. A cancel that arrives meanwhile is journaled
-    /// and its effects returned for the queue; a drain past its deadline leaves the run (and
-    /// the container) for the next start, which replays again.
+    /// progress, through the normal event sender. While the run is still in its container
+    /// phase (its exit not yet harvested), the signals and stream degradation of the run's
+    /// current container are fed to the state machine too: the previous process may have died
+    /// before reading the agent's last lines (say, a `finish` printed while no runner
+    /// watched), and the exit must be judged with them. Lines it did read are folded again
+    /// with the same result (a finish or error: the last one wins; idle and degraded stick),
+    /// and a repeat that changes nothing is not journaled. Past the container phase the
+    /// verdict is journaled and signals are not fed. A cancel that arrives meanwhile is
+    /// journaled and its effects returned for the queue; a drain past its deadline leaves the
+    /// run (and the container) for the next start, which replays again.
     async fn replay_output(&mut self, containers: &[String]) -> Result<Vec<Effect>, Interrupted> {
         let mut extra = Vec::new();
         let mut listening = true;
@@ -733,6 +738,18 @@ impl RunTask {
                     }
                 };
                 let Some(output) = output else { break };
+                let feeds_signals = self.judges_container(name);
+                match output {
+                    DriverOutput::Signal(signal) if feeds_signals => {
+                        extra.extend(self.commit(Event::AgentSignal { signal }).await?);
+                        continue;
+                    }
+                    DriverOutput::StreamDegraded { .. } if feeds_signals => {
+                        extra.extend(self.commit(Event::StreamDegraded).await?);
+                        continue;
+                    }
+                    _ => {}
+                }
                 if let DriverOutput::Event {
                     event_type,
                     payload_json,
@@ -832,6 +849,15 @@ impl RunTask {
         agent_driver::start(&self.ctx.engine, name, dir, coding)
             .await
             .map_err(|e| redact(&e.to_string()).into_owned())
+    }
+
+    /// Whether `name` is the run's current container and its exit is not yet judged, so its
+    /// agent signals still count toward the verdict.
+    fn judges_container(&self, name: &str) -> bool {
+        matches!(
+            &self.last.state,
+            RunState::Running { container, after: None, .. } if container.name == name
+        )
     }
 
     /// One driver output: events go to the server (ordered, paced), signals to the journal.
