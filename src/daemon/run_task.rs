@@ -738,35 +738,17 @@ impl RunTask {
                     }
                 };
                 let Some(output) = output else { break };
-                let feeds_signals = self.judges_container(name);
                 match output {
-                    DriverOutput::Signal(signal) if feeds_signals => {
-                        extra.extend(self.commit(Event::AgentSignal { signal }).await?);
-                        continue;
-                    }
-                    DriverOutput::StreamDegraded { .. } if feeds_signals => {
-                        extra.extend(self.commit(Event::StreamDegraded).await?);
-                        continue;
+                    DriverOutput::Event { .. } => forwarded += 1,
+                    // Signals count only while this container's exit is still to be judged.
+                    DriverOutput::Signal(_) | DriverOutput::StreamDegraded { .. }
+                        if !self.judges_container(name) =>
+                    {
+                        continue
                     }
                     _ => {}
                 }
-                if let DriverOutput::Event {
-                    event_type,
-                    payload_json,
-                    line,
-                } = output
-                {
-                    if let Some(events) = &self.events {
-                        events
-                            .send(EventRequest {
-                                event_type: event_type.clone(),
-                                payload_json,
-                            })
-                            .await;
-                    }
-                    progress.forwarded(&event_type, line, self.delivery.accepted());
-                    forwarded += 1;
-                }
+                self.forward(output, &mut progress).await?;
             }
             match reader.await {
                 Ok(Ok(_)) => {}
