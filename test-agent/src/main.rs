@@ -33,6 +33,13 @@ group words (\\\" and \\\\ escape inside them); key=value words are options.
   alloc MIB                 allocate and touch MIB MiB; alloc_progress events, escape event
   plant-hook [name=H]       write an executable /workspace/.git/hooks/H; escape event
   plant-insteadof URL       add url.URL.insteadOf=https:// to /workspace/.git/config; escape event
+  symlink TARGET LINK       replace LINK (removed first, even a directory) by a symlink to TARGET
+  mkfifo PATH               replace PATH by a named pipe
+  rm PATH                   remove PATH (a directory recursively); missing is fine
+  mv FROM TO                rename FROM to TO
+  git ARG ...               run git ARG ... in /workspace (no ARG may hold =); tool_done event
+  errflood N [bytes=B]      N error events, each distinct, of at least B bytes (default 16)
+  env NAME ...              env event: {\"type\":\"env\",\"vars\":{NAME: value or null}}
 After the script the agent emits session_idle (unless noidle), then waits: abort is
 acknowledged silently, stdin EOF exits 0.";
 
@@ -288,6 +295,71 @@ impl Run {
                     result.map(|_| json!(null)),
                 ));
             }
+            "symlink" => {
+                let target = step.word(1).ok_or("symlink needs a TARGET")?;
+                let link = step.word(2).ok_or("symlink needs a LINK")?;
+                remove_any(link);
+                let result = std::os::unix::fs::symlink(target, link);
+                emit(escape_report("symlink", link, result.map(|_| json!(null))));
+            }
+            "mkfifo" => {
+                let path = step.word(1).ok_or("mkfifo needs a PATH")?;
+                remove_any(path);
+                let result = mkfifo(path);
+                emit(escape_report("mkfifo", path, result.map(|_| json!(null))));
+            }
+            "rm" => remove_any(step.word(1).ok_or("rm needs a PATH")?),
+            "mv" => {
+                let from = step.word(1).ok_or("mv needs FROM")?;
+                let to = step.word(2).ok_or("mv needs TO")?;
+                let result = std::fs::rename(from, to);
+                emit(escape_report("mv", to, result.map(|_| json!(null))));
+            }
+            "git" => {
+                let args: Vec<&str> = (1..).map_while(|i| step.word(i)).collect();
+                let (ok, output) = match Command::new("git")
+                    .args(&args)
+                    .current_dir("/workspace")
+                    .output()
+                {
+                    Ok(out) => (
+                        out.status.success(),
+                        format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&out.stdout),
+                            String::from_utf8_lossy(&out.stderr)
+                        ),
+                    ),
+                    Err(e) => (false, format!("git: {e}")),
+                };
+                emit(
+                    json!({"type": "tool_done", "id": "git", "tool": "git", "ok": ok, "output": output}),
+                );
+            }
+            "errflood" => {
+                let count = step.number(1, "errflood N")?;
+                let bytes: usize = step.opt("bytes").and_then(|b| b.parse().ok()).unwrap_or(16);
+                let mut out = std::io::stdout().lock();
+                for seq in 0..count {
+                    let mut message = format!("agent error number {seq} ");
+                    while message.len() < bytes {
+                        message.push('e');
+                    }
+                    let line = json!({"type": "error", "message": message});
+                    let _ = writeln!(out, "{line}");
+                }
+                let _ = out.flush();
+            }
+            "env" => {
+                let mut vars = Map::new();
+                for name in (1..).map_while(|i| step.word(i)) {
+                    let value = std::env::var(name)
+                        .map(Value::String)
+                        .unwrap_or(Value::Null);
+                    vars.insert(name.to_owned(), value);
+                }
+                emit(json!({"type": "env", "vars": vars}));
+            }
             other => return Err(format!("unknown command {other:?} (see --help)")),
         }
         Ok(())
@@ -379,6 +451,34 @@ impl Run {
         for mut child in self.children.drain(..) {
             let _ = child.wait();
         }
+    }
+}
+
+/// Removes whatever is at `path` (file, symlink, pipe or directory tree); missing is fine.
+fn remove_any(path: &str) {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
+/// The agent image has no coreutils: make the pipe with the syscall itself.
+fn mkfifo(path: &str) -> std::io::Result<()> {
+    let c_path = std::ffi::CString::new(path)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    extern "C" {
+        fn mkfifo(path: *const std::os::raw::c_char, mode: u32) -> i32;
+    }
+    // SAFETY: c_path is a valid NUL-terminated string for the duration of the call.
+    if unsafe { mkfifo(c_path.as_ptr(), 0o644) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
