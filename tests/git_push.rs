@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use git_support::{commit_file, files_containing, git, GitHttpServer, Origin};
 use windshift_runner::effects::git::{
-    prepare, push, remote_ref_sha, GitError, PrepareOutput, PrepareRequest, PushRequest, RepoCache,
-    TransportPolicy,
+    branch_head, prepare, push, remote_ref_sha, GitError, PrepareOutput, PrepareRequest,
+    PushRequest, RepoCache, TransportPolicy,
 };
 
 const TOKEN: &str = "run-token-5f2d9c81e0a7b3c4";
@@ -288,22 +288,306 @@ fn a_checkout_pointing_at_another_repository_is_refused() {
     agent_commit(&out.checkout_path, "x.txt");
     let cache = RepoCache::new(&fx.root, 3, "acme", "widgets");
 
-    // Alternates borrowing objects from the cache.
-    let alternates = out.checkout_path.join(".git/objects/info/alternates");
-    std::fs::write(
-        &alternates,
-        format!("{}\n", cache.bare().join("objects").display()),
-    )
-    .expect("alternates");
-    let err = push(&fx.push_request(&out)).expect_err("alternates");
-    assert!(matches!(err, GitError::UnsafeCheckout { .. }), "{err}");
-    std::fs::remove_file(&alternates).expect("rm");
-
     // `.git` replaced by a gitdir file naming the cache.
     let git_dir = out.checkout_path.join(".git");
     std::fs::rename(&git_dir, out.checkout_path.join("moved-git")).expect("move");
     std::fs::write(&git_dir, format!("gitdir: {}\n", cache.bare().display())).expect("gitdir");
     let err = push(&fx.push_request(&out)).expect_err("gitdir file");
     assert!(matches!(err, GitError::UnsafeCheckout { .. }), "{err}");
+    std::fs::remove_file(&git_dir).expect("rm gitdir file");
+
+    // `.git` replaced by a symlink to the cache.
+    std::os::unix::fs::symlink(cache.bare(), &git_dir).expect("symlink .git");
+    let err = push(&fx.push_request(&out)).expect_err("symlinked .git");
+    assert!(matches!(err, GitError::UnsafeCheckout { .. }), "{err}");
     assert_eq!(fx.origin.sha("refs/heads/agent-runs/run-7"), None);
+}
+
+/// Another workspace's repository with a commit this run must never be able to push.
+struct Victim {
+    bare: PathBuf,
+    secret_commit: String,
+}
+
+impl Victim {
+    fn create(parent: &Path) -> Self {
+        let victim = Origin::create(parent, "victim.git");
+        let secret_commit = victim.advance("main", "secret.txt", "VICTIM-SECRET-7d1e\n");
+        Self {
+            bare: victim.bare,
+            secret_commit,
+        }
+    }
+}
+
+/// The origin (served over HTTP) holds `commit` as an object, reachable or not.
+fn origin_has_object(fx: &Fixture, commit: &str) -> bool {
+    std::process::Command::new("git")
+        .args(["-c", "safe.directory=*", "--git-dir"])
+        .arg(&fx.origin.bare)
+        .args(["cat-file", "-e", commit])
+        .status()
+        .expect("cat-file")
+        .success()
+}
+
+/// Issue 11 attack 1: the agent borrows another workspace's objects (alternates, or
+/// symlinked `objects/pack`, fan-out dirs, `packed-refs`, `refs`) and points its run branch at
+/// the victim's commit. Nothing may follow those links: the push fails and the victim's
+/// commit reaches no remote.
+#[test]
+fn another_workspaces_objects_cannot_be_exfiltrated_through_the_checkout() {
+    let fx = Fixture::new();
+    let victim = Victim::create(fx._tmp.path());
+    let secret = victim.secret_commit.clone();
+    let run_ref = |run: i64| format!("refs/heads/agent-runs/run-{run}");
+    type Plant = fn(&Path, &Path, &str, &str);
+    let attacks: [(&str, Plant); 5] = [
+        ("alternates", |git_dir, victim, _branch_file, secret| {
+            std::fs::write(
+                git_dir.join("objects/info/alternates"),
+                format!("{}\n", victim.join("objects").display()),
+            )
+            .expect("alternates");
+            set_ref(git_dir, secret);
+        }),
+        (
+            "symlinked objects/pack and fan-out dirs",
+            |git_dir, victim, _, secret| {
+                let objects = git_dir.join("objects");
+                std::fs::remove_dir_all(objects.join("pack")).expect("rm pack");
+                std::os::unix::fs::symlink(victim.join("objects/pack"), objects.join("pack"))
+                    .expect("symlink pack");
+                for entry in std::fs::read_dir(victim.join("objects")).expect("ls") {
+                    let name = entry.expect("entry").file_name();
+                    if name.len() == 2 {
+                        let _ = std::fs::remove_dir_all(objects.join(&name));
+                        std::os::unix::fs::symlink(
+                            victim.join("objects").join(&name),
+                            objects.join(&name),
+                        )
+                        .expect("symlink fan-out");
+                    }
+                }
+                set_ref(git_dir, secret);
+            },
+        ),
+        (
+            "symlinked packed-refs",
+            |git_dir, victim, branch_file, _| {
+                // The victim's packed refs, under the run branch's name.
+                std::fs::remove_file(git_dir.join(branch_file)).expect("rm loose ref");
+                let _ = std::fs::remove_file(git_dir.join("packed-refs"));
+                std::os::unix::fs::symlink(victim.join("packed-refs"), git_dir.join("packed-refs"))
+                    .expect("symlink packed-refs");
+            },
+        ),
+        ("symlinked refs", |git_dir, victim, _, _| {
+            std::fs::remove_dir_all(git_dir.join("refs")).expect("rm refs");
+            std::os::unix::fs::symlink(victim.join("refs"), git_dir.join("refs"))
+                .expect("symlink refs");
+        }),
+        (
+            "a run branch naming an object the checkout lacks",
+            |git_dir, _, _, secret| {
+                set_ref(git_dir, secret);
+            },
+        ),
+    ];
+    // The victim's packed-refs lists its secret commit under the run branches' names.
+    for run in 20..25 {
+        git(
+            fx._tmp.path(),
+            &[
+                "--git-dir",
+                victim.bare.to_str().expect("utf8"),
+                "update-ref",
+                &run_ref(run),
+                &secret,
+            ],
+        );
+    }
+    git(
+        fx._tmp.path(),
+        &[
+            "--git-dir",
+            victim.bare.to_str().expect("utf8"),
+            "pack-refs",
+            "--all",
+        ],
+    );
+    for (i, (name, plant)) in attacks.iter().enumerate() {
+        let run = 20 + i as i64;
+        let out = fx.prepare(run);
+        agent_commit(&out.checkout_path, "x.txt");
+        let git_dir = out.checkout_path.join(".git");
+        let branch_file = format!("refs/heads/agent-runs/run-{run}");
+        plant(&git_dir, &victim.bare, &branch_file, &secret);
+        for cache_objects in [
+            None,
+            Some(
+                RepoCache::new(&fx.root, 3, "acme", "widgets")
+                    .bare()
+                    .join("objects"),
+            ),
+        ] {
+            let req = PushRequest {
+                cache_objects,
+                ..fx.push_request(&out)
+            };
+            let result = push(&req);
+            assert!(result.is_err(), "{name}: the push went through: {result:?}");
+        }
+        assert_eq!(fx.origin.sha(&run_ref(run)), None, "{name}");
+        assert!(
+            !origin_has_object(&fx, &secret),
+            "{name}: the victim's commit reached the remote"
+        );
+    }
+}
+
+/// Points the checkout's run branch (whatever its name) at `id` by rewriting every loose ref
+/// under `refs/heads/agent-runs`.
+fn set_ref(git_dir: &Path, id: &str) {
+    let dir = git_dir.join("refs/heads/agent-runs");
+    for entry in std::fs::read_dir(&dir).expect("ls refs") {
+        std::fs::write(entry.expect("entry").path(), format!("{id}\n")).expect("write ref");
+    }
+}
+
+/// Issue 11 attack 2: a root-only host file linked into `.git` (as `shallow`, `packed-refs`,
+/// or pulled in by `include.path`) must never be read, so its text can appear in no error.
+#[test]
+fn host_file_contents_never_reach_an_error() {
+    let fx = Fixture::new();
+    let host_secret = fx._tmp.path().join("host-secret");
+    let secret_text = "HOST-SECRET-LINE-93bf0c";
+    std::fs::write(&host_secret, format!("{secret_text}\n")).expect("secret");
+    for (i, target) in ["shallow", "packed-refs", "include"].iter().enumerate() {
+        let run = 40 + i as i64;
+        let out = fx.prepare(run);
+        let commit = agent_commit(&out.checkout_path, "x.txt");
+        let git_dir = out.checkout_path.join(".git");
+        let result = match *target {
+            "include" => {
+                git(
+                    &out.checkout_path,
+                    &[
+                        "config",
+                        "include.path",
+                        host_secret.to_str().expect("utf8"),
+                    ],
+                );
+                // Never read: the push succeeds with the agent's real commit.
+                let pushed = push(&fx.push_request(&out)).expect("config is not read");
+                assert_eq!(pushed.head_sha, commit);
+                continue;
+            }
+            other => {
+                let _ = std::fs::remove_file(git_dir.join(other));
+                std::os::unix::fs::symlink(&host_secret, git_dir.join(other)).expect("symlink");
+                push(&fx.push_request(&out))
+            }
+        };
+        let err = result.expect_err(target);
+        for text in [err.to_string(), err.public_summary(), format!("{err:?}")] {
+            assert!(!text.contains(secret_text), "{target}: {text}");
+        }
+        assert!(
+            matches!(err, GitError::UnsafeCheckout { .. }),
+            "{target}: {err}"
+        );
+    }
+}
+
+/// Issue 11 attack 3: a named pipe (or a device) in `.git` is refused at once; nothing opens
+/// it, so nothing blocks on it.
+#[test]
+fn pipes_and_devices_in_git_are_refused_without_blocking() {
+    let fx = Fixture::new();
+    let mut cases = vec!["packed-refs", "objects/pack/pack-0000.pack", "refs/heads/x"];
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        cases.push("device");
+    }
+    for (i, rel) in cases.iter().enumerate() {
+        let run = 50 + i as i64;
+        let out = fx.prepare(run);
+        agent_commit(&out.checkout_path, "x.txt");
+        let git_dir = out.checkout_path.join(".git");
+        let status = if *rel == "device" {
+            std::process::Command::new("mknod")
+                .arg(git_dir.join("hooks/null"))
+                .args(["c", "1", "3"])
+                .status()
+        } else {
+            let _ = std::fs::remove_file(git_dir.join(rel));
+            std::process::Command::new("mkfifo")
+                .arg(git_dir.join(rel))
+                .status()
+        };
+        assert!(status.expect("mknod/mkfifo").success(), "{rel}");
+        let req = fx.push_request(&out);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(push(&req).map(|o| o.head_sha));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{rel}: the push blocked"));
+        let err = result.expect_err(rel);
+        assert!(
+            matches!(err, GitError::UnsafeCheckout { .. }),
+            "{rel}: {err}"
+        );
+        assert!(
+            branch_head(&out.checkout_path, &out.branch).is_err(),
+            "{rel}: inspection reads past it"
+        );
+    }
+}
+
+/// Issue 11 attack 4: the checkout directory itself replaced by a symlink (the multi-repo
+/// workspace root is the agent's) is refused.
+#[test]
+fn a_checkout_directory_replaced_by_a_symlink_is_refused() {
+    let fx = Fixture::new();
+    let victim = Victim::create(fx._tmp.path());
+    let out = fx.prepare(60);
+    let moved = out.checkout_path.with_extension("moved");
+    std::fs::rename(&out.checkout_path, &moved).expect("move");
+    std::os::unix::fs::symlink(&victim.bare, &out.checkout_path).expect("symlink checkout");
+    let err = push(&fx.push_request(&out)).expect_err("symlinked checkout");
+    assert!(matches!(err, GitError::UnsafeCheckout { .. }), "{err}");
+    assert!(branch_head(&out.checkout_path, &out.branch).is_err());
+    assert!(!origin_has_object(&fx, &victim.secret_commit));
+}
+
+/// The agent's own objects are copied, re-indexed and checked: a run whose agent repacked its
+/// history (so its commit lives in a pack the cache lacks) pushes like any other, through the
+/// cache-borrowing path and the copy-everything path alike.
+#[test]
+fn an_agent_that_repacked_still_pushes_its_commit() {
+    let fx = Fixture::new();
+    for (run, with_cache) in [(70, false), (71, true)] {
+        let out = fx.prepare(run);
+        let commit = agent_commit(&out.checkout_path, &format!("f{run}.txt"));
+        git(&out.checkout_path, &["repack", "-a", "-d", "-q"]);
+        let cache_objects = with_cache.then(|| {
+            RepoCache::new(&fx.root, 3, "acme", "widgets")
+                .bare()
+                .join("objects")
+        });
+        let pushed = push(&PushRequest {
+            cache_objects,
+            ..fx.push_request(&out)
+        })
+        .expect("push");
+        assert_eq!(pushed.head_sha, commit);
+        assert_eq!(
+            fx.origin.sha(&format!("refs/heads/agent-runs/run-{run}")),
+            Some(commit)
+        );
+    }
 }

@@ -120,6 +120,7 @@ impl Fixture {
             skip_if_head: out.base_commit.clone(),
             policy: DEV,
             retry,
+            cache_objects: None,
         }
     }
 

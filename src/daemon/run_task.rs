@@ -67,6 +67,11 @@ enum Interrupted {
     Shutdown,
 }
 
+/// How long a step may go on after a stop cancelled it before the task stops waiting for it.
+const ABANDON_AFTER: Duration = Duration::from_secs(10);
+/// The failure text a step abandoned after a stop records.
+const ABANDONED: &str = "stopped: the step did not end after the stop and was abandoned";
+
 /// Line counters of the agent's output already forwarded, kept beside the container's
 /// private files so a re-attach after a crash resumes without re-sending them.
 const PROGRESS_FILE: &str = "forwarded-lines";
@@ -337,27 +342,43 @@ impl RunTask {
     }
 
     /// Awaits `work` while journaling stops that arrive meanwhile. The effects those stops
-    /// hand out are returned for the queue (a blocking git call cannot be interrupted; the
-    /// state machine decides what the stop means once its outcome is known). A stop cancels
-    /// `retry`, so a git step waiting out a transient failure gives up at once instead of
-    /// holding the stop for its retry budget.
+    /// hand out are returned for the queue; the state machine decides what the stop means
+    /// once the outcome is known. A stop cancels `retry`, which ends a wait between retries
+    /// and kills the git call under way; if the work still has not ended
+    /// [`ABANDON_AFTER`] later (it is stuck on something no kill reaches), it is abandoned:
+    /// `None` comes back and the caller records a failure, so no stop waits on the effect.
     async fn with_stops<T>(
         &mut self,
         work: impl std::future::Future<Output = T>,
         retry: Option<&git::GitRetry>,
-    ) -> Result<(T, Vec<Effect>), Interrupted> {
+    ) -> Result<(Option<T>, Vec<Effect>), Interrupted> {
         tokio::pin!(work);
         let mut extra = Vec::new();
+        let mut abandon_at: Option<tokio::time::Instant> = None;
         loop {
+            let abandon = async {
+                match abandon_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                out = &mut work => return Ok((out, extra)),
+                out = &mut work => return Ok((Some(out), extra)),
                 stop = self.next_stop() => {
                     // Journaled first: the outcome that the cancel hastens must find it.
                     let more = self.commit(stop).await?;
                     if let Some(retry) = retry {
                         retry.cancel();
                     }
+                    abandon_at.get_or_insert_with(|| tokio::time::Instant::now() + ABANDON_AFTER);
                     extra.extend(more);
+                }
+                () = abandon => {
+                    warn!(
+                        run_id = self.run_id,
+                        "the step did not end within {ABANDON_AFTER:?} of the stop; abandoning it"
+                    );
+                    return Ok((None, extra));
                 }
             }
         }
@@ -426,7 +447,7 @@ impl RunTask {
         let work = tokio::task::spawn_blocking(move || git::prepare_run_workspace(&request));
         let (result, mut extra) = self.with_stops(work, Some(&retry)).await?;
         let event = match result {
-            Ok(Ok(ws)) => Event::CheckoutReady {
+            Some(Ok(Ok(ws))) => Event::CheckoutReady {
                 checkout: Checkout {
                     root: ws.mount_path.display().to_string(),
                     repos: ws
@@ -441,11 +462,14 @@ impl RunTask {
                         .collect(),
                 },
             },
-            Ok(Err(e)) => Event::CheckoutFailed {
+            Some(Ok(Err(e))) => Event::CheckoutFailed {
                 error: redact(&e.to_string()).into_owned(),
             },
-            Err(e) => Event::CheckoutFailed {
+            Some(Err(e)) => Event::CheckoutFailed {
                 error: format!("prepare task failed: {e}"),
+            },
+            None => Event::CheckoutFailed {
+                error: ABANDONED.into(),
             },
         };
         extra.extend(self.commit(event).await?);
@@ -887,22 +911,25 @@ impl RunTask {
             let mut heads = Vec::new();
             for repo in &checkout.repos {
                 let head = git::branch_head(Path::new(&repo.path), &repo.branch)
-                    .map_err(|e| format!("{}: {e}", repo.slug))?;
+                    .map_err(|e| RepoGitError::new(&repo.slug, e))?;
                 heads.push(RepoHead {
                     slug: repo.slug.clone(),
                     head,
                 });
             }
-            Ok::<_, String>(heads)
+            Ok::<_, RepoGitError>(heads)
         });
         let (result, mut extra) = self.with_stops(work, None).await?;
         let event = match result {
-            Ok(Ok(heads)) => Event::HeadsInspected { heads },
-            Ok(Err(e)) => Event::PushFailed {
-                error: redact(&e).into_owned(),
+            Some(Ok(Ok(heads))) => Event::HeadsInspected { heads },
+            Some(Ok(Err(e))) => Event::PushFailed {
+                error: e.report(self.run_id, "reading the run branch"),
             },
-            Err(e) => Event::PushFailed {
+            Some(Err(e)) => Event::PushFailed {
                 error: format!("head inspection task failed: {e}"),
+            },
+            None => Event::PushFailed {
+                error: ABANDONED.into(),
             },
         };
         extra.extend(self.commit(event).await?);
@@ -916,7 +943,8 @@ impl RunTask {
             _ => Checkout::default(),
         };
         let token = self.token().unwrap_or_default();
-        // One budget and cancel switch for the run's pushes; dropping this future cancels it.
+        // One budget and cancel switch for the run's pushes; dropping this future cancels it
+        // (and kills the git call under way).
         let retry = self.git_retry();
         let _cancel_if_dropped = retry.cancel_on_drop();
         let mut requests = Vec::new();
@@ -934,12 +962,13 @@ impl RunTask {
                 skip_if_head: repo.base_commit.clone(),
                 policy: self.ctx.git_policy,
                 retry: retry.clone(),
+                cache_objects: cache_objects(&self.ctx.cfg.cache_root, &plan, &repo.slug),
             });
         }
         let work = tokio::task::spawn_blocking(move || {
             let mut pushed = Vec::new();
             for (request, head) in requests.iter().zip(&heads) {
-                let outcome = git::push(request).map_err(|e| format!("{}: {e}", head.slug))?;
+                let outcome = git::push(request).map_err(|e| RepoGitError::new(&head.slug, e))?;
                 if !outcome.skipped {
                     pushed.push(RepoHead {
                         slug: head.slug.clone(),
@@ -947,17 +976,20 @@ impl RunTask {
                     });
                 }
             }
-            Ok::<_, String>(pushed)
+            Ok::<_, RepoGitError>(pushed)
         });
         let (result, mut extra) = self.with_stops(work, Some(&retry)).await?;
         let event = match result {
-            Ok(Ok(pushed)) if pushed.is_empty() => Event::PushSkipped,
-            Ok(Ok(pushed)) => Event::PushDone { heads: pushed },
-            Ok(Err(e)) => Event::PushFailed {
-                error: redact(&e).into_owned(),
+            Some(Ok(Ok(pushed))) if pushed.is_empty() => Event::PushSkipped,
+            Some(Ok(Ok(pushed))) => Event::PushDone { heads: pushed },
+            Some(Ok(Err(e))) => Event::PushFailed {
+                error: e.report(self.run_id, "push"),
             },
-            Err(e) => Event::PushFailed {
+            Some(Err(e)) => Event::PushFailed {
                 error: format!("push task failed: {e}"),
+            },
+            None => Event::PushFailed {
+                error: ABANDONED.into(),
             },
         };
         extra.extend(self.commit(event).await?);
@@ -1173,6 +1205,47 @@ fn stop_pending(state: &RunState) -> bool {
 }
 
 /// The git-proxy URL of one of the plan's repos (spec 4.9 step 3); `None` for a bad slug.
+/// A git failure of one repo of the run, kept whole until it is reported.
+#[derive(Debug)]
+struct RepoGitError {
+    slug: String,
+    error: git::GitError,
+}
+
+impl RepoGitError {
+    fn new(slug: &str, error: git::GitError) -> Self {
+        Self {
+            slug: slug.to_owned(),
+            error,
+        }
+    }
+
+    /// Logs the whole failure for the operator (redacted, bounded by the git layer) and
+    /// returns the run's error in the runner's own words: what failed and in which repo,
+    /// never git's output, which may quote what the agent left in its checkout.
+    fn report(&self, run_id: i64, step: &str) -> String {
+        warn!(
+            run_id,
+            repo = %self.slug,
+            "{step} failed: {}",
+            redact(&self.error.to_string())
+        );
+        format!("{}: {}", self.slug, self.error.public_summary())
+    }
+}
+
+/// The `objects` directory of the run's bare cache for `slug`, which a push borrows the base
+/// history from (`None` when the slug is not one of the plan's or does not parse).
+fn cache_objects(cache_root: &Path, plan: &crate::fsm::RunPlan, slug: &str) -> Option<PathBuf> {
+    let repo = plan.repos.iter().find(|r| r.slug == slug)?;
+    let (owner, name) = slug.split_once('/')?;
+    Some(
+        RepoCache::new(cache_root, repo.workspace_id, owner, name)
+            .bare()
+            .join("objects"),
+    )
+}
+
 pub(crate) fn repo_proxy_url(
     api_url: &str,
     plan: &crate::fsm::RunPlan,

@@ -8,9 +8,12 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use super::error::GitError;
+use super::retry::GitRetry;
 use super::validate::{RemoteScheme, TransportPolicy};
 use crate::redact::{redact, MASK};
 
@@ -43,6 +46,18 @@ case \"$1\" in\n\
   *) printf '%s\\n' \"$AGENT_GIT_TOKEN\" ;;\n\
 esac\n";
 
+/// How long a local git call (clone from the cache, index-pack, fetch between two local
+/// repositories, rev-parse) may take before it is killed. Generous for a large repository;
+/// what matters is that no local call can wait forever (a pipe, a stuck filesystem).
+pub(crate) const LOCAL_DEADLINE: Duration = Duration::from_secs(20 * 60);
+/// The same for a call that talks to the remote (a cold clone of a large repository);
+/// `http.lowSpeedTime` ends a dead transfer long before this.
+pub(crate) const REMOTE_DEADLINE: Duration = Duration::from_secs(90 * 60);
+/// What is kept of a git child's stdout and stderr; the rest is read and dropped so the
+/// child never blocks on a full pipe. Ref listings of the run's own branch are tiny.
+const STDOUT_CAP: usize = 16 << 20;
+const STDERR_CAP: usize = 64 << 10;
+
 /// Whether a git call talks to the remote or only to local repositories.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reach {
@@ -63,6 +78,9 @@ pub(crate) struct GitSession {
     global_config: PathBuf,
     policy: TransportPolicy,
     remote_scheme: RemoteScheme,
+    /// A stop switch: once cancelled, a running git child is killed (its whole process
+    /// group) and the call fails with [`GitError::Stopped`].
+    cancel: Option<GitRetry>,
 }
 
 impl GitSession {
@@ -99,24 +117,19 @@ impl GitSession {
             global_config,
             policy,
             remote_scheme,
+            cancel: None,
         })
+    }
+
+    /// Kills the running git child when `switch` is cancelled (a stop or a dropped caller).
+    pub(crate) fn with_cancel(mut self, switch: &GitRetry) -> Self {
+        self.cancel = Some(switch.clone());
+        self
     }
 
     /// A scratch directory private to this session (0700), removed with it.
     pub(crate) fn scratch(&self) -> &Path {
         self.private.path()
-    }
-
-    /// Rewrites the throwaway global config to list `dirs` as `safe.directory`: the
-    /// checkout is owned by uid 1000 while triage runs as root (spec 4.11 push step 1).
-    pub(crate) fn set_safe_directories(&self, dirs: &[&Path]) -> Result<(), GitError> {
-        let mut text = String::from("[safe]\n");
-        for dir in dirs {
-            text.push_str("\tdirectory = ");
-            text.push_str(&quote_config_value(&dir.to_string_lossy()));
-            text.push('\n');
-        }
-        write_private_file(&self.global_config, text.as_bytes(), 0o600)
     }
 
     /// Masks every known secret, including this session's token, in git's output.
@@ -177,12 +190,17 @@ impl GitSession {
             .args(["-c", "core.hooksPath=/dev/null"])
             .args(["-c", "credential.helper="])
             .args(["-c", "core.fsmonitor="])
+            // A redirect would replay the askpass answer (the run token) to another origin.
+            .args(["-c", "http.followRedirects=false"])
             // A transfer that moves nothing for five minutes is dead, not slow.
             .args(["-c", "http.lowSpeedLimit=1", "-c", "http.lowSpeedTime=300"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Its own process group, so a stop kills git's helpers (remote-https, upload-pack,
+        // pack-objects) with it.
+        cmd.process_group(0);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent. Git must
         // die with its caller: an orphaned fetch would keep writing into a cache whose lock
         // its dead parent no longer holds.
@@ -201,12 +219,16 @@ impl GitSession {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.command(reach, args)
-            .output()
-            .map_err(|source| GitError::Spawn {
-                what: what.to_owned(),
-                source,
-            })
+        let deadline = match reach {
+            Reach::Local => LOCAL_DEADLINE,
+            Reach::Remote => REMOTE_DEADLINE,
+        };
+        run_bounded(
+            self.command(reach, args),
+            what,
+            deadline,
+            self.cancel.as_ref(),
+        )
     }
 
     /// Runs git and returns its trimmed stdout; a non-zero exit becomes [`GitError::Command`].
@@ -240,6 +262,95 @@ impl GitSession {
     }
 }
 
+/// Runs `cmd` to its end, its deadline or a cancel of `cancel`, whichever comes first; on the
+/// last two its process group is killed. Output is captured up to the caps.
+pub(crate) fn run_bounded(
+    mut cmd: Command,
+    what: &str,
+    deadline: Duration,
+    cancel: Option<&GitRetry>,
+) -> Result<Output, GitError> {
+    let mut child = cmd.spawn().map_err(|source| GitError::Spawn {
+        what: what.to_owned(),
+        source,
+    })?;
+    let stdout = capture(child.stdout.take(), STDOUT_CAP);
+    let stderr = capture(child.stderr.take(), STDERR_CAP);
+    let until = Instant::now() + deadline;
+    let mut pause = Duration::from_millis(2);
+    let status: ExitStatus = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(source) => {
+                kill_group(&mut child);
+                return Err(GitError::io(format!("wait for git {what}"), source));
+            }
+        }
+        if cancel.is_some_and(GitRetry::is_cancelled) {
+            kill_group(&mut child);
+            return Err(GitError::Stopped {
+                what: what.to_owned(),
+            });
+        }
+        if Instant::now() >= until {
+            kill_group(&mut child);
+            return Err(GitError::TimedOut {
+                what: what.to_owned(),
+                after: deadline,
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    };
+    // A helper git started may still hold the pipes after git itself exited: take what
+    // arrived within a moment rather than wait on it.
+    let collect =
+        |rx: mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout: collect(stdout),
+        stderr: collect(stderr),
+    })
+}
+
+/// Reads `pipe` on a thread: the first `cap` bytes are kept, the rest drained.
+fn capture(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+    cap: usize,
+) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let mut buf = [0u8; 8192];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let room = cap.saturating_sub(kept.len());
+                        kept.extend_from_slice(&buf[..n.min(room)]);
+                    }
+                }
+            }
+        }
+        let _ = tx.send(kept);
+    });
+    rx
+}
+
+/// Kills the child's whole process group (it leads one, see `command`) and reaps it.
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill has no memory preconditions; the group is the unreaped child's own.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn looks_like_auth_failure(stderr: &str) -> bool {
     [
         "Authentication failed",
@@ -250,23 +361,6 @@ fn looks_like_auth_failure(stderr: &str) -> bool {
     ]
     .iter()
     .any(|needle| stderr.contains(needle))
-}
-
-/// Quotes a value for a git config file: double quotes, with `\` and `"` escaped.
-fn quote_config_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Writes `bytes` to a new file created with `mode` (never a pre-existing one with looser bits).
@@ -374,10 +468,5 @@ mod tests {
             s.redact("fatal: secret-token-xyz bad"),
             format!("fatal: {MASK} bad")
         );
-    }
-
-    #[test]
-    fn config_values_are_quoted() {
-        assert_eq!(quote_config_value(r#"/a "b"\c"#), r#""/a \"b\"\\c""#);
     }
 }

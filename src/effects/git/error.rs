@@ -28,6 +28,14 @@ pub enum GitError {
         source: std::io::Error,
     },
 
+    /// A stop (cancel, run timeout, drain deadline, shutdown) killed the git call.
+    #[error("git {what} was stopped: the run is being cancelled or the runner is stopping")]
+    Stopped { what: String },
+
+    /// A git call ran past its deadline and was killed.
+    #[error("git {what} did not finish within {after:?} and was killed")]
+    TimedOut { what: String, after: Duration },
+
     /// A git command exited non-zero. `stderr` is redacted.
     #[error("git {what} failed ({status}): {stderr}")]
     Command {
@@ -72,4 +80,61 @@ impl GitError {
             source,
         }
     }
+}
+
+impl GitError {
+    /// The failure in the runner's own words, for the run's error on the server: what failed
+    /// and what to do, never git's output (which may quote files the agent wrote) and never
+    /// a name the agent chose. The full text ([`std::fmt::Display`]) goes to the log.
+    pub fn public_summary(&self) -> String {
+        match self {
+            GitError::Invalid(e) => format!("invalid input: {e}"),
+            GitError::Io { what, .. } => {
+                format!(
+                    "a filesystem step failed ({}); see the runner log",
+                    first_words(what)
+                )
+            }
+            GitError::Spawn { .. } => {
+                "could not start git on the runner host (is git installed?)".into()
+            }
+            GitError::Stopped { .. } | GitError::TimedOut { .. } | GitError::LockTimeout { .. } => {
+                self.to_string()
+            }
+            GitError::Command { what, status, .. } => {
+                format!("git {what} failed ({status}); the runner log has the details")
+            }
+            GitError::RemoteBranchMissing { branch, .. } => {
+                format!("the remote has no branch {branch:?}")
+            }
+            GitError::AuthFailed { what, .. } => format!(
+                "the git proxy refused the run's token for {what} (expired run token, or the \
+                 run has no push grant for this repository)"
+            ),
+            GitError::Diverged { branch, .. } => format!(
+                "the remote branch {branch:?} has moved on (non-fast-forward); the runner never \
+                 force-pushes"
+            ),
+            GitError::UnsafeCheckout { .. } => "refusing to push: the agent left its checkout's \
+                 .git in a state the runner does not read (a symlink, pipe or device inside it, \
+                 a replaced directory, or a branch that names no commit); nothing was pushed, \
+                 the runner log names the entry"
+                .into(),
+            GitError::ShaMismatch { expected, fetched } => format!(
+                "the commit copied from the checkout ({fetched}) is not the branch's ({expected})"
+            ),
+            GitError::NotReadableByAgent { .. } => self.to_string(),
+        }
+    }
+}
+
+/// The leading words of a step description, before any path (paths may hold agent names).
+fn first_words(what: &str) -> String {
+    what.split(['/', '.'])
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(60)
+        .collect()
 }

@@ -9,6 +9,7 @@
 //! what lets the network steps retry on transient failures (retry.rs).
 //! See docs/git.md for the layout, the hardening and the recovery rules.
 
+mod agent_tree;
 mod cache;
 mod cmd;
 mod error;
@@ -21,6 +22,9 @@ pub mod validate;
 mod workspace;
 mod wstoml;
 
+pub use agent_tree::{
+    AgentGitDir, CopiedObjects, TreeStats, MAX_COPY_BYTES, MAX_GIT_DEPTH, MAX_GIT_ENTRIES,
+};
 pub use cache::{
     clean_stale, evict_idle, workspace_root, EvictionReport, RepoCache, StaleCleanup, BARE_DIR,
     DEFAULT_CACHE_MAX_AGE, LOCK_FILE,

@@ -5,6 +5,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
+use super::agent_tree::AgentGitDir;
 use super::cmd::{GitSession, Reach};
 use super::error::GitError;
 use super::retry::GitRetry;
@@ -27,8 +28,12 @@ pub struct PushRequest {
     /// The base commit; when the branch is still there, nothing is pushed.
     pub skip_if_head: String,
     pub policy: TransportPolicy,
-    /// Budget and cancel switch for `ls-remote` + `push` across transient network errors.
+    /// Budget and cancel switch for `ls-remote` + `push` across transient network errors;
+    /// a cancel also kills the git call under way.
     pub retry: GitRetry,
+    /// The run's own bare cache's `objects` directory: the snapshot borrows the base history
+    /// from it instead of copying the checkout's packs. `None` copies everything.
+    pub cache_objects: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PushRequest {
@@ -48,6 +53,7 @@ impl std::fmt::Debug for PushRequest {
             .field("skip_if_head", &self.skip_if_head)
             .field("policy", &self.policy)
             .field("retry", &self.retry)
+            .field("cache_objects", &self.cache_objects)
             .finish()
     }
 }
@@ -63,9 +69,13 @@ pub struct PushOutcome {
     pub already_on_remote: bool,
 }
 
-/// Pushes `refs/heads/<branch>` of the checkout to the remote, through a fresh temporary
-/// repository so nothing the agent planted in the checkout (hooks, `core.hooksPath`,
-/// `url.*.insteadOf`, a `.git` file pointing elsewhere, alternates) takes part.
+/// Pushes `refs/heads/<branch>` of the checkout to the remote, never letting git near the
+/// checkout itself (see [`super::agent_tree`]): the branch is read and the agent's objects are
+/// copied by the runner into a runner-owned snapshot repository (borrowing the run's own cache
+/// for the base history), and the push repository fetches from that snapshot with every
+/// received object checked (`fetch.fsckObjects`). Nothing the agent planted (symlinks to
+/// other repositories or host files, pipes, hooks, `core.hooksPath`, `url.*.insteadOf`,
+/// `include.path`, alternates, a `.git` file pointing elsewhere) takes part.
 pub fn push(req: &PushRequest) -> Result<PushOutcome, GitError> {
     validate_abs_path("--dest", &req.checkout)?;
     validate_branch_name("--branch", &req.branch)?;
@@ -73,23 +83,14 @@ pub fn push(req: &PushRequest) -> Result<PushOutcome, GitError> {
     if !req.skip_if_head.is_empty() {
         validate_commit_id("--skip-if-head", &req.skip_if_head)?;
     }
-    let git_dir = checked_git_dir(&req.checkout)?;
-    let session = GitSession::new(Some(&req.token), req.policy, scheme)?;
-    session.set_safe_directories(&[&req.checkout, &git_dir])?;
-
-    let branch_ref = format!("refs/heads/{}", req.branch);
-    let head = rev_parse(&session, &git_dir, &branch_ref).map_err(|e| match e {
-        GitError::Command { stderr, .. } => GitError::Command {
-            what: format!("find branch {:?} in the checkout", req.branch),
-            status: "failed".into(),
-            stderr: if stderr.is_empty() {
-                "the branch does not exist in the checkout".into()
-            } else {
-                stderr
-            },
-        },
-        other => other,
-    })?;
+    let agent_git = AgentGitDir::open(&req.checkout)?;
+    agent_git.check_tree()?;
+    let head = agent_git
+        .read_branch(&req.branch)?
+        .ok_or_else(|| GitError::UnsafeCheckout {
+            path: req.checkout.clone(),
+            reason: format!("the branch {:?} does not exist in the checkout", req.branch),
+        })?;
     if !req.skip_if_head.is_empty() && head.eq_ignore_ascii_case(&req.skip_if_head) {
         return Ok(PushOutcome {
             head_sha: String::new(),
@@ -98,28 +99,82 @@ pub fn push(req: &PushRequest) -> Result<PushOutcome, GitError> {
         });
     }
 
-    let push_repo = session.scratch().join("push.git");
-    session.run(
-        Reach::Local,
-        "init the push repository",
-        [
-            "init".as_ref(),
-            "--bare".as_ref(),
-            "--quiet".as_ref(),
-            push_repo.as_os_str(),
-        ],
+    let session = GitSession::new(Some(&req.token), req.policy, scheme)?.with_cancel(&req.retry);
+    let branch_ref = format!("refs/heads/{}", req.branch);
+    let cache_objects = req.cache_objects.as_deref().filter(|p| p.is_dir());
+
+    // The snapshot: our own bare repository holding a copy of the agent's objects.
+    let snapshot = session.scratch().join("snapshot.git");
+    init_bare(&session, &snapshot, cache_objects)?;
+    let copied = agent_git.copy_objects(
+        &snapshot.join("objects"),
+        cache_objects.map(|o| o.join("pack")).as_deref(),
     )?;
+    for pack in &copied.packs {
+        session.run(
+            Reach::Local,
+            "index a pack the agent made",
+            [
+                "--git-dir".as_ref(),
+                snapshot.as_os_str(),
+                "index-pack".as_ref(),
+                "--strict".as_ref(),
+                pack.as_os_str(),
+            ],
+        )?;
+    }
+    let kind = session
+        .run(
+            Reach::Local,
+            "check the branch's commit",
+            [
+                "--git-dir".as_ref(),
+                snapshot.as_os_str(),
+                "cat-file".as_ref(),
+                "-t".as_ref(),
+                OsStr::new(&head),
+            ],
+        )
+        .map_err(|_| GitError::UnsafeCheckout {
+            path: req.checkout.clone(),
+            reason: format!(
+                "the branch {:?} names an object the checkout does not hold",
+                req.branch
+            ),
+        })?;
+    if kind != "commit" {
+        return Err(GitError::UnsafeCheckout {
+            path: req.checkout.clone(),
+            reason: format!("the branch {:?} names a {kind}, not a commit", req.branch),
+        });
+    }
+    update_ref(&session, &snapshot, &branch_ref, &head)?;
+
+    // The push repository receives only objects the cache lacks, each one checked.
+    let push_repo = session.scratch().join("push.git");
+    init_bare(&session, &push_repo, cache_objects)?;
+    if cache_objects.is_some() && !req.skip_if_head.is_empty() {
+        // A ref at the base lets the fetch negotiate: the base history is not sent again.
+        let _ = update_ref(
+            &session,
+            &push_repo,
+            "refs/windshift/base",
+            &req.skip_if_head,
+        );
+    }
     let refspec = format!("+{branch_ref}:{branch_ref}");
     session.run(
         Reach::Local,
-        "fetch the branch from the checkout",
+        "fetch the branch from the snapshot",
         [
             "--git-dir".as_ref(),
             push_repo.as_os_str(),
+            "-c".as_ref(),
+            "fetch.fsckObjects=true".as_ref(),
             "fetch".as_ref(),
             "--no-tags".as_ref(),
             "--quiet".as_ref(),
-            git_dir.as_os_str(),
+            snapshot.as_os_str(),
             OsStr::new(&refspec),
         ],
     )?;
@@ -136,6 +191,44 @@ pub fn push(req: &PushRequest) -> Result<PushOutcome, GitError> {
     req.retry.run("push", || {
         push_once(&session, req, &push_repo, &head, &branch_ref)
     })
+}
+
+/// `git init --bare` at `path`, borrowing `alternate` (the run's cache objects) when given.
+fn init_bare(session: &GitSession, path: &Path, alternate: Option<&Path>) -> Result<(), GitError> {
+    session.run(
+        Reach::Local,
+        "init a private repository",
+        [
+            "init".as_ref(),
+            "--bare".as_ref(),
+            "--quiet".as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    if let Some(objects) = alternate {
+        let file = path.join("objects/info/alternates");
+        let mut line = objects.as_os_str().as_encoded_bytes().to_vec();
+        line.push(b'\n');
+        std::fs::write(&file, line)
+            .map_err(|e| GitError::io(format!("write {}", file.display()), e))?;
+    }
+    Ok(())
+}
+
+fn update_ref(session: &GitSession, repo: &Path, name: &str, id: &str) -> Result<(), GitError> {
+    session
+        .run(
+            Reach::Local,
+            "update-ref",
+            [
+                "--git-dir".as_ref(),
+                repo.as_os_str(),
+                "update-ref".as_ref(),
+                OsStr::new(name),
+                OsStr::new(id),
+            ],
+        )
+        .map(|_| ())
 }
 
 /// One attempt: `ls-remote` (already at the sha → done), then `git push`, then on failure
@@ -195,16 +288,21 @@ fn push_once(
     Err(session.failure("push", &out))
 }
 
-/// The commit `refs/heads/<branch>` points at in the agent's checkout (read-only, local, with
-/// the same hardening and `.git` pointer checks as [`push`]). The daemon's `InspectHeads`
-/// step uses it so the push intent it journals names the exact commit.
+/// The object id `refs/heads/<branch>` names in the agent's checkout, read by the runner
+/// itself (no git, no symlink followed, the whole `.git` checked first; see
+/// [`super::agent_tree`]). The daemon's `InspectHeads` step uses it so the push intent it
+/// journals names the exact commit; [`push`] checks that it is one.
 pub fn branch_head(checkout: &Path, branch: &str) -> Result<String, GitError> {
     validate_abs_path("checkout", checkout)?;
     validate_branch_name("branch", branch)?;
-    let git_dir = checked_git_dir(checkout)?;
-    let session = GitSession::new(None, TransportPolicy::default(), RemoteScheme::File)?;
-    session.set_safe_directories(&[checkout, &git_dir])?;
-    rev_parse(&session, &git_dir, &format!("refs/heads/{branch}"))
+    let agent_git = AgentGitDir::open(checkout)?;
+    agent_git.check_tree()?;
+    agent_git
+        .read_branch(branch)?
+        .ok_or_else(|| GitError::UnsafeCheckout {
+            path: checkout.to_owned(),
+            reason: format!("the branch {branch:?} does not exist in the checkout"),
+        })
 }
 
 /// The commit `refs/heads/<branch>` points at on the remote, or `None` when the branch does
@@ -254,48 +352,4 @@ fn rev_parse(session: &GitSession, git_dir: &Path, reference: &str) -> Result<St
             OsStr::new(&rev),
         ],
     )
-}
-
-/// `<checkout>/.git`, after checking that the agent has not turned it into a pointer to
-/// another repository: it must be a real directory (not a symlink or a `gitdir:` file), with
-/// no `commondir`, no alternates, and real `objects`/`refs` directories. Our own checkouts
-/// never have any of these, and each could pull another repository's objects (say another
-/// workspace's cache, whose path is guessable) into the push.
-fn checked_git_dir(checkout: &Path) -> Result<PathBuf, GitError> {
-    let unsafe_because = |reason: &str| GitError::UnsafeCheckout {
-        path: checkout.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let git_dir = checkout.join(".git");
-    let meta = std::fs::symlink_metadata(&git_dir)
-        .map_err(|e| GitError::io(format!("stat {}", git_dir.display()), e))?;
-    if !meta.is_dir() {
-        return Err(unsafe_because(".git is not a plain directory"));
-    }
-    for (rel, reason) in [
-        ("commondir", ".git/commondir points at another repository"),
-        (
-            "objects/info/alternates",
-            ".git/objects/info/alternates borrows objects from elsewhere",
-        ),
-        (
-            "objects/info/http-alternates",
-            ".git/objects/info/http-alternates borrows objects from elsewhere",
-        ),
-    ] {
-        if std::fs::symlink_metadata(git_dir.join(rel)).is_ok() {
-            return Err(unsafe_because(reason));
-        }
-    }
-    for rel in ["objects", "refs"] {
-        match std::fs::symlink_metadata(git_dir.join(rel)) {
-            Ok(m) if m.is_dir() => {}
-            _ => {
-                return Err(unsafe_because(&format!(
-                    ".git/{rel} is missing or not a plain directory"
-                )))
-            }
-        }
-    }
-    Ok(git_dir)
 }
