@@ -82,7 +82,7 @@ fn run(mut args: RunArgs) -> i32 {
             return daemon::EXIT_FATAL;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let shutdown = Shutdown::default();
         if let Err(e) = shutdown.install_signal_handlers() {
             eprintln!("windshift-runner: cannot install signal handlers: {e}");
@@ -91,7 +91,11 @@ fn run(mut args: RunArgs) -> i32 {
         let mut opts = DaemonOptions::new(shutdown);
         opts.once = args.once;
         daemon::run(cfg, opts).await
-    })
+    });
+    // Dropping the runtime would wait for every blocking thread, including a step abandoned
+    // after a stop (docs/git.md, "Cancellation"): the exit must not wait on it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 fn doctor(mut args: DoctorArgs) -> i32 {

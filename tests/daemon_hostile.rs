@@ -301,3 +301,33 @@ async fn cancel_and_drain_end_a_stalled_push_within_seconds() {
     assert_eq!(code, 0, "{}", h.log());
     assert!(h.log().contains("was stopped"), "{}", h.log());
 }
+
+/// A stop never waits on an effect that no kill reaches: a prepare stuck waiting for the
+/// repo cache's lock (held here by another process) is abandoned 10 s after the cancel and
+/// the run is reported; then SIGTERM ends the process although that blocking wait goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_abandons_a_step_stuck_where_no_kill_reaches() {
+    use windshift_runner::effects::git::{CacheLock, RepoCache};
+    let h = Harness::start("hostile-abandon").await;
+    let cache = RepoCache::new(&h.cache_root(), 1, "acme", "app");
+    std::fs::create_dir_all(cache.lock_path().parent().expect("parent")).expect("mkdir");
+    let _held = CacheLock::acquire(&cache.lock_path(), Duration::from_secs(5)).expect("lock");
+    let stuck = h.enqueue("commit; finish completed never");
+    let mut runner = h.runner(&[]);
+    h.wait_until(Duration::from_secs(60), "the prepare started", || {
+        h.log().contains("claimed a run")
+    })
+    .await;
+    h.dev().core().cancel(stuck, false).expect("cancel");
+    let run = h
+        .wait_run(
+            stuck,
+            Duration::from_secs(60),
+            "the canceled run reported",
+            |r| !matches!(r.status.as_str(), "queued" | "running"),
+        )
+        .await;
+    assert_eq!(run.status, "canceled", "{run:?}\n{}", h.log());
+    assert!(h.log().contains("abandoning it"), "{}", h.log());
+    stop_runner(&h, &mut runner).await;
+}
