@@ -403,6 +403,9 @@ impl Supervisor {
     ) {
         let instance = self.ctx.engine.cfg.instance.clone();
         let (mut plan, secrets) = RunPlan::from_job(&job, &instance);
+        plan.apply_host_defaults(&crate::fsm::plan::HostDefaults {
+            llm_model: self.ctx.cfg.llm_model.clone(),
+        });
         if plan.prompt.trim().is_empty() {
             plan.prompt = self.ctx.cfg.initial_prompt.clone();
         }
