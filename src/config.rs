@@ -17,7 +17,8 @@ use clap::Args;
 pub const DEFAULT_CACHE_ROOT: &str = "/var/lib/windshift-runner/cache";
 pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/windshift-runner/journal";
 pub const DEFAULT_NETWORK: &str = "coding-agent-egress";
-pub const DEFAULT_POLL_INTERVAL: &str = "10s";
+/// The guide's documented default (spec 11: follow the guide, not the newest code's 10 s).
+pub const DEFAULT_POLL_INTERVAL: &str = "2s";
 pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "30s";
 /// Ours: how long SIGTERM lets in-flight runs finish before cancelling them. The systemd unit's
 /// TimeoutStopSec must exceed it.
@@ -62,7 +63,7 @@ pub struct RunnerConfig {
     /// Display name sent at registration [default: hostname, else windshift-runner].
     #[arg(long, env = "WSRUNNER_NAME")]
     pub name: Option<String>,
-    /// Default agent image for coding_agent runs.
+    /// Default agent image for coding_agent runs (else CODING_AGENT_RUNNER_IMAGE).
     #[arg(long, env = "WSRUNNER_IMAGE")]
     pub image: Option<String>,
     /// Comma-separated exact image references allowed as per-run overrides.
@@ -71,16 +72,16 @@ pub struct RunnerConfig {
     /// Exactly 1 accepts an agent image without the org.windshift.agent-contract label.
     #[arg(long, env = "WSRUNNER_ALLOW_UNLABELED_IMAGE")]
     pub allow_unlabeled_image: Option<String>,
-    /// Docker-compatible CLI (docker, or a rootful podman) [default: docker].
+    /// Docker-compatible CLI (docker, or a rootful podman); else CODING_AGENT_DOCKER_BINARY [default: docker].
     #[arg(long, env = "WSRUNNER_DOCKER")]
     pub docker: Option<String>,
     /// Triage helper; git work runs in-process, this is checked by `doctor` [default: windshift-triage].
     #[arg(long, env = "WSRUNNER_TRIAGE_BIN")]
     pub triage_bin: Option<String>,
-    /// Bare-clone cache and checkout root [default: /var/lib/windshift-runner/cache].
+    /// Bare-clone cache and checkout root; else CODING_AGENT_WORKTREE_ROOT [default: /var/lib/windshift-runner/cache].
     #[arg(long, env = "WSRUNNER_CACHE_ROOT")]
     pub cache_root: Option<PathBuf>,
-    /// How often to check for work when idle, Go duration syntax [default: 10s].
+    /// How often to check for work when idle, Go duration syntax [default: 2s].
     #[arg(long, env = "WSRUNNER_POLL_INTERVAL")]
     pub poll_interval: Option<String>,
     /// How often to renew the runner lease, Go duration syntax [default: 30s].
@@ -102,16 +103,16 @@ pub struct RunnerConfig {
     /// Wall-clock limit of one run; past it the run is cancelled and reported [default: 7h30m].
     #[arg(long, env = "WSRUNNER_RUN_TIMEOUT")]
     pub run_timeout: Option<String>,
-    /// Docker network for agent containers [default: coding-agent-egress].
+    /// Docker network for agent containers; else CODING_AGENT_NETWORK [default: coding-agent-egress].
     #[arg(long, env = "WSRUNNER_NETWORK")]
     pub network: Option<String>,
-    /// Max processes per agent container [default: 512].
+    /// Max processes per agent container; else CODING_AGENT_PIDS_LIMIT [default: 512].
     #[arg(long, env = "WSRUNNER_PIDS_LIMIT")]
     pub pids_limit: Option<String>,
-    /// Memory (and memory+swap) limit per agent container [default: 4g].
+    /// Memory (and memory+swap) limit per agent container; else CODING_AGENT_MEMORY [default: 4g].
     #[arg(long, env = "WSRUNNER_MEMORY")]
     pub memory: Option<String>,
-    /// CPU limit per agent container [default: 2].
+    /// CPU limit per agent container; else CODING_AGENT_CPUS [default: 2].
     #[arg(long, env = "WSRUNNER_CPUS")]
     pub cpus: Option<String>,
     /// Journal (sled) directory [default: /var/lib/windshift-runner/journal].
@@ -132,6 +133,13 @@ pub struct RunnerConfig {
     /// Log format: text or json [default: text].
     #[arg(long, env = "WSRUNNER_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Model id put into a coding agent's env as LLM_MODEL when the server sends none; else
+    /// CODING_AGENT_LLM_MODEL.
+    #[arg(long, env = "WSRUNNER_LLM_MODEL")]
+    pub llm_model: Option<String>,
+    /// Which name supplied each Option A-capable setting ([`RunnerConfig::apply_option_a`]).
+    #[arg(skip)]
+    pub origins: Vec<Origin>,
 }
 
 // Raw settings may hold the registration token and the credential: never print them.
@@ -182,6 +190,10 @@ pub struct ValidConfig {
     pub git_retry_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// The host's default `LLM_MODEL` for coding agents (none: the server must send one).
+    pub llm_model: Option<String>,
+    /// Which name supplied each Option A-capable setting (empty when not read from the env).
+    pub origins: Vec<Origin>,
 }
 
 impl std::fmt::Debug for ValidConfig {
@@ -215,6 +227,7 @@ impl std::fmt::Debug for ValidConfig {
             .field("git_retry_timeout", &self.git_retry_timeout)
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)
+            .field("llm_model", &self.llm_model)
             .finish()
     }
 }
@@ -312,6 +325,161 @@ fn lease_yield(value: &str) -> Result<Duration, ConfigError> {
     positive_duration(VAR, value)
 }
 
+// --- Option A fallbacks ---------------------------------------------------------------------
+// The guide's Option A (agents on the Windshift host) configures the same engine settings as
+// `CODING_AGENT_*`. Moving such a host to this runner should not mean renaming them, so each is
+// read when the runner's own variable is unset or empty. Precedence: flag, then the runner's
+// variable, then the Option A one, then the default. `CODING_AGENT_WS_API_URL` is a server
+// setting (the address handed to agents) and is not read (docs/deploy.md).
+
+/// Where a setting's value came from: a flag, a variable name, or `"default"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The setting, as the start-up log and doctor name it (e.g. `image`).
+    pub setting: &'static str,
+    pub from: &'static str,
+}
+
+/// One setting that an Option A variable can supply.
+struct OptionA {
+    setting: &'static str,
+    flag: &'static str,
+    own: &'static str,
+    option_a: &'static str,
+    get: fn(&RunnerConfig) -> Option<String>,
+    set: fn(&mut RunnerConfig, String),
+}
+
+macro_rules! option_a {
+    ($setting:literal, $field:ident, $own:literal, $theirs:literal) => {
+        OptionA {
+            setting: $setting,
+            flag: concat!("--", $setting),
+            own: $own,
+            option_a: $theirs,
+            get: |c| c.$field.clone(),
+            set: |c, v| c.$field = Some(v),
+        }
+    };
+}
+
+const OPTION_A: [OptionA; 8] = [
+    option_a!(
+        "image",
+        image,
+        "WSRUNNER_IMAGE",
+        "CODING_AGENT_RUNNER_IMAGE"
+    ),
+    OptionA {
+        setting: "cache-root",
+        flag: "--cache-root",
+        own: "WSRUNNER_CACHE_ROOT",
+        option_a: "CODING_AGENT_WORKTREE_ROOT",
+        get: |c| c.cache_root.as_ref().map(|p| p.display().to_string()),
+        set: |c, v| c.cache_root = Some(PathBuf::from(v)),
+    },
+    option_a!(
+        "docker",
+        docker,
+        "WSRUNNER_DOCKER",
+        "CODING_AGENT_DOCKER_BINARY"
+    ),
+    option_a!(
+        "network",
+        network,
+        "WSRUNNER_NETWORK",
+        "CODING_AGENT_NETWORK"
+    ),
+    option_a!(
+        "pids-limit",
+        pids_limit,
+        "WSRUNNER_PIDS_LIMIT",
+        "CODING_AGENT_PIDS_LIMIT"
+    ),
+    option_a!("memory", memory, "WSRUNNER_MEMORY", "CODING_AGENT_MEMORY"),
+    option_a!("cpus", cpus, "WSRUNNER_CPUS", "CODING_AGENT_CPUS"),
+    option_a!(
+        "llm-model",
+        llm_model,
+        "WSRUNNER_LLM_MODEL",
+        "CODING_AGENT_LLM_MODEL"
+    ),
+];
+
+impl RunnerConfig {
+    /// [`RunnerConfig::apply_option_a`] with the process environment.
+    pub fn read_option_a_from_env(&mut self) {
+        self.apply_option_a(|name| std::env::var(name).ok());
+    }
+
+    /// Fills each unset (or empty) Option A-capable setting from its `CODING_AGENT_*` variable
+    /// and records in `origins` which name supplied every one. A value equal to the runner's
+    /// own variable is credited to it (clap does not say whether the flag repeated it).
+    pub fn apply_option_a(&mut self, env: impl Fn(&str) -> Option<String>) {
+        let set = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
+        self.origins.clear();
+        for row in &OPTION_A {
+            let from = match set((row.get)(self)) {
+                Some(v) if set(env(row.own)).is_some_and(|e| e.trim() == v.trim()) => row.own,
+                Some(_) => row.flag,
+                None => match set(env(row.option_a)) {
+                    Some(v) => {
+                        (row.set)(self, v);
+                        row.option_a
+                    }
+                    None => "default",
+                },
+            };
+            self.origins.push(Origin {
+                setting: row.setting,
+                from,
+            });
+        }
+    }
+
+    /// The variable to name in an error about `own`'s value: the Option A name when that
+    /// supplied it.
+    fn var(&self, own: &'static str) -> &'static str {
+        OPTION_A
+            .iter()
+            .find(|row| row.own == own)
+            .filter(|row| {
+                self.origins
+                    .iter()
+                    .any(|o| o.setting == row.setting && o.from == row.option_a)
+            })
+            .map_or(own, |row| row.option_a)
+    }
+}
+
+impl ValidConfig {
+    /// `image from CODING_AGENT_RUNNER_IMAGE, docker default, …` for the start-up log and doctor.
+    pub fn origins_line(&self) -> String {
+        let parts: Vec<String> = self
+            .origins
+            .iter()
+            .map(|o| match o.from {
+                "default" => format!("{} default", o.setting),
+                from => format!("{} from {from}", o.setting),
+            })
+            .collect();
+        parts.join(", ")
+    }
+}
+
+/// A model id goes into the agent's env file: one printable line, bounded.
+fn llm_model(var: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(model) = value else { return Ok(None) };
+    if model.len() > 256 || model.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(invalid(
+            var,
+            &model.chars().take(80).collect::<String>(),
+            "must be a model id of at most 256 characters without spaces or control characters",
+        ));
+    }
+    Ok(Some(model))
+}
+
 impl RunnerConfig {
     /// Reads the two secret settings, which have no command-line flag.
     pub fn read_secrets_from_env(&mut self) {
@@ -345,7 +513,7 @@ impl RunnerConfig {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_ROOT));
         if !cache_root.is_absolute() {
             return Err(invalid(
-                "WSRUNNER_CACHE_ROOT",
+                self.var("WSRUNNER_CACHE_ROOT"),
                 &cache_root.display().to_string(),
                 "must be an absolute path",
             ));
@@ -380,7 +548,7 @@ impl RunnerConfig {
             .filter(|n| *n > 0)
             .ok_or_else(|| {
                 invalid(
-                    "WSRUNNER_PIDS_LIMIT",
+                    self.var("WSRUNNER_PIDS_LIMIT"),
                     &pids_text,
                     "must be a positive whole number",
                 )
@@ -388,7 +556,7 @@ impl RunnerConfig {
         let memory = non_empty_or(&self.memory, "4g");
         if !is_docker_memory(&memory) {
             return Err(invalid(
-                "WSRUNNER_MEMORY",
+                self.var("WSRUNNER_MEMORY"),
                 &memory,
                 "must be a number with an optional unit b, k, m or g (e.g. 4g)",
             ));
@@ -396,7 +564,7 @@ impl RunnerConfig {
         let cpus = non_empty_or(&self.cpus, "2");
         if !cpus.parse::<f64>().is_ok_and(|c| c > 0.0 && c.is_finite()) {
             return Err(invalid(
-                "WSRUNNER_CPUS",
+                self.var("WSRUNNER_CPUS"),
                 &cpus,
                 "must be a positive number (e.g. 2 or 1.5)",
             ));
@@ -492,6 +660,8 @@ impl RunnerConfig {
             )?,
             metrics_addr,
             log_format,
+            llm_model: llm_model(self.var("WSRUNNER_LLM_MODEL"), non_empty(&self.llm_model))?,
+            origins: self.origins.clone(),
         })
     }
 }
@@ -682,7 +852,7 @@ mod tests {
     #[test]
     fn defaults_match_upstream() {
         let c = base().validate(Some("host-1")).unwrap();
-        assert_eq!(c.poll_interval, Duration::from_secs(10));
+        assert_eq!(c.poll_interval, Duration::from_secs(2));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
         assert_eq!(c.cache_root, PathBuf::from(DEFAULT_CACHE_ROOT));
         assert_eq!(
@@ -724,7 +894,7 @@ mod tests {
         c.docker = Some(String::new());
         c.name = Some(String::new());
         let v = c.validate(None).unwrap();
-        assert_eq!(v.poll_interval, Duration::from_secs(10));
+        assert_eq!(v.poll_interval, Duration::from_secs(2));
         assert_eq!(v.docker, "docker");
         assert_eq!(v.name, "windshift-runner");
     }
@@ -784,6 +954,188 @@ mod tests {
         c.credential = Some(format!("wsrc_{}", "b".repeat(64)));
         let dbg = format!("{:?}", c.validate(None).unwrap());
         assert!(!dbg.contains("aaaa") && !dbg.contains("bbbb"), "{dbg}");
+    }
+
+    fn with_env(c: &mut RunnerConfig, vars: &[(&str, &str)]) {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        c.apply_option_a(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
+    }
+
+    /// What clap leaves in the fields when a runner variable (not a flag) is set.
+    fn own_env(c: &mut RunnerConfig, vars: &[(&str, &str)]) {
+        for (k, v) in vars {
+            let v = Some(v.to_string());
+            match *k {
+                "WSRUNNER_IMAGE" => c.image = v,
+                "WSRUNNER_CACHE_ROOT" => c.cache_root = v.map(PathBuf::from),
+                "WSRUNNER_DOCKER" => c.docker = v,
+                "WSRUNNER_NETWORK" => c.network = v,
+                "WSRUNNER_PIDS_LIMIT" => c.pids_limit = v,
+                "WSRUNNER_MEMORY" => c.memory = v,
+                "WSRUNNER_CPUS" => c.cpus = v,
+                "WSRUNNER_LLM_MODEL" => c.llm_model = v,
+                other => panic!("{other}"),
+            }
+        }
+    }
+
+    const OPTION_A_ENV: [(&str, &str); 8] = [
+        (
+            "CODING_AGENT_RUNNER_IMAGE",
+            "ghcr.io/windshiftapp/windshift-agent:latest",
+        ),
+        (
+            "CODING_AGENT_WORKTREE_ROOT",
+            "/var/lib/windshift/coding-agent",
+        ),
+        ("CODING_AGENT_DOCKER_BINARY", "podman"),
+        ("CODING_AGENT_NETWORK", "bridge"),
+        ("CODING_AGENT_PIDS_LIMIT", "256"),
+        ("CODING_AGENT_MEMORY", "2g"),
+        ("CODING_AGENT_CPUS", "1.5"),
+        ("CODING_AGENT_LLM_MODEL", "gpt-x"),
+    ];
+
+    #[test]
+    fn option_a_names_fill_unset_settings_and_say_so() {
+        let mut c = base();
+        c.network = Some(String::new()); // empty means unset
+        with_env(&mut c, &OPTION_A_ENV);
+        let v = c.validate(None).unwrap();
+        assert_eq!(v.image, "ghcr.io/windshiftapp/windshift-agent:latest");
+        assert_eq!(
+            v.cache_root,
+            PathBuf::from("/var/lib/windshift/coding-agent")
+        );
+        assert_eq!(
+            v.credential_file,
+            PathBuf::from("/var/lib/windshift/coding-agent/credential")
+        );
+        assert_eq!(v.docker, "podman");
+        assert_eq!(v.network, "bridge");
+        assert_eq!(
+            (v.pids_limit, v.memory.as_str(), v.cpus.as_str()),
+            (256, "2g", "1.5")
+        );
+        assert_eq!(v.llm_model.as_deref(), Some("gpt-x"));
+        let line = v.origins_line();
+        for want in [
+            "image from CODING_AGENT_RUNNER_IMAGE",
+            "cache-root from CODING_AGENT_WORKTREE_ROOT",
+            "docker from CODING_AGENT_DOCKER_BINARY",
+            "network from CODING_AGENT_NETWORK",
+            "pids-limit from CODING_AGENT_PIDS_LIMIT",
+            "memory from CODING_AGENT_MEMORY",
+            "cpus from CODING_AGENT_CPUS",
+            "llm-model from CODING_AGENT_LLM_MODEL",
+        ] {
+            assert!(line.contains(want), "{want}: {line}");
+        }
+    }
+
+    #[test]
+    fn the_runners_own_variable_beats_the_option_a_one() {
+        let own = [
+            ("WSRUNNER_IMAGE", "mine:1"),
+            ("WSRUNNER_CACHE_ROOT", "/srv/cache"),
+            ("WSRUNNER_DOCKER", "docker"),
+            ("WSRUNNER_NETWORK", "none"),
+            ("WSRUNNER_PIDS_LIMIT", "100"),
+            ("WSRUNNER_MEMORY", "1g"),
+            ("WSRUNNER_CPUS", "3"),
+            ("WSRUNNER_LLM_MODEL", "mine-model"),
+        ];
+        let mut c = base();
+        own_env(&mut c, &own);
+        let env: Vec<(&str, &str)> = OPTION_A_ENV.iter().chain(own.iter()).copied().collect();
+        with_env(&mut c, &env);
+        let v = c.validate(None).unwrap();
+        assert_eq!(v.image, "mine:1");
+        assert_eq!(v.cache_root, PathBuf::from("/srv/cache"));
+        assert_eq!(v.docker, "docker");
+        assert_eq!(v.network, "none");
+        assert_eq!(
+            (v.pids_limit, v.memory.as_str(), v.cpus.as_str()),
+            (100, "1g", "3")
+        );
+        assert_eq!(v.llm_model.as_deref(), Some("mine-model"));
+        assert!(!v.origins_line().contains("CODING_AGENT_"));
+        assert!(
+            v.origins_line().contains("image from WSRUNNER_IMAGE"),
+            "{}",
+            v.origins_line()
+        );
+        // A bad Option A value that lost is never looked at.
+        let mut c = base();
+        own_env(&mut c, &[("WSRUNNER_MEMORY", "1g")]);
+        with_env(
+            &mut c,
+            &[("CODING_AGENT_MEMORY", "lots"), ("WSRUNNER_MEMORY", "1g")],
+        );
+        assert_eq!(c.validate(None).unwrap().memory, "1g");
+    }
+
+    #[test]
+    fn a_flag_beats_both_names() {
+        let mut c = base();
+        c.image = Some("flag:1".into());
+        c.memory = Some("3g".into());
+        with_env(
+            &mut c,
+            &[
+                ("WSRUNNER_IMAGE", "own:1"),
+                ("CODING_AGENT_RUNNER_IMAGE", "theirs:1"),
+                ("CODING_AGENT_MEMORY", "2g"),
+            ],
+        );
+        let v = c.validate(None).unwrap();
+        assert_eq!((v.image.as_str(), v.memory.as_str()), ("flag:1", "3g"));
+        let line = v.origins_line();
+        assert!(line.contains("image from --image"), "{line}");
+        assert!(line.contains("memory from --memory"), "{line}");
+        assert!(line.contains("cpus default"), "{line}");
+    }
+
+    #[test]
+    fn bad_option_a_values_name_the_option_a_variable() {
+        let cases = [
+            ("CODING_AGENT_WORKTREE_ROOT", "relative/dir"),
+            ("CODING_AGENT_PIDS_LIMIT", "0"),
+            ("CODING_AGENT_MEMORY", "lots"),
+            ("CODING_AGENT_CPUS", "-1"),
+            ("CODING_AGENT_LLM_MODEL", "two words"),
+        ];
+        for (var, value) in cases {
+            let mut c = base();
+            with_env(&mut c, &[(var, value)]);
+            let err = c.validate(None).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid {var} ")), "{var}: {err}");
+        }
+        // The runner's own name when the runner's own variable held it.
+        let mut c = base();
+        c.memory = Some("lots".into());
+        with_env(&mut c, &[("WSRUNNER_MEMORY", "lots")]);
+        let err = c.validate(None).unwrap_err().to_string();
+        assert!(err.contains("WSRUNNER_MEMORY"), "{err}");
+    }
+
+    #[test]
+    fn llm_model_is_optional_and_one_clean_line() {
+        let mut c = base();
+        assert_eq!(c.validate(None).unwrap().llm_model, None);
+        c.llm_model = Some(" claude-x ".into());
+        assert_eq!(
+            c.validate(None).unwrap().llm_model.as_deref(),
+            Some("claude-x")
+        );
+        c.llm_model = Some("a\nLLM_BASE_URL=http://evil".into());
+        let err = c.validate(None).unwrap_err().to_string();
+        assert!(err.contains("WSRUNNER_LLM_MODEL"), "{err}");
+        c.llm_model = Some("m".repeat(300));
+        assert!(c.validate(None).is_err());
     }
 
     #[test]

@@ -201,6 +201,8 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
         }
     };
 
+    checks.extend(option_a_checks(&cfg));
+
     let client = if url_ok {
         checks.push(api_url_check(&cfg));
         checks.push(loopback_check(&cfg, opts));
@@ -273,6 +275,33 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
     checks.push(git_check().await);
     checks.push(triage_check(&cfg.triage_bin));
     report
+}
+
+/// Which name supplied each Option A-capable setting, and the agent's default model id
+/// (docs/deploy.md "Moving from Option A").
+fn option_a_checks(cfg: &ValidConfig) -> Vec<Check> {
+    let mut checks = Vec::new();
+    if !cfg.origins.is_empty() {
+        checks.push(Check::pass("settings", cfg.origins_line()));
+    }
+    let from = cfg
+        .origins
+        .iter()
+        .find(|o| o.setting == "llm-model")
+        .map_or("WSRUNNER_LLM_MODEL", |o| o.from);
+    checks.push(match &cfg.llm_model {
+        Some(model) => Check::pass(
+            "llm-model",
+            format!("coding agents the server sends no LLM_MODEL get {model} (from {from})"),
+        ),
+        None => Check::warn(
+            "llm-model",
+            "no host default model id (WSRUNNER_LLM_MODEL and CODING_AGENT_LLM_MODEL are unset): \
+             windshift-agent images exit with code 2 unless the server sends LLM_MODEL",
+            "set WSRUNNER_LLM_MODEL to the model id of your LLM connection, unless the server sends one with every run",
+        ),
+    });
+    checks
 }
 
 fn url_fix(e: &ConfigError) -> String {
@@ -675,7 +704,7 @@ async fn image_check(engine: &Engine, cfg: &ValidConfig) -> Check {
     if image.is_empty() {
         return Check::fail(
             "image",
-            "WSRUNNER_IMAGE is not set: coding runs without an image never start",
+            "WSRUNNER_IMAGE (or Option A's CODING_AGENT_RUNNER_IMAGE) is not set: coding runs without an image never start",
             "set WSRUNNER_IMAGE to the agent image (e.g. ghcr.io/windshiftapp/windshift-agent:latest)",
         );
     }

@@ -525,8 +525,16 @@ fn spec_verdict(coding_agent: bool, code: Option<i32>, signals: &[AgentSignal]) 
                 })
             }
             AgentSignal::Error { message } => facts.last_error = Some(message.clone()),
-            AgentSignal::Event { .. } | AgentSignal::SessionIdle => {}
+            AgentSignal::Event { event_type } => facts.started |= event_type == "starting",
+            AgentSignal::SessionIdle => {}
         }
+    }
+    // windshift-agent's configuration error (spec 6.3); the wording is the verdict module's.
+    if code == Some(2) && !facts.started {
+        return Verdict::failed(crate::fsm::verdict::agent_config_error(
+            &fuzz_plan(true, 0),
+            facts.last_error.as_deref(),
+        ));
     }
     if code != Some(0) {
         let detail = match &facts.last_error {

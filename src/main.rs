@@ -67,6 +67,7 @@ fn main() {
 
 fn run(mut args: RunArgs) -> i32 {
     args.config.read_secrets_from_env();
+    args.config.read_option_a_from_env();
     let cfg = match args.config.validate(hostname().as_deref()) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -100,6 +101,7 @@ fn run(mut args: RunArgs) -> i32 {
 
 fn doctor(mut args: DoctorArgs) -> i32 {
     args.config.read_secrets_from_env();
+    args.config.read_option_a_from_env();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -105,7 +105,7 @@ const MUST_PASS: [&str; 10] = [
     "triage",
     "cred-file",
 ];
-const MAY_WARN: [&str; 4] = ["api-url", "reachable", "network", "cred-file"];
+const MAY_WARN: [&str; 5] = ["api-url", "reachable", "network", "cred-file", "llm-model"];
 
 fn assert_healthy(d: &Doctor) {
     assert_eq!(d.code, 0, "{}", d.out);
@@ -393,4 +393,71 @@ async fn a_journal_held_by_a_running_runner_is_fine() {
 
 fn journal_exists(dir: &Path) -> bool {
     dir.join("conf").exists() || dir.join("db").exists()
+}
+
+/// Option A hosts (the guide's `CODING_AGENT_*` names): doctor says which name supplied each
+/// setting, uses them, and names the Option A variable when its value is bad. Without any
+/// model id it warns that windshift-agent exits 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn option_a_names_are_used_and_reported() {
+    let h = Harness::start("doctor-option-a").await;
+    let credential = register(&h);
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_CREDENTIAL", &credential);
+    let d = doctor(env.clone()).await;
+    d.assert_status("llm-model", "WARN");
+    assert!(
+        d.line("llm-model").contains("exit with code 2"),
+        "{}",
+        d.out
+    );
+    assert!(
+        d.line("llm-model").contains("WSRUNNER_LLM_MODEL"),
+        "{}",
+        d.out
+    );
+    assert!(
+        d.line("settings").contains("image from WSRUNNER_IMAGE"),
+        "{}",
+        d.out
+    );
+
+    env.retain(|(k, _)| k != "WSRUNNER_IMAGE" && k != "WSRUNNER_NETWORK");
+    set(&mut env, "CODING_AGENT_RUNNER_IMAGE", IMAGE);
+    set(&mut env, "CODING_AGENT_NETWORK", "none");
+    set(&mut env, "CODING_AGENT_LLM_MODEL", "model-from-option-a");
+    set(&mut env, "WSRUNNER_MEMORY", "");
+    set(&mut env, "CODING_AGENT_MEMORY", "512m");
+    let d = doctor(env.clone()).await;
+    assert_healthy(&d);
+    let settings = d.line("settings");
+    for want in [
+        "image from CODING_AGENT_RUNNER_IMAGE",
+        "network from CODING_AGENT_NETWORK",
+        "memory from CODING_AGENT_MEMORY",
+        "llm-model from CODING_AGENT_LLM_MODEL",
+        "cache-root from WSRUNNER_CACHE_ROOT",
+        "cpus default",
+    ] {
+        assert!(settings.contains(want), "{want}:\n{}", d.out);
+    }
+    d.assert_status("llm-model", "PASS");
+    assert!(
+        d.line("llm-model").contains("model-from-option-a"),
+        "{}",
+        d.out
+    );
+    // The image check looked at the Option A image.
+    assert!(d.line("image").contains(IMAGE), "{}", d.out);
+
+    set(&mut env, "CODING_AGENT_PIDS_LIMIT", "many");
+    let d = doctor(env).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    d.assert_status("config", "FAIL");
+    assert!(
+        d.line("config")
+            .contains("invalid CODING_AGENT_PIDS_LIMIT \"many\""),
+        "{}",
+        d.out
+    );
 }

@@ -443,7 +443,10 @@ fn verdict_row_6_completed_needs_info_or_no_finish_succeed() {
 #[test]
 fn verdict_row_7_nonzero_exit_fails_with_code_or_minus_one() {
     let v = agent_verdict(
-        &[r#"{"type":"finish","outcome":"completed","summary":"x"}"#],
+        &[
+            r#"{"type":"starting"}"#,
+            r#"{"type":"finish","outcome":"completed","summary":"x"}"#,
+        ],
         false,
         Some(2),
     );
@@ -455,6 +458,66 @@ fn verdict_row_7_nonzero_exit_fails_with_code_or_minus_one() {
     assert!(
         v.error
             .starts_with("agent subprocess exited with code -1: "),
+        "{v:?}"
+    );
+}
+
+/// Exit 2 before `starting` is windshift-agent's configuration error (spec 6.3): the error
+/// names the missing variable from the env the agent got, and what to set.
+#[test]
+fn exit_2_before_starting_names_the_missing_agent_setting() {
+    let verdict_for = |env: &[(&str, &str)], lines: &[&str], code: i32| {
+        let mut p = plan_with(&[], "");
+        for (k, v) in env {
+            p.env.insert((*k).into(), (*v).into());
+        }
+        let mut events = vec![Event::ContainerStarted];
+        events.extend(lines.iter().map(|l| sig(l)));
+        events.push(exited(code));
+        run(p, &events).0.verdict().unwrap().clone()
+    };
+    let entrypoint = r#"{"type":"lifecycle","phase":"entrypoint"}"#;
+
+    let v = verdict_for(&[], &[entrypoint], 2);
+    assert_eq!(v.status, Status::Failed);
+    assert!(
+        v.error
+            .starts_with("agent subprocess exited with code 2 before its starting event"),
+        "{v:?}"
+    );
+    assert!(
+        v.error.contains("LLM_MODEL is not in the agent's env"),
+        "{v:?}"
+    );
+    assert!(v.error.contains("set WSRUNNER_LLM_MODEL"), "{v:?}");
+
+    let v = verdict_for(&[("LLM_MODEL", "m")], &[entrypoint], 2);
+    assert!(
+        v.error.contains("LLM_BASE_URL is not in the agent's env"),
+        "{v:?}"
+    );
+    assert!(!v.error.contains("LLM_MODEL is not"), "{v:?}");
+
+    let v = verdict_for(
+        &[
+            ("LLM_MODEL", "m"),
+            ("LLM_BASE_URL", "https://h/api/llm-proxy/42/complete"),
+        ],
+        &[entrypoint, r#"{"type":"error","message":"bad model"}"#],
+        2,
+    );
+    assert!(v.error.contains("was likely refused"), "{v:?}");
+    assert!(v.error.ends_with("; last agent error: bad model"), "{v:?}");
+
+    // After `starting`, or with another code, it is row 7 as before.
+    let v = verdict_for(&[], &[entrypoint, r#"{"type":"starting"}"#], 2);
+    assert!(
+        v.error.starts_with("agent subprocess exited with code 2: "),
+        "{v:?}"
+    );
+    let v = verdict_for(&[], &[entrypoint], 3);
+    assert!(
+        v.error.starts_with("agent subprocess exited with code 3: "),
         "{v:?}"
     );
 }

@@ -135,6 +135,9 @@ struct RunRec {
     /// SHA-256 of the run token minted at claim.
     token_sha256: Option<String>,
     stall_warned: bool,
+    /// An ephemeral test run: no push grant (spec 11).
+    #[serde(default)]
+    test_run: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -752,6 +755,11 @@ impl Core {
             .map(|r| (r.id, r.status.clone(), r.repos.clone()))
     }
 
+    /// True for an ephemeral test run, whose token holds no push grant.
+    pub fn is_test_run(&self, run_id: i64) -> bool {
+        self.lock().runs.get(&run_id).is_some_and(|r| r.test_run)
+    }
+
     pub fn repo_exists(&self, slug: &str) -> bool {
         self.lock().repos.contains_key(slug)
     }
@@ -1020,7 +1028,10 @@ impl Core {
         let mut repos = Vec::new();
         for r in &req.repos {
             let slug = r.slug.trim().trim_end_matches(".git").to_string();
-            if !st.repos.contains_key(&slug) {
+            // Newer servers accept group/sub/project slugs (spec 11) that no git-proxy route
+            // serves: they are handed out as they are, so runners can be tested against them.
+            let nested = slug.matches('/').count() > 1;
+            if !nested && !st.repos.contains_key(&slug) {
                 return Err(ApiError::bad_request(format!(
                     "repo {slug:?} is unknown: create it first (admin repo create)"
                 )));
@@ -1062,6 +1073,7 @@ impl Core {
             reported: None,
             token_sha256: None,
             stall_warned: false,
+            test_run: req.test_run,
         };
         let view = run_view(&run);
         st.runs.insert(id, run);

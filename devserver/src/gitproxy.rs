@@ -153,6 +153,12 @@ async fn handle_inner(
         let refs = receive_pack_refs(&body).ok_or_else(|| {
             ApiError::bad_request("malformed receive-pack command list").into_response()
         })?;
+        if core.is_test_run(run_id) {
+            return Err(
+                ApiError::forbidden("this run has no push grant (ephemeral test run)")
+                    .into_response(),
+            );
+        }
         let allowed = format!("refs/heads/{granted_branch}");
         if let Some(bad) = refs.iter().find(|r| **r != allowed) {
             return Err(ApiError::forbidden(format!(

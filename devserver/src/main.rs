@@ -112,6 +112,9 @@ enum AdminAction {
         /// KEY=VALUE; repeatable.
         #[arg(long = "env")]
         env: Vec<String>,
+        /// An ephemeral test run: no push grant (spec 11).
+        #[arg(long)]
+        test_run: bool,
     },
     /// List runs.
     Runs,
@@ -266,6 +269,7 @@ async fn admin(base: &str, action: AdminAction) -> Result<Value, String> {
             image,
             kind,
             env,
+            test_run,
         } => {
             let repos: Vec<EnqueueRepo> = repos
                 .iter()
@@ -293,6 +297,7 @@ async fn admin(base: &str, action: AdminAction) -> Result<Value, String> {
                 kind,
                 env: env_map,
                 workspace_id: None,
+                test_run,
             };
             (
                 reqwest::Method::POST,

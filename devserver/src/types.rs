@@ -196,6 +196,9 @@ pub struct EnqueueRun {
     /// Workspace id the run belongs to (default 1).
     #[serde(default)]
     pub workspace_id: Option<i64>,
+    /// An ephemeral test run (spec 11): its run token fetches but holds no push grant.
+    #[serde(default)]
+    pub test_run: bool,
 }
 
 /// One repo of an enqueued run.

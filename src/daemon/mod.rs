@@ -199,6 +199,12 @@ pub async fn run(cfg: ValidConfig, opts: DaemonOptions) -> i32 {
 }
 
 async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootError> {
+    if !cfg.origins.is_empty() {
+        info!("settings: {}", cfg.origins_line());
+    }
+    if cfg.llm_model.is_none() {
+        warn!("no WSRUNNER_LLM_MODEL (or CODING_AGENT_LLM_MODEL): windshift-agent images exit with code 2 unless the server sends LLM_MODEL");
+    }
     // 1. The server URL (spec 4.1 steps 1 and 3).
     let mut client_cfg = opts
         .client
@@ -403,6 +409,9 @@ impl Supervisor {
     ) {
         let instance = self.ctx.engine.cfg.instance.clone();
         let (mut plan, secrets) = RunPlan::from_job(&job, &instance);
+        plan.apply_host_defaults(&crate::fsm::plan::HostDefaults {
+            llm_model: self.ctx.cfg.llm_model.clone(),
+        });
         if plan.prompt.trim().is_empty() {
             plan.prompt = self.ctx.cfg.initial_prompt.clone();
         }

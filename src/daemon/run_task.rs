@@ -412,9 +412,13 @@ impl RunTask {
         let mut repos = Vec::new();
         for repo in &plan.repos {
             let Some(remote_url) = repo_proxy_url(&self.ctx.cfg.api_url, &plan, &repo.slug) else {
+                // Before any git work: the run fails at once with the validator's reason.
+                let why = validate_slug(&repo.slug)
+                    .err()
+                    .map_or_else(|| "want owner/name".to_owned(), |e| e.problem);
                 return self
                     .commit(Event::CheckoutFailed {
-                        error: format!("invalid repo slug {:?}: want owner/name", repo.slug),
+                        error: format!("invalid repo slug: {why}"),
                     })
                     .await;
             };

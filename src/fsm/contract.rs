@@ -20,6 +20,9 @@ pub enum AgentSignal {
     SessionIdle,
 }
 
+/// The event the agent prints once a run began (spec 6.2), after its configuration checks.
+pub const STARTING: &str = "starting";
+
 /// The idle event type that ends a run (spec 6.2; configurable upstream, this is the default).
 pub const SESSION_IDLE: &str = "session_idle";
 

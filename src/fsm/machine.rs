@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use strum::{Display, EnumDiscriminants, EnumIter};
 
-use super::contract::AgentSignal;
+use super::contract::{AgentSignal, STARTING};
 use super::plan::RunPlan;
 use super::verdict::{decide_on_exit, with_push, Status, Verdict};
 use crate::control::wire::ReportRequest;
@@ -54,7 +54,7 @@ pub struct Finish {
 }
 
 /// What the agent's stdout said so far: only the facts the verdict table needs (spec 6.5).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Eq, Serialize, Deserialize)]
 pub struct AgentFacts {
     /// Some stdout line had a non-empty `type` (row 2).
     pub saw_contract_event: bool,
@@ -66,6 +66,29 @@ pub struct AgentFacts {
     pub last_error: Option<String>,
     /// `session_idle` was seen: the driver is in the shutdown handshake (spec 6.4).
     pub idle: bool,
+    /// The agent's `starting` event was seen: it got past its configuration checks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started: bool,
+}
+
+/// Equality leaves `started` out: it only sharpens the error text of an exit 2, and journals
+/// written before it existed lack it, so their replay (`journal verify`) must still match.
+impl PartialEq for AgentFacts {
+    fn eq(&self, other: &Self) -> bool {
+        let AgentFacts {
+            saw_contract_event,
+            degraded,
+            finish,
+            last_error,
+            idle,
+            started: _,
+        } = self;
+        *saw_contract_event == other.saw_contract_event
+            && *degraded == other.degraded
+            && *finish == other.finish
+            && *last_error == other.last_error
+            && *idle == other.idle
+    }
 }
 
 /// Intent: checkout preparation attempt `attempt` was started (or is about to be).
@@ -594,7 +617,9 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                     let mut facts = agent.clone();
                     facts.saw_contract_event = true;
                     match signal {
-                        AgentSignal::Event { .. } => {}
+                        AgentSignal::Event { event_type } => {
+                            facts.started |= event_type == STARTING;
+                        }
                         AgentSignal::Finish { outcome, summary } => {
                             facts.finish = Some(Finish {
                                 outcome: outcome.clone(),

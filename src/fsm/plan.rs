@@ -17,6 +17,16 @@ const SECRET_ENV_KEYS: [&str; 2] = ["WS_TOKEN", "LLM_API_KEY"];
 const SECRET_ENV_SUFFIXES: [&str; 5] =
     ["_TOKEN", "_API_KEY", "_SECRET", "_PASSWORD", "_CREDENTIAL"];
 
+/// The agent's model id variable (spec 6.3: windshift-agent exits 2 without it).
+pub const LLM_MODEL: &str = "LLM_MODEL";
+
+/// Env the runner host supplies when the server does not (`WSRUNNER_LLM_MODEL`). Passed in as
+/// data so the plan stays a pure function of the claim and the host's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostDefaults {
+    pub llm_model: Option<String>,
+}
+
 /// What the runner needs to carry a claimed run through its life. Holds no secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunPlan {
@@ -68,6 +78,24 @@ impl RunPlan {
             instance: instance.to_owned(),
         };
         (plan, RunSecrets { env: secret_env })
+    }
+
+    /// Adds the host's defaults to a coding agent's env where the claim left the key out (or
+    /// blank): the server's value always wins. Called before the plan is journaled, so the
+    /// journal shows exactly the env the agent got.
+    pub fn apply_host_defaults(&mut self, defaults: &HostDefaults) {
+        if !self.is_coding_agent() {
+            return;
+        }
+        if let Some(model) = &defaults.llm_model {
+            let present = self
+                .env
+                .get(LLM_MODEL)
+                .is_some_and(|v| !v.trim().is_empty());
+            if !present {
+                self.env.insert(LLM_MODEL.into(), model.clone());
+            }
+        }
     }
 
     /// True for the coding-agent kind (JSONL contract, spec 6.5 verdict table); every other
@@ -232,5 +260,42 @@ mod tests {
         let mut repo = plan.repos[0].clone();
         repo.continue_branch = "feature/x".into();
         assert_eq!(plan.branch_for(&repo), "feature/x");
+    }
+
+    #[test]
+    fn host_model_fills_only_a_missing_llm_model() {
+        let defaults = HostDefaults {
+            llm_model: Some("host-model".into()),
+        };
+        let (mut plan, _) = RunPlan::from_job(&job(), "x");
+        plan.apply_host_defaults(&defaults);
+        assert_eq!(
+            plan.env.get(LLM_MODEL).map(String::as_str),
+            Some("host-model")
+        );
+
+        for (sent, want) in [("server-model", "server-model"), ("  ", "host-model")] {
+            let mut j = job();
+            j.env.insert(LLM_MODEL.into(), sent.into());
+            let (mut plan, _) = RunPlan::from_job(&j, "x");
+            plan.apply_host_defaults(&defaults);
+            assert_eq!(
+                plan.env.get(LLM_MODEL).map(String::as_str),
+                Some(want),
+                "{sent:?}"
+            );
+        }
+
+        let (mut plain, _) = RunPlan::from_job(&job(), "x");
+        plain.apply_host_defaults(&HostDefaults::default());
+        assert!(!plain.env.contains_key(LLM_MODEL));
+        let mut ci = job();
+        ci.kind = "ci_task".into();
+        let (mut ci_plan, _) = RunPlan::from_job(&ci, "x");
+        ci_plan.apply_host_defaults(&defaults);
+        assert!(
+            !ci_plan.env.contains_key(LLM_MODEL),
+            "only coding agents get it"
+        );
     }
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::machine::{AgentFacts, Checkout, RepoHead, StopReason};
-use super::plan::RunPlan;
+use super::plan::{RunPlan, LLM_MODEL};
 use crate::control::wire::{
     RepoResult, ReportRequest, STATUS_CANCELED, STATUS_FAILED, STATUS_SUCCEEDED,
 };
@@ -126,6 +126,9 @@ pub fn decide_on_exit(
             )),
         };
     }
+    if code == Some(AGENT_CONFIG_EXIT) && !facts.started {
+        return Verdict::failed(agent_config_error(plan, facts.last_error.as_deref()));
+    }
     if code != Some(0) {
         let detail = facts
             .last_error
@@ -158,6 +161,33 @@ pub fn decide_on_exit(
         return Verdict::failed(format!("agent error: {message}"));
     }
     Verdict::succeeded("")
+}
+
+/// windshift-agent's exit code for a configuration error (spec 6.3: `LLM_BASE_URL` or
+/// `LLM_MODEL` missing), printed before its `starting` event.
+pub const AGENT_CONFIG_EXIT: i32 = 2;
+
+/// The error of a coding agent that exited 2 before `starting` (still row 7's shape): names
+/// the likely cause from the env the agent got and what the operator sets.
+pub fn agent_config_error(plan: &RunPlan, last_error: Option<&str>) -> String {
+    let has = |key: &str| plan.env.get(key).is_some_and(|v| !v.trim().is_empty());
+    let cause = if !has(LLM_MODEL) {
+        "LLM_MODEL is not in the agent's env: set WSRUNNER_LLM_MODEL (or CODING_AGENT_LLM_MODEL) \
+         on the runner host to the model id, or have the server send one"
+    } else if !has("LLM_BASE_URL") {
+        "LLM_BASE_URL is not in the agent's env: give the agent binding an LLM connection on the \
+         Windshift server (it sends LLM_BASE_URL and LLM_API_KEY with the claim)"
+    } else {
+        "LLM_MODEL or LLM_BASE_URL was likely refused: check the model id (WSRUNNER_LLM_MODEL or \
+         the server's) and the binding's LLM connection"
+    };
+    let detail = last_error
+        .map(|m| format!("; last agent error: {m}"))
+        .unwrap_or_default();
+    format!(
+        "agent subprocess exited with code {AGENT_CONFIG_EXIT} before its starting event \
+         (an agent configuration error): {cause}{detail}"
+    )
 }
 
 /// Adds the push outcome to a succeeded verdict (spec 4.9): every pushed repo gets its branch

@@ -52,6 +52,11 @@ pub enum GitError {
     #[error("remote refused authentication for {what}: {stderr}")]
     AuthFailed { what: String, stderr: String },
 
+    /// The git proxy refused the push (HTTP 403) although the same run token just listed the
+    /// remote: the run holds no push grant (spec 11: ephemeral test runs get none).
+    #[error("the server's git proxy refused to let this run push {branch:?} (HTTP 403, while fetching with the same run token works): the run has no push grant for that branch; ephemeral test runs get none, so their commits are not pushed")]
+    NoPushGrant { branch: String, stderr: String },
+
     /// The remote branch has commits the pushed one does not contain. We never force-push.
     #[error("remote branch {branch:?} has moved on (non-fast-forward); refusing to force-push: {stderr}")]
     Diverged { branch: String, stderr: String },
@@ -110,6 +115,10 @@ impl GitError {
             GitError::AuthFailed { what, .. } => format!(
                 "the git proxy refused the run's token for {what} (expired run token, or the \
                  run has no push grant for this repository)"
+            ),
+            GitError::NoPushGrant { branch, .. } => format!(
+                "the run has no push grant for {branch:?} (a test run, or the grant was \
+                 withdrawn); the git proxy refused the push"
             ),
             GitError::Diverged { branch, .. } => format!(
                 "the remote branch {branch:?} has moved on (non-fast-forward); the runner never \

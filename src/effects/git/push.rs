@@ -285,6 +285,14 @@ fn push_once(
             stderr,
         });
     }
+    // The ls-remote above authenticated with this token, so a 403 now is the proxy's push
+    // gate, not a bad token.
+    if stderr.contains("returned error: 403") {
+        return Err(GitError::NoPushGrant {
+            branch: req.branch.clone(),
+            stderr,
+        });
+    }
     Err(session.failure("push", &out))
 }
 

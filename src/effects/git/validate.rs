@@ -48,10 +48,15 @@ pub fn validate_slug(slug: &str) -> Result<(String, String), ValidationError> {
         ));
     };
     if repo.contains('/') {
+        // Newer servers accept GitLab-style group/sub/project slugs (spec 11), but the
+        // git-proxy route has exactly one owner and one repo segment.
+        let shown: String = slug.chars().take(120).collect();
         return Err(ValidationError::new(
             FIELD,
             format!(
-                "{slug:?}: the repo name must not contain '/' (nested groups are not supported)"
+                "{shown:?} has more than two segments: the Windshift git-proxy route \
+                 (/git-proxy/<workspace>/<owner>/<repo>) supports owner/repo slugs only, so no \
+                 runner can fetch or push a nested group repository yet"
             ),
         ));
     }
@@ -415,6 +420,17 @@ mod tests {
             let err = validate_slug(bad).expect_err(bad);
             assert_eq!(err.field, "--repo", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn nested_group_slugs_say_the_proxy_route_is_owner_repo_only() {
+        for nested in ["group/sub/project", "a/b/c/d"] {
+            let err = validate_slug(nested).expect_err(nested).problem;
+            assert!(err.contains("more than two segments"), "{err}");
+            assert!(err.contains("supports owner/repo slugs only"), "{err}");
+        }
+        let long = format!("g/{}", "s/".repeat(500));
+        assert!(validate_slug(&long).unwrap_err().problem.len() < 400);
     }
 
     #[test]
