@@ -134,6 +134,17 @@ fn check_job(job: &JobSpec) {
     }
     let env = plan.container_env(&secrets);
     assert_eq!(env.get("AGENT_RUN_ID"), Some(&job.run_id.to_string()));
+    // A value a container env cannot carry never reaches it, nor the refusal text.
+    for (key, value) in &job.env {
+        if crate::fsm::plan::env_entry_problem(key, value).is_some() {
+            assert!(!env.contains_key(key) || key == "AGENT_RUN_ID", "bad env {key:?} kept");
+            let why = plan.refused.as_deref().unwrap_or_default();
+            assert!(
+                value.len() < 8 || !why.contains(value.as_str()),
+                "refusal echoes a value"
+            );
+        }
+    }
     assert_eq!(plan.repos, job.effective_repos());
 
     let journaled: RunPlan = round_trip(&plan, "RunPlan");
@@ -416,6 +427,7 @@ fn fuzz_plan(coding_agent: bool, repo_count: usize) -> RunPlan {
         prompt: "fuzz".into(),
         env: Default::default(),
         instance: "fuzz".into(),
+        refused: None,
     }
 }
 

@@ -633,7 +633,14 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 }
             }
         };
-        let got_job = matches!(claimed, Ok(Some(_)));
+        // A run id that is not positive names no run: it can be neither journaled nor
+        // reported, so the answer is refused and treated like a lost one (yield the lease,
+        // so the server's reaper fails whatever run it handed out).
+        let bad_id = match &claimed {
+            Ok(Some(job)) if job.run_id <= 0 => Some(job.run_id),
+            _ => None,
+        };
+        let got_job = matches!(claimed, Ok(Some(_))) && bad_id.is_none();
         if got_job {
             run_task::crash_failpoint_at("claim-answered");
         }
@@ -645,6 +652,17 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
             sup.yield_pending = true;
         }
         let wait = match claimed {
+            Ok(Some(_)) if bad_id.is_some() => {
+                drop(permit);
+                sup.last_contact.store(now_ms(), Ordering::Relaxed);
+                ctx.metrics.request("claim", "refused");
+                sup.yield_pending = true;
+                error!(
+                    run_id = bad_id.unwrap_or_default(),
+                    "refused the claimed job: its run_id is not a positive number, so it can be neither journaled nor reported; the job is not run (the server's reaper fails it once the lease is yielded)"
+                );
+                Duration::ZERO
+            }
             Ok(Some(job)) => {
                 sup.last_contact.store(now_ms(), Ordering::Relaxed);
                 ctx.metrics.request("claim", "ok");
@@ -677,7 +695,8 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 wait
             }
         };
-        if !lost {
+        // A refused claim keeps its mark too, so a restart before the yield still yields.
+        if !lost && bad_id.is_none() {
             if let Err(e) = set_unresolved_claim(&ctx, None).await {
                 warn!("cannot clear the unresolved-claim mark: {e}");
             }
