@@ -199,6 +199,9 @@ pub async fn run(cfg: ValidConfig, opts: DaemonOptions) -> i32 {
 }
 
 async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootError> {
+    // 0. The cache root (credential, caches, checkouts) is ours alone, or nothing starts.
+    crate::cache_root::ensure(&cfg.cache_root).map_err(|e| boot_err(EXIT_CONFIG, e))?;
+
     // 1. The server URL (spec 4.1 steps 1 and 3).
     let mut client_cfg = opts
         .client
