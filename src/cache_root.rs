@@ -98,7 +98,10 @@ mod tests {
         for mode in [0o777, 0o1777, 0o770] {
             std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode)).unwrap();
             let e = ensure(&root).unwrap_err();
-            assert!(e.contains("chmod 0750") && e.contains(&root.display().to_string()), "{e}");
+            assert!(
+                e.contains("chmod 0750") && e.contains(&root.display().to_string()),
+                "{e}"
+            );
         }
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(check(&root), Ok(Found::Ok));

@@ -808,6 +808,24 @@ mod tests {
     }
 
     #[test]
+    fn secret_flags_are_refused_naming_the_variable() {
+        let mut c = base();
+        c.argv_credential = Some("wsrc_flagsecret".into());
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(
+            e.contains("WSRUNNER_CREDENTIAL") && !e.contains("flagsecret"),
+            "{e}"
+        );
+        let mut c = base();
+        c.argv_registration_token = Some(String::new());
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(
+            e.contains("--registration-token") && e.contains("process list"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn allowed_images_split_on_commas() {
         let mut c = base();
         c.allowed_images = Some(" a:1, ,b:2 ".into());

@@ -137,7 +137,10 @@ fn check_job(job: &JobSpec) {
     // A value a container env cannot carry never reaches it, nor the refusal text.
     for (key, value) in &job.env {
         if crate::fsm::plan::env_entry_problem(key, value).is_some() {
-            assert!(!env.contains_key(key) || key == "AGENT_RUN_ID", "bad env {key:?} kept");
+            assert!(
+                !env.contains_key(key) || key == "AGENT_RUN_ID",
+                "bad env {key:?} kept"
+            );
             let why = plan.refused.as_deref().unwrap_or_default();
             assert!(
                 value.len() < 8 || !why.contains(value.as_str()),

@@ -106,7 +106,11 @@ async fn a_claim_answer_with_a_large_prompt_is_read_in_full() {
     let (url, _) = server("200 OK", Body::ClaimWithPrompt(3 << 20)).await;
     let c = client_no_retry(&url);
     c.set_credential("wsrc_limits0123456789");
-    let job = c.claim().await.expect("a 3 MiB prompt fits").expect("a job");
+    let job = c
+        .claim()
+        .await
+        .expect("a 3 MiB prompt fits")
+        .expect("a job");
     assert_eq!(job.initial_prompt.len(), 3 << 20);
 }
 

@@ -83,7 +83,10 @@ fn a_cache_root_others_can_write_or_a_symlink_stops_the_start() {
         assert_eq!(code, 78, "{out}");
         assert!(out.contains(want) && out.contains(&root_s), "{out}");
     }
-    assert!(!tmp.path().join("elsewhere").exists(), "followed the symlink");
+    assert!(
+        !tmp.path().join("elsewhere").exists(),
+        "followed the symlink"
+    );
     assert!(!journal.exists(), "refused before anything was opened");
     // A missing root is created 0750.
     let fresh = tmp.path().join("fresh/cache");
@@ -195,7 +198,10 @@ async fn a_claim_without_a_positive_run_id_is_refused_and_claiming_goes_on() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("refused the claimed job"), "{text}");
-    assert!(text.contains("run_id=0") && text.contains("run_id=-7"), "{text}");
+    assert!(
+        text.contains("run_id=0") && text.contains("run_id=-7"),
+        "{text}"
+    );
     assert_eq!(text.matches("yielding the lease").count(), 2, "{text}");
     assert!(!text.contains("panicked"), "{text}");
     let paths = paths.lock().unwrap().clone();
@@ -285,11 +291,11 @@ async fn a_job_naming_a_repo_twice_fails_and_pushes_nothing() {
     let id = h.enqueue_with(
         r#"commit file=agent.txt msg="agent change"; finish completed "did it""#,
         |r| {
-        r.repos.push(EnqueueRepo {
-            slug: SLUG.into(),
-            base_ref: "main".into(),
-            continue_branch: String::new(),
-        });
+            r.repos.push(EnqueueRepo {
+                slug: SLUG.into(),
+                base_ref: "main".into(),
+                continue_branch: String::new(),
+            });
         },
     );
     let mut child = h.runner(&[]);
@@ -302,5 +308,8 @@ async fn a_job_naming_a_repo_twice_fails_and_pushes_nothing() {
     assert!(!h.has_container_for(id), "a container was started");
     assert!(h.checkouts().is_empty(), "{:?}", h.checkouts());
     assert_eq!(h.remote_branch(&format!("agent-runs/run-{id}")), None);
-    assert!(run.branch.is_empty() && run.result_repos.is_empty(), "{run:?}");
+    assert!(
+        run.branch.is_empty() && run.result_repos.is_empty(),
+        "{run:?}"
+    );
 }

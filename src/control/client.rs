@@ -505,9 +505,7 @@ impl Client {
             }
         };
         let status = resp.status();
-        let (bytes, over) = read_capped(resp, MAX_BODY_BYTES)
-            .await
-            .unwrap_or_default();
+        let (bytes, over) = read_capped(resp, MAX_BODY_BYTES).await.unwrap_or_default();
         let fail = |detail: String| ControlError::Preflight {
             url: redact(&url).into_owned(),
             detail,

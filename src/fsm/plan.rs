@@ -307,12 +307,18 @@ mod tests {
 
     #[test]
     fn env_values_a_container_cannot_carry_refuse_the_run_naming_only_the_key() {
-        for (bad, what) in [("sk-live\0-secret-value", "NUL"), ("sk-live\n-secret", "line break")] {
+        for (bad, what) in [
+            ("sk-live\0-secret-value", "NUL"),
+            ("sk-live\n-secret", "line break"),
+        ] {
             let mut j = job();
             j.env.insert("OPENAI_API_KEY".into(), bad.into());
             let (plan, secrets) = RunPlan::from_job(&j, "h");
             let why = plan.refusal().expect("refused");
-            assert!(why.contains("OPENAI_API_KEY") && why.contains(what), "{why}");
+            assert!(
+                why.contains("OPENAI_API_KEY") && why.contains(what),
+                "{why}"
+            );
             assert!(!why.contains("sk-live"), "value echoed: {why}");
             assert!(!secrets.env.contains_key("OPENAI_API_KEY"));
             assert!(!serde_json::to_string(&plan).unwrap().contains("sk-live"));
@@ -332,7 +338,10 @@ mod tests {
         twin.base_ref = "other".into();
         j.repos.push(twin);
         let why = RunPlan::from_job(&j, "h").0.refusal().expect("refused");
-        assert!(why.contains("more than once") && why.contains("App"), "{why}");
+        assert!(
+            why.contains("more than once") && why.contains("App"),
+            "{why}"
+        );
         j.repos[1].slug = "acme/app2".into();
         assert_eq!(RunPlan::from_job(&j, "h").0.refusal(), None);
     }
