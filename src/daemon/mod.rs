@@ -406,6 +406,11 @@ impl Supervisor {
     ) {
         let instance = self.ctx.engine.cfg.instance.clone();
         let (mut plan, secrets) = RunPlan::from_job(&job, &instance);
+        // Every secret-shaped value is masked wherever it could be printed, not only the run
+        // token (as recovery does; the run task forgets them when the run ends).
+        for secret in secrets.env.values() {
+            crate::redact::register_secret(secret);
+        }
         if plan.prompt.trim().is_empty() {
             plan.prompt = self.ctx.cfg.initial_prompt.clone();
         }
