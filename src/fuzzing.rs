@@ -134,7 +134,8 @@ fn check_job(job: &JobSpec) {
     }
     let env = plan.container_env(&secrets);
     assert_eq!(env.get("AGENT_RUN_ID"), Some(&job.run_id.to_string()));
-    // A value a container env cannot carry never reaches it, nor the refusal text.
+    // A value a container env cannot carry never reaches it, nor the refusal text (which
+    // holds no raw NUL or line break, so never such a value).
     for (key, value) in &job.env {
         if crate::fsm::plan::env_entry_problem(key, value).is_some() {
             assert!(
@@ -143,12 +144,11 @@ fn check_job(job: &JobSpec) {
             );
             let why = plan.refused.as_deref().unwrap_or_default();
             assert!(
-                value.len() < 8 || !why.contains(value.as_str()),
-                "refusal echoes a value"
+                !why.contains(['\0', '\n', '\r']),
+                "refusal echoes raw input"
             );
         }
     }
-    assert_eq!(plan.repos, job.effective_repos());
 
     let journaled: RunPlan = round_trip(&plan, "RunPlan");
     assert_eq!(journaled, plan, "RunPlan round trip");
