@@ -45,15 +45,19 @@ pub struct RunnerConfig {
     #[arg(long, env = "WS_API_URL", hide_env_values = true)]
     pub api_url: Option<String>,
     /// One-time pool registration token (wsrt_…); needed only until a credential is stored.
-    #[arg(
-        long = "registration-token",
-        env = "WSRUNNER_REGISTRATION_TOKEN",
-        hide_env_values = true
-    )]
+    /// Environment only (`WSRUNNER_REGISTRATION_TOKEN`, [`RunnerConfig::read_secrets_from_env`]).
+    #[arg(skip)]
     pub registration_token: Option<String>,
     /// Per-instance credential (wsrc_…) injected directly; skips registration when accepted.
-    #[arg(long, env = "WSRUNNER_CREDENTIAL", hide_env_values = true)]
+    /// Environment only (`WSRUNNER_CREDENTIAL`).
+    #[arg(skip)]
     pub credential: Option<String>,
+    /// `--credential` / `--registration-token` are parsed only to be refused (exit 78): a
+    /// secret in argv is visible in the process list. Hidden from `--help`.
+    #[arg(long = "credential", hide = true, num_args = 0..=1, default_missing_value = "")]
+    pub argv_credential: Option<String>,
+    #[arg(long = "registration-token", hide = true, num_args = 0..=1, default_missing_value = "")]
+    pub argv_registration_token: Option<String>,
     /// Where the credential is stored and reused [default: <cache root>/credential].
     #[arg(long, env = "WSRUNNER_CREDENTIAL_FILE")]
     pub credential_file: Option<PathBuf>,
@@ -241,6 +245,11 @@ pub enum ConfigError {
     InsecureApiUrl { scheme: String },
     #[error("WS_API_URL {url:?} is not an http(s) URL: use the form https://host/api")]
     BadApiUrl { url: String },
+    #[error("{flag} is refused: a secret on the command line is visible in the process list; set {var} in the environment instead (e.g. the systemd EnvironmentFile or the compose env_file)")]
+    SecretFlag {
+        flag: &'static str,
+        var: &'static str,
+    },
     #[error("invalid {var} {value:?}: {reason}")]
     Invalid {
         var: &'static str,
@@ -490,6 +499,18 @@ impl RunnerConfig {
     /// Checks every setting and resolves defaults. `hostname` is the machine's name (passed in
     /// so validation stays free of IO).
     pub fn validate(&self, hostname: Option<&str>) -> Result<ValidConfig, ConfigError> {
+        if self.argv_credential.is_some() {
+            return Err(ConfigError::SecretFlag {
+                flag: "--credential",
+                var: "WSRUNNER_CREDENTIAL",
+            });
+        }
+        if self.argv_registration_token.is_some() {
+            return Err(ConfigError::SecretFlag {
+                flag: "--registration-token",
+                var: "WSRUNNER_REGISTRATION_TOKEN",
+            });
+        }
         let allow_insecure = self.allow_insecure.as_deref() == Some("1");
         let api_url = non_empty(&self.api_url).ok_or(ConfigError::MissingApiUrl)?;
         let api_url = api_url.trim_end_matches('/').to_owned();
@@ -1136,6 +1157,24 @@ mod tests {
         assert!(err.contains("WSRUNNER_LLM_MODEL"), "{err}");
         c.llm_model = Some("m".repeat(300));
         assert!(c.validate(None).is_err());
+    }
+
+    #[test]
+    fn secret_flags_are_refused_naming_the_variable() {
+        let mut c = base();
+        c.argv_credential = Some("wsrc_flagsecret".into());
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(
+            e.contains("WSRUNNER_CREDENTIAL") && !e.contains("flagsecret"),
+            "{e}"
+        );
+        let mut c = base();
+        c.argv_registration_token = Some(String::new());
+        let e = c.validate(None).unwrap_err().to_string();
+        assert!(
+            e.contains("--registration-token") && e.contains("process list"),
+            "{e}"
+        );
     }
 
     #[test]

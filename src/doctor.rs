@@ -265,6 +265,7 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
         "WSRUNNER_CACHE_ROOT",
         opts,
     ));
+    checks.push(cache_perms_check(&cfg.cache_root));
     checks.push(dir_check(
         "journal-dir",
         &cfg.journal_dir,
@@ -591,6 +592,25 @@ fn dir_check(name: &'static str, dir: &Path, var: &str, opts: &DoctorOptions) ->
             name,
             format!("{} {state}; free space unknown", dir.display()),
             "check free space by hand (df)",
+        ),
+    }
+}
+
+/// The cache root's owner and mode, as the daemon checks them at start (src/cache_root.rs).
+fn cache_perms_check(root: &Path) -> Check {
+    match crate::cache_root::check(root) {
+        Ok(crate::cache_root::Found::Ok) => Check::pass(
+            "cache-perms",
+            format!("{} is owned by the runner (or root) and not writable by others", root.display()),
+        ),
+        Ok(crate::cache_root::Found::Missing) => Check::pass(
+            "cache-perms",
+            format!("{} will be created with mode 0750", root.display()),
+        ),
+        Err(e) => Check::fail(
+            "cache-perms",
+            format!("{e}; the runner refuses to start (exit 78)"),
+            "give the runner user sole write access (chown to it, chmod 0750) or set WSRUNNER_CACHE_ROOT to such a directory",
         ),
     }
 }

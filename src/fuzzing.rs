@@ -134,7 +134,21 @@ fn check_job(job: &JobSpec) {
     }
     let env = plan.container_env(&secrets);
     assert_eq!(env.get("AGENT_RUN_ID"), Some(&job.run_id.to_string()));
-    assert_eq!(plan.repos, job.effective_repos());
+    // A value a container env cannot carry never reaches it, nor the refusal text (which
+    // holds no raw NUL or line break, so never such a value).
+    for (key, value) in &job.env {
+        if crate::fsm::plan::env_entry_problem(key, value).is_some() {
+            assert!(
+                !env.contains_key(key) || key == "AGENT_RUN_ID",
+                "bad env {key:?} kept"
+            );
+            let why = plan.refused.as_deref().unwrap_or_default();
+            assert!(
+                !why.contains(['\0', '\n', '\r']),
+                "refusal echoes raw input"
+            );
+        }
+    }
 
     let journaled: RunPlan = round_trip(&plan, "RunPlan");
     assert_eq!(journaled, plan, "RunPlan round trip");
@@ -416,6 +430,7 @@ fn fuzz_plan(coding_agent: bool, repo_count: usize) -> RunPlan {
         prompt: "fuzz".into(),
         env: Default::default(),
         instance: "fuzz".into(),
+        refused: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
+pub mod cache_root;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -461,3 +461,29 @@ async fn option_a_names_are_used_and_reported() {
         d.out
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_root_others_can_write_fails() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::start("doctor-cache-perms").await;
+    let credential = register(&h);
+    std::fs::create_dir_all(h.cache_root()).unwrap();
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_CREDENTIAL", &credential);
+    // Owned by the runner and 0750 (what start-up creates): passes.
+    std::fs::set_permissions(h.cache_root(), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let d = doctor(env.clone()).await;
+    d.assert_status("cache-perms", "PASS");
+    std::fs::set_permissions(h.cache_root(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = doctor(env).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    d.assert_status("cache-perms", "FAIL");
+    let line = d.line("cache-perms");
+    assert!(line.contains("chmod 0750"), "{}", d.out);
+    assert!(
+        line.contains(&h.cache_root().display().to_string()),
+        "{}",
+        d.out
+    );
+    assert!(!d.out.contains(&credential), "{}", d.out);
+}

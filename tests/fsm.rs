@@ -965,3 +965,23 @@ fn container_start_failure_reports_failed_with_the_reason_and_removes_the_checko
     );
     assert_eq!(state.verdict().map(|v| v.status), Some(Status::Canceled));
 }
+
+#[test]
+fn refused_claim_input_fails_before_any_checkout_or_push() {
+    let dup = plan_with(&["acme/app", "Acme/App"], "");
+    let mut job = JobSpec {
+        run_id: 42,
+        ..Default::default()
+    };
+    job.env.insert("LLM_API_KEY".into(), "key\0value".into());
+    let nul = RunPlan::from_job(&job, "h1").0;
+    for (p, want) in [(dup, "more than once"), (nul, "LLM_API_KEY")] {
+        let (state, effects) = claim(p);
+        assert_eq!(StateKind::from(&state), StateKind::Pushed, "{state:?}");
+        assert_eq!(effects.len(), 1, "{effects:?}");
+        let r = &reports(&effects)[0];
+        assert_eq!(r.status, "failed");
+        assert!(r.error.contains(want), "{}", r.error);
+        assert!(!r.error.contains("key\0"), "{}", r.error);
+    }
+}

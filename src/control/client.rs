@@ -30,6 +30,12 @@ pub const INSECURE_URL_HINT: &str =
 /// How much of an error body an error keeps (upstream's `HTTPStatusError` keeps 4 KiB).
 const BODY_EXCERPT_BYTES: usize = 4096;
 
+/// The largest claim answer read: it carries the run's prompt (persona, skills index), which
+/// may run to a few MiB. Read incrementally; a longer body is refused, never buffered.
+pub const MAX_CLAIM_BODY_BYTES: usize = 16 << 20;
+/// The largest answer read from every other call (their bodies are a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
 /// A retry budget: exponential backoff from `initial` (doubling, capped at `max_interval`),
 /// giving up once `max_elapsed` has passed. `max_elapsed = 0` means a single attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -208,6 +214,13 @@ pub enum ControlError {
     Decode {
         endpoint: &'static str,
         message: String,
+    },
+    /// A success answer longer than the cap ([`MAX_CLAIM_BODY_BYTES`], [`MAX_BODY_BYTES`]);
+    /// not retried (the same call would get the same answer).
+    #[error("{endpoint}: the server answered with a body over {limit} bytes; refused unread (check that WS_API_URL points at the Windshift server)")]
+    BodyTooLarge {
+        endpoint: &'static str,
+        limit: usize,
     },
     #[error("GET {url}: {detail}. WS_API_URL must be the Windshift API base including the /api suffix (for example https://windshift.example.com/api), not the bare host and not /rest/api/v1")]
     Preflight { url: String, detail: String },
@@ -492,7 +505,7 @@ impl Client {
             }
         };
         let status = resp.status();
-        let bytes = resp.bytes().await.unwrap_or_default();
+        let (bytes, over) = read_capped(resp, MAX_BODY_BYTES).await.unwrap_or_default();
         let fail = |detail: String| ControlError::Preflight {
             url: redact(&url).into_owned(),
             detail,
@@ -508,6 +521,11 @@ impl Client {
         }
         if status != StatusCode::OK {
             return Err(fail(format!("answered HTTP {}", status.as_u16())));
+        }
+        if over {
+            return Err(fail(format!(
+                "answered with a body over {MAX_BODY_BYTES} bytes"
+            )));
         }
         match serde_json::from_slice::<VersionResponse>(&bytes) {
             Ok(v) if !v.version.trim().is_empty() => Ok(Preflight::Ok { version: v.version }),
@@ -777,7 +795,12 @@ impl Client {
         })?;
         let status = resp.status();
         let retry_after = parse_retry_after(resp.headers());
-        let bytes = resp.bytes().await.map_err(|e| {
+        let limit = if endpoint == "claim" {
+            MAX_CLAIM_BODY_BYTES
+        } else {
+            MAX_BODY_BYTES
+        };
+        let (bytes, over) = read_capped(resp, limit).await.map_err(|e| {
             if status.is_success() {
                 lost_claim_answer();
             }
@@ -786,6 +809,11 @@ impl Client {
                 message: redact(&error_chain(&e)).into_owned(),
             }
         })?;
+        // An error answer cut at the cap still says what its status says.
+        if status.is_success() && over {
+            lost_claim_answer();
+            return Err(ControlError::BodyTooLarge { endpoint, limit });
+        }
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| {
                 lost_claim_answer();
@@ -825,6 +853,27 @@ fn json_bytes<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ControlError> {
         endpoint: "encode",
         message: e.to_string(),
     })
+}
+
+/// Reads the body in chunks up to `cap` bytes; `true` when it is longer (the rest is left
+/// unread: a declared length over the cap is refused before reading anything).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Ok((Vec::new(), true));
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = cap - buf.len();
+        if chunk.len() > room {
+            buf.extend_from_slice(&chunk[..room]);
+            return Ok((buf, true));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((buf, false))
 }
 
 fn excerpt(bytes: &[u8]) -> String {

@@ -205,6 +205,9 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
     if cfg.llm_model.is_none() {
         warn!("no WSRUNNER_LLM_MODEL (or CODING_AGENT_LLM_MODEL): windshift-agent images exit with code 2 unless the server sends LLM_MODEL");
     }
+    // 0. The cache root (credential, caches, checkouts) is ours alone, or nothing starts.
+    crate::cache_root::ensure(&cfg.cache_root).map_err(|e| boot_err(EXIT_CONFIG, e))?;
+
     // 1. The server URL (spec 4.1 steps 1 and 3).
     let mut client_cfg = opts
         .client
@@ -412,6 +415,11 @@ impl Supervisor {
         plan.apply_host_defaults(&crate::fsm::plan::HostDefaults {
             llm_model: self.ctx.cfg.llm_model.clone(),
         });
+        // Every secret-shaped value is masked wherever it could be printed, not only the run
+        // token (as recovery does; the run task forgets them when the run ends).
+        for secret in secrets.env.values() {
+            crate::redact::register_secret(secret);
+        }
         if plan.prompt.trim().is_empty() {
             plan.prompt = self.ctx.cfg.initial_prompt.clone();
         }
@@ -642,7 +650,14 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 }
             }
         };
-        let got_job = matches!(claimed, Ok(Some(_)));
+        // A run id that is not positive names no run: it can be neither journaled nor
+        // reported, so the answer is refused and treated like a lost one (yield the lease,
+        // so the server's reaper fails whatever run it handed out).
+        let bad_id = match &claimed {
+            Ok(Some(job)) if job.run_id <= 0 => Some(job.run_id),
+            _ => None,
+        };
+        let got_job = matches!(claimed, Ok(Some(_))) && bad_id.is_none();
         if got_job {
             run_task::crash_failpoint_at("claim-answered");
         }
@@ -654,6 +669,17 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
             sup.yield_pending = true;
         }
         let wait = match claimed {
+            Ok(Some(_)) if bad_id.is_some() => {
+                drop(permit);
+                sup.last_contact.store(now_ms(), Ordering::Relaxed);
+                ctx.metrics.request("claim", "refused");
+                sup.yield_pending = true;
+                error!(
+                    run_id = bad_id.unwrap_or_default(),
+                    "refused the claimed job: its run_id is not a positive number, so it can be neither journaled nor reported; the job is not run (the server's reaper fails it once the lease is yielded)"
+                );
+                Duration::ZERO
+            }
             Ok(Some(job)) => {
                 sup.last_contact.store(now_ms(), Ordering::Relaxed);
                 ctx.metrics.request("claim", "ok");
@@ -686,7 +712,8 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 wait
             }
         };
-        if !lost {
+        // A refused claim keeps its mark too, so a restart before the yield still yields.
+        if !lost && bad_id.is_none() {
             if let Err(e) = set_unresolved_claim(&ctx, None).await {
                 warn!("cannot clear the unresolved-claim mark: {e}");
             }

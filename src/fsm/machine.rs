@@ -418,8 +418,12 @@ pub type Transition = Result<(RunState, Vec<Effect>), Rejected>;
 
 /// The first transition: a claimed run. Runs with repos start by preparing the checkout;
 /// runs without go straight to starting the container; a container job without an image
-/// fails at once (spec 5.2).
+/// (spec 5.2) or with refused input ([`RunPlan::refusal`]) fails at once.
 pub fn claim(plan: RunPlan) -> (RunState, Vec<Effect>) {
+    // Refused claim input (bad env entry, duplicate repo) fails before any checkout or push.
+    if let Some(why) = plan.refusal() {
+        return to_report(plan, Verdict::failed(why), false);
+    }
     if !plan.is_coding_agent() && plan.image.trim().is_empty() {
         return to_report(plan, Verdict::failed("container job has no image"), false);
     }

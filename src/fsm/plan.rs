@@ -49,6 +49,11 @@ pub struct RunPlan {
     /// restarted runner finds its own containers and never another instance's.
     #[serde(default)]
     pub instance: String,
+    /// Why the runner refuses this job before doing any work (claim input it cannot carry
+    /// safely), set by [`RunPlan::from_job`]; [`crate::fsm::claim`] reports it as the run's
+    /// failure. Never holds an env value, only its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 impl RunPlan {
@@ -58,7 +63,14 @@ impl RunPlan {
         let token = job.run_token().map(str::to_owned);
         let mut env = BTreeMap::new();
         let mut secret_env = BTreeMap::new();
+        let mut refused = None;
         for (key, value) in &job.env {
+            // An entry a container env cannot carry is dropped (its value may be a secret: it
+            // is kept nowhere) and the run is refused, naming only the key.
+            if let Some(why) = env_entry_problem(key, value) {
+                refused.get_or_insert(why);
+                continue;
+            }
             let is_secret = SECRET_ENV_KEYS.contains(&key.as_str())
                 || SECRET_ENV_SUFFIXES.iter().any(|s| key.ends_with(s))
                 || token.as_deref().is_some_and(|t| t == value);
@@ -76,6 +88,7 @@ impl RunPlan {
             prompt: job.initial_prompt.clone(),
             env,
             instance: instance.to_owned(),
+            refused,
         };
         (plan, RunSecrets { env: secret_env })
     }
@@ -96,6 +109,25 @@ impl RunPlan {
                 self.env.insert(LLM_MODEL.into(), model.clone());
             }
         }
+    }
+
+    /// Why the job must fail before any work, if it must: a refused env entry, or a repos
+    /// list naming one repository twice (both checkouts would share a directory and a push
+    /// could carry the wrong one). Pure; [`crate::fsm::claim`] calls it.
+    pub fn refusal(&self) -> Option<String> {
+        if let Some(why) = &self.refused {
+            return Some(why.clone());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for repo in &self.repos {
+            if !seen.insert(slug_identity(&repo.slug)) {
+                return Some(format!(
+                    "the job lists repository {} more than once (slugs compare case-insensitively); the runner refuses it",
+                    shown(&repo.slug)
+                ));
+            }
+        }
+        None
     }
 
     /// True for the coding-agent kind (JSONL contract, spec 6.5 verdict table); every other
@@ -133,6 +165,45 @@ impl RunPlan {
         env.insert("AGENT_RUN_ID".into(), self.run_id.to_string());
         env
     }
+}
+
+/// What git hosts treat as one repository: `Owner/Repo`, `owner/repo.git` and `owner/repo/`
+/// are the same slug.
+fn slug_identity(slug: &str) -> String {
+    let s = slug.trim().trim_end_matches('/');
+    s.strip_suffix(".git").unwrap_or(s).to_lowercase()
+}
+
+/// Server text in a message: quoted, escaped and at most 64 characters.
+fn shown(text: &str) -> String {
+    let cut: String = text.chars().take(64).collect();
+    let more = if cut.len() < text.len() { "…" } else { "" };
+    format!("{cut:?}{more}")
+}
+
+/// Why a claim env entry cannot reach a container, naming the key and never the value: a
+/// key the env file format and the engines refuse, or a value holding a NUL byte (a process
+/// environment cannot carry it) or a line break (the env file is one variable per line).
+pub fn env_entry_problem(key: &str, value: &str) -> Option<String> {
+    let mut chars = key.chars();
+    let key_ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !key_ok {
+        return Some(format!(
+            "claim env key {} is not a valid variable name (letters, digits, _); the runner refuses the run",
+            shown(key)
+        ));
+    }
+    let what = if value.contains('\0') {
+        "a NUL byte"
+    } else if value.contains(['\n', '\r']) {
+        "a line break"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "claim env {key}: the value holds {what}, which a container environment cannot carry; the runner refuses the run (the value is not shown)"
+    ))
 }
 
 /// Docker names allow `[a-zA-Z0-9_.-]`; anything else in an instance name becomes `-`.
@@ -297,5 +368,46 @@ mod tests {
             !ci_plan.env.contains_key(LLM_MODEL),
             "only coding agents get it"
         );
+    }
+
+    #[test]
+    fn env_values_a_container_cannot_carry_refuse_the_run_naming_only_the_key() {
+        for (bad, what) in [
+            ("sk-live\0-secret-value", "NUL"),
+            ("sk-live\n-secret", "line break"),
+        ] {
+            let mut j = job();
+            j.env.insert("OPENAI_API_KEY".into(), bad.into());
+            let (plan, secrets) = RunPlan::from_job(&j, "h");
+            let why = plan.refusal().expect("refused");
+            assert!(
+                why.contains("OPENAI_API_KEY") && why.contains(what),
+                "{why}"
+            );
+            assert!(!why.contains("sk-live"), "value echoed: {why}");
+            assert!(!secrets.env.contains_key("OPENAI_API_KEY"));
+            assert!(!serde_json::to_string(&plan).unwrap().contains("sk-live"));
+        }
+        let mut j = job();
+        j.env.insert("BAD KEY=1".into(), "x".into());
+        let why = RunPlan::from_job(&j, "h").0.refusal().expect("refused");
+        assert!(why.contains("BAD KEY=1"), "{why}");
+        assert_eq!(RunPlan::from_job(&job(), "h").0.refusal(), None);
+    }
+
+    #[test]
+    fn a_repo_listed_twice_is_refused_case_insensitively() {
+        let mut j = job();
+        let mut twin = j.repos[0].clone();
+        twin.slug = "ACME/App.git".into();
+        twin.base_ref = "other".into();
+        j.repos.push(twin);
+        let why = RunPlan::from_job(&j, "h").0.refusal().expect("refused");
+        assert!(
+            why.contains("more than once") && why.contains("App"),
+            "{why}"
+        );
+        j.repos[1].slug = "acme/app2".into();
+        assert_eq!(RunPlan::from_job(&j, "h").0.refusal(), None);
     }
 }
