@@ -15,12 +15,14 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-use super::container::{ContainerError, ContainerState, Engine};
+use super::container::{ContainerError, ContainerState, Engine, LINE_OVERHEAD};
 use crate::fsm::contract::{classify_stdout_line, AgentSignal};
 use crate::redact::redact;
 
@@ -95,6 +97,47 @@ pub struct DriveResult {
     /// Raw lines seen per stream, skipped ones included (the re-attach resume point).
     pub stdout_lines: u64,
     pub stderr_lines: u64,
+    /// The agent printed more than `WSRUNNER_AGENT_OUTPUT_LIMIT`: the runner stopped it.
+    pub output_limit_hit: bool,
+}
+
+/// The output budget of one container, shared by its two stream readers: every byte read
+/// counts, skipped (already forwarded) lines included, so a re-attach or a replay reading the
+/// logs from the start finds the same total; each line costs [`LINE_OVERHEAD`] more.
+struct OutputBudget {
+    limit: u64,
+    used: AtomicU64,
+    /// Told once when the budget is first exceeded (the driver then kills the container).
+    exceeded: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl OutputBudget {
+    fn new(limit: u64, exceeded: Option<oneshot::Sender<()>>) -> Arc<Self> {
+        Arc::new(OutputBudget {
+            limit,
+            used: AtomicU64::new(0),
+            exceeded: Mutex::new(exceeded),
+        })
+    }
+    /// Charges `cost`; true when this charge crossed the limit.
+    fn charge(&self, cost: u64) -> bool {
+        let before = self.used.fetch_add(cost, Ordering::Relaxed);
+        let crossed = before <= self.limit && before.saturating_add(cost) > self.limit;
+        if crossed {
+            if let Some(tx) = self.exceeded.lock().ok().and_then(|mut t| t.take()) {
+                let _ = tx.send(());
+            }
+        }
+        crossed
+    }
+    fn over(&self) -> bool {
+        self.used.load(Ordering::Relaxed) > self.limit
+    }
+}
+
+/// The message (event and agent error) when the output limit stops a container.
+pub fn output_limit_message(limit: u64) -> String {
+    format!("the agent printed more than {limit} bytes of output (WSRUNNER_AGENT_OUTPUT_LIMIT); the runner stopped its container and discarded the rest; raise WSRUNNER_AGENT_OUTPUT_LIMIT if this much output is expected")
 }
 
 /// The container's stdin: a FIFO read by a detached `<docker> attach` process.
@@ -132,6 +175,9 @@ impl StdinChannel {
             .open(&fifo)?;
         use std::os::unix::process::CommandExt;
         let child = std::process::Command::new(&engine.cfg.docker)
+            // Long-lived: it must not carry the runner's secrets (docs/containers.md).
+            .env_clear()
+            .envs(super::container::engine_env())
             .args(["attach", "--sig-proxy=false", name])
             .stdin(stdin)
             .stdout(Stdio::null())
@@ -243,6 +289,8 @@ pub async fn start(
 struct StreamStats {
     lines: u64,
     degraded: bool,
+    /// The output budget ran out: nothing more of this stream is forwarded.
+    limited: bool,
     saw_contract_event: bool,
     saw_session_idle: bool,
 }
@@ -254,6 +302,7 @@ async fn pump(
     skip: u64,
     out: mpsc::Sender<DriverOutput>,
     mut idle: Option<oneshot::Sender<()>>,
+    budget: Arc<OutputBudget>,
 ) -> StreamStats {
     let mut stats = StreamStats::default();
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
@@ -276,7 +325,33 @@ async fn pump(
             None => (chunk, false),
         };
         let used = piece.len();
-        if !overflowing && !stats.degraded {
+        let cost = used as u64 + if ends_line { LINE_OVERHEAD } else { 0 };
+        let crossed = budget.charge(cost);
+        if !stats.limited && budget.over() {
+            stats.limited = true;
+            line = Vec::new();
+            // Only the reader whose bytes crossed reports, once, and not again for a line
+            // an earlier runner already reported (re-attach, replay).
+            if crossed && stats.lines >= skip {
+                let message = output_limit_message(budget.limit);
+                send(DriverOutput::Event {
+                    event_type: stream.to_owned(),
+                    payload_json: serde_json::json!({ "line": format!("[runner] {message}") })
+                        .to_string(),
+                    line: stats.lines + 1,
+                })
+                .await;
+                send(DriverOutput::Signal(AgentSignal::Error { message })).await;
+                send(DriverOutput::StreamDegraded {
+                    stream: stream.to_owned(),
+                })
+                .await;
+            }
+            if let Some(tx) = idle.take() {
+                let _ = tx.send(());
+            }
+        }
+        if !overflowing && !stats.degraded && !stats.limited {
             line.extend_from_slice(piece);
             if line.len() > MAX_LINE_BYTES {
                 overflowing = true;
@@ -308,7 +383,7 @@ async fn pump(
             stats.lines += 1;
             if overflowing {
                 overflowing = false; // only a skipped (already reported) long line ends here
-            } else if !stats.degraded {
+            } else if !stats.degraded && !stats.limited {
                 let raw = std::mem::take(&mut line);
                 if stats.lines > skip {
                     handle_line(stream, &raw, stats.lines, &mut stats, &send, &mut idle).await;
@@ -317,7 +392,7 @@ async fn pump(
         }
     }
     // A last line without a newline still counts.
-    if !line.is_empty() && !stats.degraded && !overflowing {
+    if !line.is_empty() && !stats.degraded && !stats.limited && !overflowing {
         stats.lines += 1;
         if stats.lines > skip {
             let raw = std::mem::take(&mut line);
@@ -396,8 +471,17 @@ pub async fn replay(
             source: io::Error::other("logs pipes missing"),
         });
     };
-    let stdout_task = tokio::spawn(pump("stdout", stdout, skip_stdout, out.clone(), None));
-    let stderr_task = tokio::spawn(pump("stderr", stderr, skip_stderr, out, None));
+    // The container is stopped already: an exceeded budget only reports.
+    let budget = OutputBudget::new(engine.cfg.output_limit, None);
+    let stdout_task = tokio::spawn(pump(
+        "stdout",
+        stdout,
+        skip_stdout,
+        out.clone(),
+        None,
+        budget.clone(),
+    ));
+    let stderr_task = tokio::spawn(pump("stderr", stderr, skip_stderr, out, None, budget));
     let read = async {
         let stdout = stdout_task.await.unwrap_or_default();
         let stderr = stderr_task.await.unwrap_or_default();
@@ -474,12 +558,32 @@ pub async fn drive(
         });
     };
     let (idle_tx, idle_rx) = oneshot::channel();
+    // Past the output limit the container is killed at once: a grace would let it write on.
+    let (limit_tx, limit_rx) = oneshot::channel();
+    let budget = OutputBudget::new(engine.cfg.output_limit, Some(limit_tx));
+    let limit_killer = {
+        let engine = engine.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            if limit_rx.await.is_ok() {
+                tracing::warn!(
+                    container = %name,
+                    limit = engine.cfg.output_limit,
+                    "agent output limit (WSRUNNER_AGENT_OUTPUT_LIMIT) exceeded: killing the container"
+                );
+                if let Err(e) = engine.kill(&name).await {
+                    tracing::warn!(container = %name, "cannot kill the container: {e}");
+                }
+            }
+        })
+    };
     let mut stdout_task = tokio::spawn(pump(
         "stdout",
         stdout,
         options.skip_stdout_lines,
         out.clone(),
         Some(idle_tx),
+        budget.clone(),
     ));
     let stderr_task = tokio::spawn(pump(
         "stderr",
@@ -487,6 +591,7 @@ pub async fn drive(
         options.skip_stderr_lines,
         out.clone(),
         None,
+        budget.clone(),
     ));
 
     let mut prompt_failed = false;
@@ -574,7 +679,15 @@ pub async fn drive(
         }
     };
     let _ = logs.wait().await;
-    result.stream_degraded |= stdout.degraded || stderr.degraded;
+    result.output_limit_hit = budget.over();
+    if result.output_limit_hit {
+        // The kill must be done before the exit code is read.
+        let _ = limit_killer.await;
+    } else {
+        limit_killer.abort();
+    }
+    result.stream_degraded |=
+        stdout.degraded || stderr.degraded || stdout.limited || stderr.limited;
     result.saw_contract_event = stdout.saw_contract_event;
     result.saw_session_idle = stdout.saw_session_idle;
     result.stdout_lines = stdout.lines.max(options.skip_stdout_lines);
