@@ -1288,6 +1288,141 @@ mod tests {
     }
 
     #[test]
+    fn image_references_follow_the_grammar() {
+        for good in [
+            "alpine",
+            "alpine:3.20",
+            "windshift-test-agent:dev",
+            "ghcr.io/windshiftapp/windshift-agent:latest",
+            "localhost:5000/a/b_c__d/e-f--g:v1.2-rc_3",
+            "registry.example.com:443/team/agent@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "Registry.Example.com/x/y:TAG",
+        ] {
+            assert_eq!(image_ref_problem(good), None, "{good}");
+        }
+        for (bad, why) in [
+            ("--privileged", "'-'"),
+            ("-v/:/host", "'-'"),
+            ("", "empty"),
+            ("alpine latest", "whitespace"),
+            ("alpine\n", "whitespace"),
+            ("alp\u{7}ine", "control"),
+            ("Alpine", "lowercase"),
+            ("a//b", "lowercase"),
+            ("a/b.", "lowercase"),
+            ("a/.b", "lowercase"),
+            ("a/b---", "lowercase"),
+            ("a:", "tag"),
+            ("a:-x", "tag"),
+            ("a:b/c", "registry"),
+            ("a@sha256:abc", "digest"),
+            ("a@md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "digest"),
+            ("bad_host.io:port/a", "registry"),
+            ("-host.io/a", "'-'"),
+        ] {
+            let problem = image_ref_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(problem.contains(why), "{bad:?}: {problem}");
+        }
+        assert!(image_ref_problem(&"a".repeat(600)).is_some());
+        assert!(image_ref_problem(&format!("a:{}", "t".repeat(129))).is_some());
+        let err = check_image_ref("WSRUNNER_IMAGE", "--privileged").expect_err("refused");
+        assert!(err.to_string().contains("WSRUNNER_IMAGE"), "{err}");
+    }
+
+    #[test]
+    fn engine_children_get_only_the_engine_variables() {
+        use std::ffi::OsString;
+        let runner_env: BTreeMap<&str, &str> = [
+            ("PATH", "/usr/bin"),
+            ("HOME", "/root"),
+            ("DOCKER_HOST", "unix:///run/docker.sock"),
+            ("https_proxy", "http://proxy:3128"),
+            ("WSRUNNER_CREDENTIAL", "wsrc_secret"),
+            ("WSRUNNER_REGISTRATION_TOKEN", "wsrt_secret"),
+            ("ANTHROPIC_API_KEY", "sk-secret"),
+            ("LD_PRELOAD", "/tmp/evil.so"),
+        ]
+        .into_iter()
+        .collect();
+        let env = engine_env_from(|name| runner_env.get(name).map(OsString::from));
+        let names: Vec<&str> = env.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["PATH", "HOME", "DOCKER_HOST", "https_proxy"]);
+        // The command builder applies exactly that list, on a cleared environment.
+        let engine = Engine::new(ContainerConfig::default());
+        let cmd = engine.command(&["version"]);
+        let std_cmd = cmd.as_std();
+        let mut set: Vec<String> = Vec::new();
+        for (key, value) in std_cmd.get_envs() {
+            let key = key.to_string_lossy().into_owned();
+            assert!(ENGINE_ENV.contains(&key.as_str()), "{key} passed");
+            if value.is_some() {
+                set.push(key);
+            }
+        }
+        let parent = engine_env();
+        assert_eq!(set.len(), parent.len());
+    }
+
+    #[test]
+    fn argv_carries_runtime_backstop_and_double_dash() {
+        let cfg = ContainerConfig {
+            runtime: Some("runsc".into()),
+            output_limit: 1 << 20,
+            ..ContainerConfig::default()
+        };
+        let spec = ContainerSpec {
+            run_id: 1,
+            attempt: 1,
+            kind: LaunchKind::Container,
+            image: "alpine:3".into(),
+            env: BTreeMap::new(),
+            checkout: None,
+            extra_args: Vec::new(),
+        };
+        let logs = log_backstop_args("json-file", cfg.output_limit);
+        assert_eq!(logs, ["--log-opt", "max-size=3145728", "--log-opt", "max-file=2"]);
+        assert_eq!(log_backstop_args("k8s-file", 1 << 20), ["--log-opt", "max-size=6291456"]);
+        assert!(log_backstop_args("journald", 1 << 20).is_empty());
+        let argv = create_argv_with_logs(&cfg, &spec, Path::new("/e"), &logs);
+        assert!(argv.contains(&"--runtime=runsc".to_owned()), "{argv:?}");
+        assert_eq!(&argv[argv.len() - 2..], ["--", "alpine:3"]);
+        assert!(argv.windows(2).any(|w| w == ["--log-opt", "max-file=2"]));
+    }
+
+    #[test]
+    fn hardening_settings_parse_and_refuse() {
+        let get = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| (*v).to_owned())
+        };
+        let cfg = ContainerConfig::from_lookup(
+            "x",
+            get(&[("WSRUNNER_RUNTIME", "runc"), ("WSRUNNER_AGENT_OUTPUT_LIMIT", "64k")]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.runtime.as_deref(), Some("runc"));
+        assert_eq!(cfg.output_limit, 64 << 10);
+        assert_eq!(ContainerConfig::default().output_limit, 256 << 20);
+        assert_eq!(parse_output_limit("1g"), Some(1 << 30));
+        assert_eq!(parse_output_limit("100"), None, "below the minimum");
+        assert_eq!(parse_output_limit("12q"), None);
+        for pairs in [
+            &[("WSRUNNER_NETWORK", "host")][..],
+            &[("WSRUNNER_RUNTIME", "--privileged")][..],
+            &[("WSRUNNER_IMAGE", "-it")][..],
+            &[("WSRUNNER_ALLOWED_IMAGES", "alpine, --rm")][..],
+            &[("WSRUNNER_AGENT_OUTPUT_LIMIT", "lots")][..],
+        ] {
+            assert!(ContainerConfig::from_lookup("x", get(pairs)).is_err(), "{pairs:?}");
+        }
+        let host = ContainerConfig::from_lookup(
+            "x",
+            get(&[("WSRUNNER_NETWORK", "host"), ("WSRUNNER_ALLOW_HOST_NETWORK", "1")]),
+        )
+        .expect("opted in");
+        assert_eq!(host.network, "host");
+    }
+
+    #[test]
     fn names_are_deterministic_and_safe() {
         assert_eq!(container_name("a b/c", 42, 3), "wsr-a-b-c-run-42-3");
         assert_eq!(sanitize_name_part("///"), "default");
