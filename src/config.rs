@@ -524,11 +524,11 @@ impl RunnerConfig {
     ) -> Result<(Option<String>, u64), ConfigError> {
         use crate::effects::container as c;
         let image = non_empty(&self.image);
-        for (var, image) in image
-            .iter()
-            .map(|i| ("WSRUNNER_IMAGE", i))
-            .chain(allowed_images.iter().map(|i| ("WSRUNNER_ALLOWED_IMAGES", i)))
-        {
+        for (var, image) in image.iter().map(|i| ("WSRUNNER_IMAGE", i)).chain(
+            allowed_images
+                .iter()
+                .map(|i| ("WSRUNNER_ALLOWED_IMAGES", i)),
+        ) {
             if let Some(why) = c::image_ref_problem(image) {
                 return Err(invalid(var, image, format!("{why}: use an image reference [registry[:port]/]name[:tag][@sha256:<digest>]")));
             }
@@ -538,7 +538,11 @@ impl RunnerConfig {
         }
         let runtime = non_empty(&self.runtime);
         if let Some(r) = runtime.as_deref().filter(|r| !c::valid_runtime_name(r)) {
-            return Err(invalid("WSRUNNER_RUNTIME", r, "must be a runtime name like runsc or runc ([A-Za-z0-9._-], not starting with '-')"));
+            return Err(invalid(
+                "WSRUNNER_RUNTIME",
+                r,
+                "must be a runtime name like runsc or runc ([A-Za-z0-9._-], not starting with '-')",
+            ));
         }
         let limit = match non_empty(&self.agent_output_limit) {
             None => c::DEFAULT_OUTPUT_LIMIT,

@@ -744,7 +744,10 @@ pub fn engine_remaps_userns(security_options: &str) -> bool {
 /// The `userns` line: WARN when a host login account has uid 1000 and the engine does not remap.
 pub fn userns_decision(passwd: &str, security_options: &str) -> Check {
     if engine_remaps_userns(security_options) {
-        return Check::pass("userns", "the engine remaps user namespaces: the agent's uid 1000 is no host account");
+        return Check::pass(
+            "userns",
+            "the engine remaps user namespaces: the agent's uid 1000 is no host account",
+        );
     }
     match uid1000_login_account(passwd) {
         None => Check::pass("userns", "no host login account has uid 1000 (the agents' uid)"),
@@ -761,7 +764,13 @@ async fn userns_check(engine: &Engine, opts: &DoctorOptions) -> Check {
         return Check::skip("userns", "inside a container the host's /etc/passwd is not visible; run doctor on the host to check uid 1000");
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let security = match engine.cli(&["info", "--format", "{{json .SecurityOptions}}"], CALL_TIMEOUT).await {
+    let security = match engine
+        .cli(
+            &["info", "--format", "{{json .SecurityOptions}}"],
+            CALL_TIMEOUT,
+        )
+        .await
+    {
         Ok(out) if out.success => out.stdout,
         _ => String::new(),
     };
@@ -849,8 +858,14 @@ mod tests {
         assert_eq!(uid1000_login_account(passwd).as_deref(), Some("ubuntu"));
         let c = userns_decision(passwd, r#"["name=seccomp,profile=default"]"#);
         assert_eq!(c.status, Status::Warn, "{c:?}");
-        assert!(c.detail.contains("ubuntu") && c.detail.contains("environ"), "{c:?}");
-        assert!(c.fix.as_deref().is_some_and(|f| f.contains("userns-remap")), "{c:?}");
+        assert!(
+            c.detail.contains("ubuntu") && c.detail.contains("environ"),
+            "{c:?}"
+        );
+        assert!(
+            c.fix.as_deref().is_some_and(|f| f.contains("userns-remap")),
+            "{c:?}"
+        );
         let remapped = r#"["name=seccomp,profile=default","name=userns"]"#;
         assert_eq!(userns_decision(passwd, remapped).status, Status::Pass);
         for quiet in [

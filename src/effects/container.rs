@@ -176,7 +176,8 @@ impl ContainerConfig {
                 return Err(ContainerError::Config {
                     name: "WSRUNNER_RUNTIME",
                     value: v,
-                    why: "must be a runtime name like runsc ([A-Za-z0-9._-], not starting with '-')",
+                    why:
+                        "must be a runtime name like runsc ([A-Za-z0-9._-], not starting with '-')",
                 });
             }
             cfg.runtime = Some(v);
@@ -547,7 +548,9 @@ pub fn image_ref_problem(image: &str) -> Option<&'static str> {
         }
     }
     if !parts.iter().all(|p| valid_path_component(p)) {
-        return Some("has a name component that is not lowercase [a-z0-9] joined by '.', '_', '__' or '-'");
+        return Some(
+            "has a name component that is not lowercase [a-z0-9] joined by '.', '_', '__' or '-'",
+        );
     }
     None
 }
@@ -566,7 +569,8 @@ fn valid_registry(text: &str) -> bool {
             && !l.ends_with('-')
     };
     host.split('.').all(label_ok)
-        && port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+        && port
+            .is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// One path component: `[a-z0-9]+` runs joined by `.`, `_`, `__` or any number of `-`.
@@ -683,22 +687,24 @@ pub fn engine_env() -> Vec<(&'static str, std::ffi::OsString)> {
     engine_env_from(|name| std::env::var_os(name))
 }
 
-/// The engine-side log cap for a log driver, above the runner's own limit so that replay by
-/// line count keeps working (docs/containers.md): json-file and local rotate to one older
-/// file that `logs` still reads, so no line is lost before about 6× the limit, which the
-/// runner never lets the agent reach while it watches; podman's k8s-file (conmon) truncates
-/// at its cap, so it gets the whole budget in one file. Other drivers get nothing.
+/// The engine-side log cap for a log driver, far enough above the runner's own limit that
+/// replay by line count keeps working (docs/containers.md). json-file and local keep the
+/// current file and 4 rotated ones of 2× the limit, which `logs` reads in order: no line is
+/// dropped before the log holds 8× the limit (the runner stops the agent at 1×; a log record
+/// is at most about 7× the bytes it charges), and the disk holds at most 10×. Podman's
+/// k8s-file (conmon) truncates at its cap, so it gets the 10× in one file. Other drivers
+/// (journald, syslog, …) take no such option and get nothing.
 pub fn log_backstop_args(driver: &str, limit: u64) -> Vec<String> {
     match driver {
         "json-file" | "local" => vec![
             "--log-opt".into(),
-            format!("max-size={}", limit.saturating_mul(3)),
+            format!("max-size={}", limit.saturating_mul(2)),
             "--log-opt".into(),
-            "max-file=2".into(),
+            "max-file=5".into(),
         ],
         "k8s-file" => vec![
             "--log-opt".into(),
-            format!("max-size={}", limit.saturating_mul(6)),
+            format!("max-size={}", limit.saturating_mul(10)),
         ],
         _ => Vec::new(),
     }
@@ -859,7 +865,9 @@ impl Engine {
             tracing::warn!(network = name, "agent network missing: creating it as a bridge without inter-container traffic; EGRESS IS UNFILTERED, restrict it with host firewall rules");
             let mut create = self
                 .cli(
-                    &["network", "create", "--driver", "bridge", "-o", ICC_OFF, name],
+                    &[
+                        "network", "create", "--driver", "bridge", "-o", ICC_OFF, name,
+                    ],
                     NETWORK_TIMEOUT,
                 )
                 .await?;
@@ -901,7 +909,10 @@ impl Engine {
     pub async fn network_allows_icc(&self, name: &str) -> Result<bool, ContainerError> {
         let format = format!("{{{{.Driver}}}}|{{{{index .Options \"{ICC_OPTION}\"}}}}");
         let out = self
-            .cli_ok(&["network", "inspect", "--format", &format, name], CLI_TIMEOUT)
+            .cli_ok(
+                &["network", "inspect", "--format", &format, name],
+                CLI_TIMEOUT,
+            )
             .await?;
         let (driver, icc) = out.trim().split_once('|').unwrap_or((out.trim(), ""));
         Ok(!matches!(driver, "null" | "none") && icc.trim() != "false")
@@ -920,12 +931,12 @@ impl Engine {
             }
         }
         let podman = self
-            .cli_ok(&["info", "--format", "{{.Host.OCIRuntime.Name}}"], CLI_TIMEOUT)
+            .cli_ok(
+                &["info", "--format", "{{.Host.OCIRuntime.Name}}"],
+                CLI_TIMEOUT,
+            )
             .await?;
-        Ok(podman
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect())
+        Ok(podman.split_whitespace().map(str::to_owned).collect())
     }
 
     /// Boot check of `WSRUNNER_RUNTIME`: the engine must list it.
@@ -1050,7 +1061,8 @@ impl Engine {
 
     /// Per-run image choice and check for `coding_agent` (spec 4.8): returns the image to run.
     pub async fn check_run_image(&self, requested: Option<&str>) -> Result<String, ContainerError> {
-        self.check_job_image(LaunchKind::CodingAgent, requested).await
+        self.check_job_image(LaunchKind::CodingAgent, requested)
+            .await
     }
 
     /// Per-run image choice and check for every job kind: a valid reference, the configured
@@ -1316,7 +1328,10 @@ mod tests {
             ("a:-x", "tag"),
             ("a:b/c", "registry"),
             ("a@sha256:abc", "digest"),
-            ("a@md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "digest"),
+            (
+                "a@md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "digest",
+            ),
             ("bad_host.io:port/a", "registry"),
             ("-host.io/a", "'-'"),
         ] {
@@ -1380,23 +1395,37 @@ mod tests {
             extra_args: Vec::new(),
         };
         let logs = log_backstop_args("json-file", cfg.output_limit);
-        assert_eq!(logs, ["--log-opt", "max-size=3145728", "--log-opt", "max-file=2"]);
-        assert_eq!(log_backstop_args("k8s-file", 1 << 20), ["--log-opt", "max-size=6291456"]);
+        assert_eq!(
+            logs,
+            ["--log-opt", "max-size=3145728", "--log-opt", "max-file=2"]
+        );
+        assert_eq!(
+            log_backstop_args("k8s-file", 1 << 20),
+            ["--log-opt", "max-size=10485760"]
+        );
         assert!(log_backstop_args("journald", 1 << 20).is_empty());
         let argv = create_argv_with_logs(&cfg, &spec, Path::new("/e"), &logs);
         assert!(argv.contains(&"--runtime=runsc".to_owned()), "{argv:?}");
         assert_eq!(&argv[argv.len() - 2..], ["--", "alpine:3"]);
-        assert!(argv.windows(2).any(|w| w == ["--log-opt", "max-file=2"]));
+        assert!(argv.windows(2).any(|w| w == ["--log-opt", "max-file=5"]));
     }
 
     #[test]
     fn hardening_settings_parse_and_refuse() {
         let get = |pairs: &'static [(&'static str, &'static str)]| {
-            move |n: &str| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| (*v).to_owned())
+            move |n: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| (*v).to_owned())
+            }
         };
         let cfg = ContainerConfig::from_lookup(
             "x",
-            get(&[("WSRUNNER_RUNTIME", "runc"), ("WSRUNNER_AGENT_OUTPUT_LIMIT", "64k")]),
+            get(&[
+                ("WSRUNNER_RUNTIME", "runc"),
+                ("WSRUNNER_AGENT_OUTPUT_LIMIT", "64k"),
+            ]),
         )
         .expect("valid");
         assert_eq!(cfg.runtime.as_deref(), Some("runc"));
@@ -1412,11 +1441,17 @@ mod tests {
             &[("WSRUNNER_ALLOWED_IMAGES", "alpine, --rm")][..],
             &[("WSRUNNER_AGENT_OUTPUT_LIMIT", "lots")][..],
         ] {
-            assert!(ContainerConfig::from_lookup("x", get(pairs)).is_err(), "{pairs:?}");
+            assert!(
+                ContainerConfig::from_lookup("x", get(pairs)).is_err(),
+                "{pairs:?}"
+            );
         }
         let host = ContainerConfig::from_lookup(
             "x",
-            get(&[("WSRUNNER_NETWORK", "host"), ("WSRUNNER_ALLOW_HOST_NETWORK", "1")]),
+            get(&[
+                ("WSRUNNER_NETWORK", "host"),
+                ("WSRUNNER_ALLOW_HOST_NETWORK", "1"),
+            ]),
         )
         .expect("opted in");
         assert_eq!(host.network, "host");
