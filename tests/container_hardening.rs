@@ -417,3 +417,57 @@ async fn a_runtime_the_engine_lists_runs_and_a_bogus_one_is_refused() {
         "{text}"
     );
 }
+
+/// `windshift-runner run` with a base environment (an unreachable plain-http server) plus
+/// `extra`; returns the exit code and everything it printed.
+fn runner_start(extra: &[(&str, &str)]) -> (i32, String) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_windshift-runner"));
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("WS_API_URL", "http://127.0.0.1:9/api")
+        .env("WSRUNNER_ALLOW_INSECURE", "1")
+        .env("WSRUNNER_IMAGE", IMAGE)
+        .env("WSRUNNER_NETWORK", "none")
+        .env("WSRUNNER_DOCKER", engine_cli())
+        .env("WSRUNNER_CACHE_ROOT", tmp.path().join("cache"))
+        .env("WSRUNNER_JOURNAL_DIR", tmp.path().join("journal"))
+        .envs(extra.iter().copied());
+    let out = cmd.output().expect("runner runs");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn unsafe_engine_settings_stop_the_runner_at_start_with_exit_78() {
+    for (extra, says) in [
+        (
+            &[("WSRUNNER_NETWORK", "host")][..],
+            "WSRUNNER_ALLOW_HOST_NETWORK=1",
+        ),
+        (&[("WSRUNNER_IMAGE", "--privileged")][..], "WSRUNNER_IMAGE"),
+        (
+            &[("WSRUNNER_ALLOWED_IMAGES", "alpine:3,-v/:/host")][..],
+            "WSRUNNER_ALLOWED_IMAGES",
+        ),
+        (
+            &[("WSRUNNER_RUNTIME", "--privileged")][..],
+            "WSRUNNER_RUNTIME",
+        ),
+        (
+            &[("WSRUNNER_AGENT_OUTPUT_LIMIT", "lots")][..],
+            "WSRUNNER_AGENT_OUTPUT_LIMIT",
+        ),
+        // Refused by the engine check at boot, naming what the engine has.
+        (&[("WSRUNNER_RUNTIME", "no-such-runtime")][..], "runc"),
+    ] {
+        let (code, text) = runner_start(extra);
+        assert_eq!(code, 78, "{extra:?}: {text}");
+        assert!(
+            text.contains(says),
+            "{extra:?} should mention {says}: {text}"
+        );
+    }
+}

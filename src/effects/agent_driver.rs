@@ -107,16 +107,20 @@ pub struct DriveResult {
 struct OutputBudget {
     limit: u64,
     used: AtomicU64,
-    /// Told once when the budget is first exceeded (the driver then kills the container).
+    /// Told once when the budget is first exceeded (the meter then kills the container).
     exceeded: Mutex<Option<oneshot::Sender<()>>>,
+    /// The readers report the agent error and the degraded stream themselves (a replay);
+    /// while a container runs, its meter does.
+    readers_signal: bool,
 }
 
 impl OutputBudget {
-    fn new(limit: u64, exceeded: Option<oneshot::Sender<()>>) -> Arc<Self> {
+    fn new(limit: u64, exceeded: Option<oneshot::Sender<()>>, readers_signal: bool) -> Arc<Self> {
         Arc::new(OutputBudget {
             limit,
             used: AtomicU64::new(0),
             exceeded: Mutex::new(exceeded),
+            readers_signal,
         })
     }
     /// Charges `cost`; true when this charge crossed the limit.
@@ -341,11 +345,13 @@ async fn pump(
                     line: stats.lines + 1,
                 })
                 .await;
-                send(DriverOutput::Signal(AgentSignal::Error { message })).await;
-                send(DriverOutput::StreamDegraded {
-                    stream: stream.to_owned(),
-                })
-                .await;
+                if budget.readers_signal {
+                    send(DriverOutput::Signal(AgentSignal::Error { message })).await;
+                    send(DriverOutput::StreamDegraded {
+                        stream: stream.to_owned(),
+                    })
+                    .await;
+                }
             }
             if let Some(tx) = idle.take() {
                 let _ = tx.send(());
@@ -447,6 +453,68 @@ async fn handle_line<F, Fut>(
     }
 }
 
+/// Counts a running container's whole output (`<docker> logs --follow`, both streams, the
+/// same cost as the readers: bytes plus [`LINE_OVERHEAD`] a line) and, once past
+/// `WSRUNNER_AGENT_OUTPUT_LIMIT`, kills the container and reports the limit as the agent's
+/// error and a degraded stream. Returns whether the limit was passed.
+async fn meter(
+    engine: Engine,
+    name: String,
+    out: mpsc::Sender<DriverOutput>,
+) -> Result<bool, ContainerError> {
+    use tokio::io::AsyncReadExt;
+    let mut logs = engine.command(&["logs", "--follow", &name]);
+    let mut logs = logs.spawn().map_err(|source| ContainerError::Spawn {
+        docker: engine.cfg.docker.clone(),
+        source,
+    })?;
+    let (Some(stdout), Some(stderr)) = (logs.stdout.take(), logs.stderr.take()) else {
+        return Err(ContainerError::Spawn {
+            docker: engine.cfg.docker.clone(),
+            source: io::Error::other("logs pipes missing"),
+        });
+    };
+    let (hit_tx, hit_rx) = oneshot::channel();
+    let budget = OutputBudget::new(engine.cfg.output_limit, Some(hit_tx), false);
+    let count = |mut reader: Box<dyn AsyncRead + Unpin + Send>, budget: Arc<OutputBudget>| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = reader.read(&mut buf).await {
+            let lines = buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+            budget.charge(n as u64 + lines * LINE_OVERHEAD);
+        }
+    };
+    // The readers own the budget: when both end without a hit, its sender drops.
+    let readers = tokio::spawn(async move {
+        tokio::join!(
+            count(Box::new(stdout), budget.clone()),
+            count(Box::new(stderr), budget)
+        );
+    });
+    let hit = hit_rx.await.is_ok();
+    if hit {
+        tracing::warn!(
+            container = %name,
+            limit = engine.cfg.output_limit,
+            "agent output limit (WSRUNNER_AGENT_OUTPUT_LIMIT) exceeded: killing the container"
+        );
+        engine.kill(&name).await?;
+        let message = output_limit_message(engine.cfg.output_limit);
+        let _ = out
+            .send(DriverOutput::Signal(AgentSignal::Error { message }))
+            .await;
+        let _ = out
+            .send(DriverOutput::StreamDegraded {
+                stream: "stdout".into(),
+            })
+            .await;
+    }
+    // Both pipes are at EOF when the sender is dropped without a hit; after a kill they end
+    // once the engine's `logs` notices the stop.
+    let _ = readers.await;
+    let _ = logs.wait().await;
+    Ok(hit)
+}
+
 /// Reads a stopped container's output again from the start (`<docker> logs`, no follow)
 /// through the same line reader as [`drive`], skipping the first `skip_stdout`/`skip_stderr`
 /// raw lines of each stream, and sends what it finds to `out` (events, signals and
@@ -472,7 +540,7 @@ pub async fn replay(
         });
     };
     // The container is stopped already: an exceeded budget only reports.
-    let budget = OutputBudget::new(engine.cfg.output_limit, None);
+    let budget = OutputBudget::new(engine.cfg.output_limit, None, true);
     let stdout_task = tokio::spawn(pump(
         "stdout",
         stdout,
@@ -558,25 +626,10 @@ pub async fn drive(
         });
     };
     let (idle_tx, idle_rx) = oneshot::channel();
-    // Past the output limit the container is killed at once: a grace would let it write on.
-    let (limit_tx, limit_rx) = oneshot::channel();
-    let budget = OutputBudget::new(engine.cfg.output_limit, Some(limit_tx));
-    let limit_killer = {
-        let engine = engine.clone();
-        let name = name.to_owned();
-        tokio::spawn(async move {
-            if limit_rx.await.is_ok() {
-                tracing::warn!(
-                    container = %name,
-                    limit = engine.cfg.output_limit,
-                    "agent output limit (WSRUNNER_AGENT_OUTPUT_LIMIT) exceeded: killing the container"
-                );
-                if let Err(e) = engine.kill(&name).await {
-                    tracing::warn!(container = %name, "cannot kill the container: {e}");
-                }
-            }
-        })
-    };
+    // The forwarding readers go at the pace the server takes events; the meter reads the
+    // same output at full speed, so the limit holds on what the agent writes.
+    let budget = OutputBudget::new(engine.cfg.output_limit, None, false);
+    let meter_task = tokio::spawn(meter(engine.clone(), name.to_owned(), out.clone()));
     let mut stdout_task = tokio::spawn(pump(
         "stdout",
         stdout,
@@ -679,13 +732,16 @@ pub async fn drive(
         }
     };
     let _ = logs.wait().await;
-    result.output_limit_hit = budget.over();
-    if result.output_limit_hit {
-        // The kill must be done before the exit code is read.
-        let _ = limit_killer.await;
-    } else {
-        limit_killer.abort();
-    }
+    // The meter's kill must be done before the exit code is read.
+    let metered = match tokio::time::timeout(DRAIN_TIMEOUT, meter_task).await {
+        Ok(Ok(Ok(hit))) => hit,
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(container = name, "the output meter failed: {e}");
+            false
+        }
+        _ => false,
+    };
+    result.output_limit_hit = metered || budget.over();
     result.stream_degraded |=
         stdout.degraded || stderr.degraded || stdout.limited || stderr.limited;
     result.saw_contract_event = stdout.saw_contract_event;
