@@ -871,7 +871,9 @@ impl Engine {
                     NETWORK_TIMEOUT,
                 )
                 .await?;
-            if !create.success && !create.stderr.contains("already exists") {
+            let refused_option = create.stderr.contains("enable_icc")
+                || create.stderr.to_lowercase().contains("unsupported");
+            if !create.success && !create.stderr.contains("already exists") && refused_option {
                 // Podman's bridge (netavark, CNI) has no such switch and refuses the option.
                 let plain = self
                     .cli(
@@ -1397,7 +1399,7 @@ mod tests {
         let logs = log_backstop_args("json-file", cfg.output_limit);
         assert_eq!(
             logs,
-            ["--log-opt", "max-size=3145728", "--log-opt", "max-file=2"]
+            ["--log-opt", "max-size=2097152", "--log-opt", "max-file=5"]
         );
         assert_eq!(
             log_backstop_args("k8s-file", 1 << 20),
