@@ -144,6 +144,16 @@ pub struct RunnerConfig {
     /// Which name supplied each Option A-capable setting ([`RunnerConfig::apply_option_a`]).
     #[arg(skip)]
     pub origins: Vec<Origin>,
+    // -- Container hardening (security issue 11, docs/containers.md).
+    /// Exactly 1 accepts WSRUNNER_NETWORK=host (agents share the host's network stack).
+    #[arg(long, env = "WSRUNNER_ALLOW_HOST_NETWORK")]
+    pub allow_host_network: Option<String>,
+    /// OCI runtime for agent containers, passed as --runtime (e.g. runsc) [default: the engine's].
+    #[arg(long, env = "WSRUNNER_RUNTIME")]
+    pub runtime: Option<String>,
+    /// Bytes one agent container may print before it is stopped (k/m/g suffixes) [default: 256m].
+    #[arg(long, env = "WSRUNNER_AGENT_OUTPUT_LIMIT")]
+    pub agent_output_limit: Option<String>,
 }
 
 // Raw settings may hold the registration token and the credential: never print them.
@@ -198,6 +208,9 @@ pub struct ValidConfig {
     pub llm_model: Option<String>,
     /// Which name supplied each Option A-capable setting (empty when not read from the env).
     pub origins: Vec<Origin>,
+    /// Container hardening (security issue 11): `WSRUNNER_RUNTIME`, `WSRUNNER_AGENT_OUTPUT_LIMIT`.
+    pub runtime: Option<String>,
+    pub agent_output_limit: u64,
 }
 
 impl std::fmt::Debug for ValidConfig {
@@ -232,6 +245,8 @@ impl std::fmt::Debug for ValidConfig {
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)
             .field("llm_model", &self.llm_model)
+            .field("runtime", &self.runtime)
+            .field("agent_output_limit", &self.agent_output_limit)
             .finish()
     }
 }
@@ -319,6 +334,8 @@ impl ValidConfig {
             allowed_images: self.allowed_images.clone(),
             allow_unlabeled: self.allow_unlabeled_image,
             instance: instance.into(),
+            runtime: self.runtime.clone(),
+            output_limit: self.agent_output_limit,
         }
     }
 }
@@ -612,7 +629,7 @@ impl RunnerConfig {
                 ))
             }
         };
-        let allowed_images = non_empty(&self.allowed_images)
+        let allowed_images: Vec<String> = non_empty(&self.allowed_images)
             .map(|list| {
                 list.split(',')
                     .map(str::trim)
@@ -629,6 +646,7 @@ impl RunnerConfig {
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| "windshift-runner".to_owned());
+        let (runtime, agent_output_limit) = self.container_hardening(&network, &allowed_images)?;
 
         Ok(ValidConfig {
             api_url,
@@ -683,7 +701,47 @@ impl RunnerConfig {
             log_format,
             llm_model: llm_model(self.var("WSRUNNER_LLM_MODEL"), non_empty(&self.llm_model))?,
             origins: self.origins.clone(),
+            runtime,
+            agent_output_limit,
         })
+    }
+
+    /// The container settings of security issue 11 (docs/containers.md): image references,
+    /// the host network opt-in, the runtime name and the output limit.
+    fn container_hardening(
+        &self,
+        network: &str,
+        allowed_images: &[String],
+    ) -> Result<(Option<String>, u64), ConfigError> {
+        use crate::effects::container as c;
+        let image = non_empty(&self.image);
+        for (var, image) in image.iter().map(|i| ("WSRUNNER_IMAGE", i)).chain(
+            allowed_images
+                .iter()
+                .map(|i| ("WSRUNNER_ALLOWED_IMAGES", i)),
+        ) {
+            if let Some(why) = c::image_ref_problem(image) {
+                return Err(invalid(var, image, format!("{why}: use an image reference [registry[:port]/]name[:tag][@sha256:<digest>]")));
+            }
+        }
+        if network == "host" && self.allow_host_network.as_deref() != Some("1") {
+            return Err(invalid("WSRUNNER_NETWORK", network, "host networking gives every agent the host's network stack (its services on 127.0.0.1, no isolation); use a dedicated network, or set WSRUNNER_ALLOW_HOST_NETWORK=1 to accept it"));
+        }
+        let runtime = non_empty(&self.runtime);
+        if let Some(r) = runtime.as_deref().filter(|r| !c::valid_runtime_name(r)) {
+            return Err(invalid(
+                "WSRUNNER_RUNTIME",
+                r,
+                "must be a runtime name like runsc or runc ([A-Za-z0-9._-], not starting with '-')",
+            ));
+        }
+        let limit = match non_empty(&self.agent_output_limit) {
+            None => c::DEFAULT_OUTPUT_LIMIT,
+            Some(text) => c::parse_output_limit(&text).ok_or_else(|| {
+                invalid("WSRUNNER_AGENT_OUTPUT_LIMIT", &text, "must be a byte count of at least 64k, e.g. 256m or 1g (k, m, g are KiB, MiB, GiB)")
+            })?,
+        };
+        Ok((runtime, limit))
     }
 }
 

@@ -254,9 +254,11 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
     if docker_ok {
         checks.push(network_check(&engine).await);
         checks.push(image_check(&engine, &cfg).await);
+        checks.push(userns_check(&engine, opts).await);
     } else {
         checks.push(Check::skip("network", "the container engine is not usable"));
         checks.push(Check::skip("image", "the container engine is not usable"));
+        checks.push(Check::skip("userns", "the container engine is not usable"));
     }
 
     checks.push(dir_check(
@@ -706,10 +708,17 @@ async fn network_check(engine: &Engine) -> Check {
         );
     }
     match engine.cli(&["network", "inspect", "--format", "{{.Driver}} internal={{.Internal}}", name], CALL_TIMEOUT).await {
-        Ok(out) if out.success => Check::pass(
-            "network",
-            format!("agent network {name} exists ({})", out.stdout.trim()),
-        ),
+        Ok(out) if out.success => match engine.network_allows_icc(name).await {
+            Ok(true) => Check::warn(
+                "network",
+                format!("agent network {name} exists ({}) but allows inter-container traffic", out.stdout.trim()),
+                crate::effects::container::icc_warning(name),
+            ),
+            _ => Check::pass(
+                "network",
+                format!("agent network {name} exists ({}), inter-container traffic off", out.stdout.trim()),
+            ),
+        },
         Ok(_) => Check::warn(
             "network",
             format!("agent network {name} does not exist; the runner will create it at start as a plain bridge with UNFILTERED egress"),
@@ -755,6 +764,70 @@ async fn image_check(engine: &Engine, cfg: &ValidConfig) -> Check {
             "upgrade the runner or pin a matching image",
         ),
     }
+}
+
+// -- uid 1000 on the host (security issue 11) ----------------------------------------------
+
+/// The login account with uid 1000 in `passwd` text, if any: agents run as uid 1000, so
+/// without user-namespace remapping that host user owns the agent's processes and can read
+/// their `/proc/<pid>/environ` (the run token). Shells like `nologin` or `false` do not count.
+pub fn uid1000_login_account(passwd: &str) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.trim().split(':').collect();
+        let [user, _, uid, _, _, _, shell, ..] = fields.as_slice() else {
+            return None;
+        };
+        let shell = shell.trim();
+        let no_login = ["nologin", "false", "sync", "shutdown", "halt"]
+            .iter()
+            .any(|n| shell.rsplit('/').next() == Some(*n));
+        (*uid == "1000" && !user.starts_with('#') && !no_login).then(|| (*user).to_owned())
+    })
+}
+
+/// Whether `docker info` SecurityOptions (any text listing them) shows user-namespace remapping.
+pub fn engine_remaps_userns(security_options: &str) -> bool {
+    security_options.contains("name=userns")
+}
+
+/// The `userns` line: WARN when a host login account has uid 1000 and the engine does not remap.
+pub fn userns_decision(passwd: &str, security_options: &str) -> Check {
+    if engine_remaps_userns(security_options) {
+        return Check::pass(
+            "userns",
+            "the engine remaps user namespaces: the agent's uid 1000 is no host account",
+        );
+    }
+    match uid1000_login_account(passwd) {
+        None => Check::pass("userns", "no host login account has uid 1000 (the agents' uid)"),
+        Some(user) => Check::warn(
+            "userns",
+            format!("host account {user:?} has uid 1000, the uid agents run as, and the engine does not remap user namespaces: {user} can read every agent's /proc/<pid>/environ (its WS_TOKEN) and signal it"),
+            "enable user-namespace remapping: \"userns-remap\": \"default\" in /etc/docker/daemon.json, then restart Docker (docs/SECURITY.md); or move that account off uid 1000",
+        ),
+    }
+}
+
+async fn userns_check(engine: &Engine, opts: &DoctorOptions) -> Check {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let security = match engine
+        .cli(
+            &["info", "--format", "{{json .SecurityOptions}}"],
+            CALL_TIMEOUT,
+        )
+        .await
+    {
+        Ok(out) if out.success => out.stdout,
+        _ => String::new(),
+    };
+    let mut check = userns_decision(&passwd, &security);
+    if opts.in_container && !engine_remaps_userns(&security) {
+        // Only the Docker host's accounts matter, and a container sees its own /etc/passwd.
+        check
+            .detail
+            .push_str(" (checked this container's /etc/passwd: run doctor on the Docker host too)");
+    }
+    check
 }
 
 async fn git_check() -> Check {
@@ -823,10 +896,40 @@ mod tests {
             api_url: Some(url.into()),
             allow_insecure: Some("1".into()),
             network: Some(network.into()),
+            allow_host_network: Some("1".into()),
             ..Default::default()
         }
         .validate(None)
         .unwrap()
+    }
+
+    #[test]
+    fn uid_1000_login_account_warns_without_userns_remap() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\
+                      ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash\n";
+        assert_eq!(uid1000_login_account(passwd).as_deref(), Some("ubuntu"));
+        let c = userns_decision(passwd, r#"["name=seccomp,profile=default"]"#);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(
+            c.detail.contains("ubuntu") && c.detail.contains("environ"),
+            "{c:?}"
+        );
+        assert!(
+            c.fix.as_deref().is_some_and(|f| f.contains("userns-remap")),
+            "{c:?}"
+        );
+        let remapped = r#"["name=seccomp,profile=default","name=userns"]"#;
+        assert_eq!(userns_decision(passwd, remapped).status, Status::Pass);
+        for quiet in [
+            "svc:x:1000:1000::/var/lib/svc:/usr/sbin/nologin\n",
+            "svc:x:1000:1000::/:/bin/false\n",
+            "root:x:0:0:root:/root:/bin/bash\nagent:x:1001:1001::/home/agent:/bin/sh\n",
+            "garbage without colons\n:::\n",
+        ] {
+            assert_eq!(uid1000_login_account(quiet), None, "{quiet}");
+            assert_eq!(userns_decision(quiet, "[]").status, Status::Pass);
+        }
     }
 
     #[test]

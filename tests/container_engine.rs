@@ -52,6 +52,7 @@ fn argv_matches_spec_5_1_and_5_2_in_order() {
         "/run/env/agent.env",
         "-v",
         "/cache/runs/42/repo:/workspace:Z",
+        "--",
         "ghcr.io/acme/agent:1",
     ];
     assert_eq!(argv, expected);
@@ -83,6 +84,7 @@ fn argv_matches_spec_5_1_and_5_2_in_order() {
         "--env-file",
         "/e",
         "--init",
+        "--",
         "alpine:3",
     ];
     assert_eq!(argv, expected);

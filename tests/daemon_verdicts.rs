@@ -75,6 +75,24 @@ const ROWS: &[Row] = &[
         error: "image windshift-test-agent:v0 is not in the runner image allowlist",
     },
     Row {
+        name: "ci_task with an image outside the allow-list (issue 11)",
+        prompt: "",
+        env: &[],
+        image: "windshift-test-agent:v0",
+        kind: "ci_task",
+        status: "failed",
+        error: "image windshift-test-agent:v0 is not in the runner image allowlist",
+    },
+    Row {
+        name: "action_container with a flag for an image (issue 11)",
+        prompt: "",
+        env: &[],
+        image: "--privileged",
+        kind: "action_container",
+        status: "failed",
+        error: "the job's image \"--privileged\" is not an image reference",
+    },
+    Row {
         name: "action_container: exit 0 succeeds",
         prompt: "",
         env: &[],
@@ -157,6 +175,37 @@ async fn completed_runs_succeed_with_or_without_a_branch() {
     assert!(phases.contains(&"no_changes".to_owned()), "{phases:?}");
     assert!(!phases.contains(&"pushed".to_owned()), "{phases:?}");
 
+    signal(&runner, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+}
+
+/// Security issue 11: an agent printing past WSRUNNER_AGENT_OUTPUT_LIMIT is stopped at once
+/// (its `hang` would outlast any grace) and the run fails naming the variable, while the
+/// server got only the output up to the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_limit_fails_the_run_naming_the_variable() {
+    let h = Harness::start("verdict-limit").await;
+    let id = h.enqueue("flood 20000; hang");
+    let mut runner = h.runner(&[("WSRUNNER_AGENT_OUTPUT_LIMIT", "64k")]);
+    let run = h.wait_final(id).await;
+    assert_eq!(run.status, "failed", "{run:?}\n{}", h.log());
+    assert!(
+        run.error.starts_with("agent subprocess exited with code 137: last agent error: the agent printed more than 65536 bytes of output (WSRUNNER_AGENT_OUTPUT_LIMIT)"),
+        "{:?}",
+        run.error
+    );
+    let events = h.events(id);
+    let text: String = events.iter().map(|e| e.payload_json.as_str()).collect();
+    assert!(
+        text.len() < 200_000,
+        "only about the limit was forwarded: {}",
+        text.len()
+    );
+    assert!(
+        text.contains("[runner] the agent printed more than 65536 bytes"),
+        "{text:.2000}"
+    );
     signal(&runner, libc::SIGTERM);
     assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
     assert!(h.containers().is_empty(), "{:?}", h.containers());

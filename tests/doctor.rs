@@ -105,7 +105,15 @@ const MUST_PASS: [&str; 10] = [
     "triage",
     "cred-file",
 ];
-const MAY_WARN: [&str; 5] = ["api-url", "reachable", "network", "cred-file", "llm-model"];
+/// `userns` warns on a host whose uid 1000 is a login account (see its own test).
+const MAY_WARN: [&str; 6] = [
+    "api-url",
+    "reachable",
+    "network",
+    "cred-file",
+    "llm-model",
+    "userns",
+];
 
 fn assert_healthy(d: &Doctor) {
     assert_eq!(d.code, 0, "{}", d.out);
@@ -486,4 +494,59 @@ async fn a_cache_root_others_can_write_fails() {
         d.out
     );
     assert!(!d.out.contains(&credential), "{}", d.out);
+}
+
+/// Security issue 11: the `userns` line follows the host's /etc/passwd and the engine's
+/// SecurityOptions exactly as the pure decision does; on a host whose uid 1000 is a login
+/// account (this CI host's is) and no userns-remap, it warns and says how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uid_1000_login_account_without_userns_remap_warns() {
+    let h = Harness::start("doctor-userns").await;
+    let d = doctor(healthy_env(&h)).await;
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("passwd");
+    let info = Command::new(engine_cli())
+        .args(["info", "--format", "{{json .SecurityOptions}}"])
+        .output()
+        .expect("docker info");
+    let security = String::from_utf8_lossy(&info.stdout).into_owned();
+    let expected = windshift_runner::doctor::userns_decision(&passwd, &security);
+    let line = d.line("userns");
+    match windshift_runner::doctor::uid1000_login_account(&passwd) {
+        Some(user) if !security.contains("name=userns") => {
+            d.assert_status("userns", "WARN");
+            assert!(line.contains(&user) && line.contains("environ"), "{line}");
+            assert!(line.contains("userns-remap"), "{line}");
+        }
+        _ => d.assert_status("userns", "PASS"),
+    }
+    assert_eq!(
+        d.status("userns"),
+        expected.status.label(),
+        "{line} vs {expected:?}"
+    );
+}
+
+/// Security issue 11: an existing agent network whose containers can reach each other warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_network_with_inter_container_traffic_warns() {
+    let h = Harness::start("doctor-icc").await;
+    let name = unique("wsr-doctor-icc");
+    let out = Command::new(engine_cli())
+        .args(["network", "create", &name])
+        .output()
+        .expect("network create");
+    assert!(out.status.success(), "{out:?}");
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_NETWORK", &name);
+    let d = doctor(env).await;
+    let _ = Command::new(engine_cli())
+        .args(["network", "rm", &name])
+        .output();
+    d.assert_status("network", "WARN");
+    assert!(
+        d.line("network").contains("allows inter-container traffic")
+            && d.line("network").contains("enable_icc=false"),
+        "{}",
+        d.out
+    );
 }

@@ -250,6 +250,14 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
             ))
         }
     }
+    // WSRUNNER_RUNTIME must be one the engine has (issue 11): refused at start, not per run.
+    match engine.check_runtime().await {
+        Ok(()) => {}
+        Err(e @ ContainerError::UnknownRuntime { .. }) => {
+            return Err(boot_err(EXIT_CONFIG, e.to_string()))
+        }
+        Err(e) => return Err(boot_err(EXIT_FATAL, e.to_string())),
+    }
     match engine.boot_check_image().await {
         Ok(BootImageCheck::Ok) => {
             info!(image = %cfg.image, "agent image carries the v1 contract label")

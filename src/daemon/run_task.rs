@@ -813,18 +813,17 @@ impl RunTask {
         coding: bool,
     ) -> Result<Option<StdinChannel>, String> {
         let plan = self.last.state.plan();
-        let image = if coding {
-            if plan.prompt.trim().is_empty() {
-                return Err("InitialPrompt is required".into());
-            }
-            self.ctx
-                .engine
-                .check_run_image(Some(&plan.image))
-                .await
-                .map_err(|e| redact(&e.to_string()).into_owned())?
-        } else {
-            plan.image.clone()
-        };
+        if coding && plan.prompt.trim().is_empty() {
+            return Err("InitialPrompt is required".into());
+        }
+        // Every job kind: a valid reference, the allowlist and the contract label (issue 11).
+        let kind = LaunchKind::for_job_kind(&plan.kind);
+        let image = self
+            .ctx
+            .engine
+            .check_job_image(kind, Some(&plan.image))
+            .await
+            .map_err(|e| redact(&e.to_string()).into_owned())?;
         let checkout = match &self.last.state {
             RunState::Prepared { checkout, .. } if !checkout.root.is_empty() => {
                 Some(PathBuf::from(&checkout.root))
@@ -838,7 +837,7 @@ impl RunTask {
         let spec = ContainerSpec {
             run_id: self.run_id,
             attempt,
-            kind: LaunchKind::for_job_kind(&plan.kind),
+            kind,
             image,
             env: plan.container_env(&self.secrets),
             checkout,

@@ -15,12 +15,14 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-use super::container::{ContainerError, ContainerState, Engine};
+use super::container::{ContainerError, ContainerState, Engine, LINE_OVERHEAD};
 use crate::fsm::contract::{classify_stdout_line, AgentSignal};
 use crate::redact::redact;
 
@@ -95,6 +97,51 @@ pub struct DriveResult {
     /// Raw lines seen per stream, skipped ones included (the re-attach resume point).
     pub stdout_lines: u64,
     pub stderr_lines: u64,
+    /// The agent printed more than `WSRUNNER_AGENT_OUTPUT_LIMIT`: the runner stopped it.
+    pub output_limit_hit: bool,
+}
+
+/// The output budget of one container, shared by its two stream readers: every byte read
+/// counts, skipped (already forwarded) lines included, so a re-attach or a replay reading the
+/// logs from the start finds the same total; each line costs [`LINE_OVERHEAD`] more.
+struct OutputBudget {
+    limit: u64,
+    used: AtomicU64,
+    /// Told once when the budget is first exceeded (the meter then kills the container).
+    exceeded: Mutex<Option<oneshot::Sender<()>>>,
+    /// The readers report the agent error and the degraded stream themselves (a replay);
+    /// while a container runs, its meter does.
+    readers_signal: bool,
+}
+
+impl OutputBudget {
+    fn new(limit: u64, exceeded: Option<oneshot::Sender<()>>, readers_signal: bool) -> Arc<Self> {
+        Arc::new(OutputBudget {
+            limit,
+            used: AtomicU64::new(0),
+            exceeded: Mutex::new(exceeded),
+            readers_signal,
+        })
+    }
+    /// Charges `cost`; true when this charge crossed the limit.
+    fn charge(&self, cost: u64) -> bool {
+        let before = self.used.fetch_add(cost, Ordering::Relaxed);
+        let crossed = before <= self.limit && before.saturating_add(cost) > self.limit;
+        if crossed {
+            if let Some(tx) = self.exceeded.lock().ok().and_then(|mut t| t.take()) {
+                let _ = tx.send(());
+            }
+        }
+        crossed
+    }
+    fn over(&self) -> bool {
+        self.used.load(Ordering::Relaxed) > self.limit
+    }
+}
+
+/// The message (event and agent error) when the output limit stops a container.
+pub fn output_limit_message(limit: u64) -> String {
+    format!("the agent printed more than {limit} bytes of output (WSRUNNER_AGENT_OUTPUT_LIMIT); the runner stopped its container and discarded the rest; raise WSRUNNER_AGENT_OUTPUT_LIMIT if this much output is expected")
 }
 
 /// The container's stdin: a FIFO read by a detached `<docker> attach` process.
@@ -132,6 +179,9 @@ impl StdinChannel {
             .open(&fifo)?;
         use std::os::unix::process::CommandExt;
         let child = std::process::Command::new(&engine.cfg.docker)
+            // Long-lived: it must not carry the runner's secrets (docs/containers.md).
+            .env_clear()
+            .envs(super::container::engine_env())
             .args(["attach", "--sig-proxy=false", name])
             .stdin(stdin)
             .stdout(Stdio::null())
@@ -243,6 +293,8 @@ pub async fn start(
 struct StreamStats {
     lines: u64,
     degraded: bool,
+    /// The output budget ran out: nothing more of this stream is forwarded.
+    limited: bool,
     saw_contract_event: bool,
     saw_session_idle: bool,
 }
@@ -254,6 +306,7 @@ async fn pump(
     skip: u64,
     out: mpsc::Sender<DriverOutput>,
     mut idle: Option<oneshot::Sender<()>>,
+    budget: Arc<OutputBudget>,
 ) -> StreamStats {
     let mut stats = StreamStats::default();
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
@@ -276,7 +329,35 @@ async fn pump(
             None => (chunk, false),
         };
         let used = piece.len();
-        if !overflowing && !stats.degraded {
+        let cost = used as u64 + if ends_line { LINE_OVERHEAD } else { 0 };
+        let crossed = budget.charge(cost);
+        if !stats.limited && budget.over() {
+            stats.limited = true;
+            line = Vec::new();
+            // Only the reader whose bytes crossed reports, once, and not again for a line
+            // an earlier runner already reported (re-attach, replay).
+            if crossed && stats.lines >= skip {
+                let message = output_limit_message(budget.limit);
+                send(DriverOutput::Event {
+                    event_type: stream.to_owned(),
+                    payload_json: serde_json::json!({ "line": format!("[runner] {message}") })
+                        .to_string(),
+                    line: stats.lines + 1,
+                })
+                .await;
+                if budget.readers_signal {
+                    send(DriverOutput::Signal(AgentSignal::Error { message })).await;
+                    send(DriverOutput::StreamDegraded {
+                        stream: stream.to_owned(),
+                    })
+                    .await;
+                }
+            }
+            if let Some(tx) = idle.take() {
+                let _ = tx.send(());
+            }
+        }
+        if !overflowing && !stats.degraded && !stats.limited {
             line.extend_from_slice(piece);
             if line.len() > MAX_LINE_BYTES {
                 overflowing = true;
@@ -308,7 +389,7 @@ async fn pump(
             stats.lines += 1;
             if overflowing {
                 overflowing = false; // only a skipped (already reported) long line ends here
-            } else if !stats.degraded {
+            } else if !stats.degraded && !stats.limited {
                 let raw = std::mem::take(&mut line);
                 if stats.lines > skip {
                     handle_line(stream, &raw, stats.lines, &mut stats, &send, &mut idle).await;
@@ -317,7 +398,7 @@ async fn pump(
         }
     }
     // A last line without a newline still counts.
-    if !line.is_empty() && !stats.degraded && !overflowing {
+    if !line.is_empty() && !stats.degraded && !stats.limited && !overflowing {
         stats.lines += 1;
         if stats.lines > skip {
             let raw = std::mem::take(&mut line);
@@ -372,6 +453,68 @@ async fn handle_line<F, Fut>(
     }
 }
 
+/// Counts a running container's whole output (`<docker> logs --follow`, both streams, the
+/// same cost as the readers: bytes plus [`LINE_OVERHEAD`] a line) and, once past
+/// `WSRUNNER_AGENT_OUTPUT_LIMIT`, kills the container and reports the limit as the agent's
+/// error and a degraded stream. Returns whether the limit was passed.
+async fn meter(
+    engine: Engine,
+    name: String,
+    out: mpsc::Sender<DriverOutput>,
+) -> Result<bool, ContainerError> {
+    use tokio::io::AsyncReadExt;
+    let mut logs = engine.command(&["logs", "--follow", &name]);
+    let mut logs = logs.spawn().map_err(|source| ContainerError::Spawn {
+        docker: engine.cfg.docker.clone(),
+        source,
+    })?;
+    let (Some(stdout), Some(stderr)) = (logs.stdout.take(), logs.stderr.take()) else {
+        return Err(ContainerError::Spawn {
+            docker: engine.cfg.docker.clone(),
+            source: io::Error::other("logs pipes missing"),
+        });
+    };
+    let (hit_tx, hit_rx) = oneshot::channel();
+    let budget = OutputBudget::new(engine.cfg.output_limit, Some(hit_tx), false);
+    let count = |mut reader: Box<dyn AsyncRead + Unpin + Send>, budget: Arc<OutputBudget>| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = reader.read(&mut buf).await {
+            let lines = buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+            budget.charge(n as u64 + lines * LINE_OVERHEAD);
+        }
+    };
+    // The readers own the budget: when both end without a hit, its sender drops.
+    let readers = tokio::spawn(async move {
+        tokio::join!(
+            count(Box::new(stdout), budget.clone()),
+            count(Box::new(stderr), budget)
+        );
+    });
+    let hit = hit_rx.await.is_ok();
+    if hit {
+        tracing::warn!(
+            container = %name,
+            limit = engine.cfg.output_limit,
+            "agent output limit (WSRUNNER_AGENT_OUTPUT_LIMIT) exceeded: killing the container"
+        );
+        engine.kill(&name).await?;
+        let message = output_limit_message(engine.cfg.output_limit);
+        let _ = out
+            .send(DriverOutput::Signal(AgentSignal::Error { message }))
+            .await;
+        let _ = out
+            .send(DriverOutput::StreamDegraded {
+                stream: "stdout".into(),
+            })
+            .await;
+    }
+    // Both pipes are at EOF when the sender is dropped without a hit; after a kill they end
+    // once the engine's `logs` notices the stop.
+    let _ = readers.await;
+    let _ = logs.wait().await;
+    Ok(hit)
+}
+
 /// Reads a stopped container's output again from the start (`<docker> logs`, no follow)
 /// through the same line reader as [`drive`], skipping the first `skip_stdout`/`skip_stderr`
 /// raw lines of each stream, and sends what it finds to `out` (events, signals and
@@ -396,8 +539,17 @@ pub async fn replay(
             source: io::Error::other("logs pipes missing"),
         });
     };
-    let stdout_task = tokio::spawn(pump("stdout", stdout, skip_stdout, out.clone(), None));
-    let stderr_task = tokio::spawn(pump("stderr", stderr, skip_stderr, out, None));
+    // The container is stopped already: an exceeded budget only reports.
+    let budget = OutputBudget::new(engine.cfg.output_limit, None, true);
+    let stdout_task = tokio::spawn(pump(
+        "stdout",
+        stdout,
+        skip_stdout,
+        out.clone(),
+        None,
+        budget.clone(),
+    ));
+    let stderr_task = tokio::spawn(pump("stderr", stderr, skip_stderr, out, None, budget));
     let read = async {
         let stdout = stdout_task.await.unwrap_or_default();
         let stderr = stderr_task.await.unwrap_or_default();
@@ -474,12 +626,17 @@ pub async fn drive(
         });
     };
     let (idle_tx, idle_rx) = oneshot::channel();
+    // The forwarding readers go at the pace the server takes events; the meter reads the
+    // same output at full speed, so the limit holds on what the agent writes.
+    let budget = OutputBudget::new(engine.cfg.output_limit, None, false);
+    let meter_task = tokio::spawn(meter(engine.clone(), name.to_owned(), out.clone()));
     let mut stdout_task = tokio::spawn(pump(
         "stdout",
         stdout,
         options.skip_stdout_lines,
         out.clone(),
         Some(idle_tx),
+        budget.clone(),
     ));
     let stderr_task = tokio::spawn(pump(
         "stderr",
@@ -487,6 +644,7 @@ pub async fn drive(
         options.skip_stderr_lines,
         out.clone(),
         None,
+        budget.clone(),
     ));
 
     let mut prompt_failed = false;
@@ -574,7 +732,18 @@ pub async fn drive(
         }
     };
     let _ = logs.wait().await;
-    result.stream_degraded |= stdout.degraded || stderr.degraded;
+    // The meter's kill must be done before the exit code is read.
+    let metered = match tokio::time::timeout(DRAIN_TIMEOUT, meter_task).await {
+        Ok(Ok(Ok(hit))) => hit,
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(container = name, "the output meter failed: {e}");
+            false
+        }
+        _ => false,
+    };
+    result.output_limit_hit = metered || budget.over();
+    result.stream_degraded |=
+        stdout.degraded || stderr.degraded || stdout.limited || stderr.limited;
     result.saw_contract_event = stdout.saw_contract_event;
     result.saw_session_idle = stdout.saw_session_idle;
     result.stdout_lines = stdout.lines.max(options.skip_stdout_lines);

@@ -27,6 +27,14 @@ pub const LABEL_RUN_ID: &str = "org.windshift.runner.run-id";
 pub const LABEL_ATTEMPT: &str = "org.windshift.runner.attempt";
 /// The agent network upstream always uses (spec 4.1).
 pub const DEFAULT_NETWORK: &str = "coding-agent-egress";
+/// Docker's bridge option that switches inter-container traffic (docs/containers.md).
+pub const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+const ICC_OFF: &str = "com.docker.network.bridge.enable_icc=false";
+
+/// The warning for an agent network whose containers can reach each other.
+pub fn icc_warning(network: &str) -> String {
+    format!("agent network {network} allows inter-container traffic: the agents of different runs can reach each other; recreate it with `docker network create -o {ICC_OFF} {network}` (the runner creates it so when it is missing)")
+}
 /// Network names that are never created, only warned about (spec 4.1).
 pub const BUILTIN_NETWORKS: [&str; 3] = ["bridge", "host", "none"];
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -74,6 +82,14 @@ pub enum ContainerError {
     WrongContract { image: String, found: String },
     #[error("image {image} is not available and could not be pulled: {detail}")]
     ImageUnavailable { image: String, detail: String },
+    #[error("{origin} {image:?} is not an image reference: it {why}; use [registry[:port]/]name[:tag][@sha256:<digest>]")]
+    BadImage {
+        origin: String,
+        image: String,
+        why: &'static str,
+    },
+    #[error("container runtime {runtime:?} (WSRUNNER_RUNTIME) is not known to the engine, which has: {available}; install and register it with the engine, or unset WSRUNNER_RUNTIME")]
+    UnknownRuntime { runtime: String, available: String },
     #[error("invalid {name}={value:?}: {why}")]
     Config {
         name: &'static str,
@@ -103,6 +119,10 @@ pub struct ContainerConfig {
     pub allow_unlabeled: bool,
     /// The runner instance these containers belong to (names and labels).
     pub instance: String,
+    /// `WSRUNNER_RUNTIME`: passed as `--runtime` (e.g. gVisor's `runsc`).
+    pub runtime: Option<String>,
+    /// `WSRUNNER_AGENT_OUTPUT_LIMIT`: bytes one container may print before it is stopped.
+    pub output_limit: u64,
 }
 
 impl Default for ContainerConfig {
@@ -117,6 +137,8 @@ impl Default for ContainerConfig {
             allowed_images: Vec::new(),
             allow_unlabeled: false,
             instance: "default".into(),
+            runtime: None,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
         }
     }
 }
@@ -140,7 +162,32 @@ impl ContainerConfig {
             cfg.docker = v;
         }
         if let Some(v) = get("WSRUNNER_NETWORK") {
+            if v == "host" && get("WSRUNNER_ALLOW_HOST_NETWORK").as_deref() != Some("1") {
+                return Err(ContainerError::Config {
+                    name: "WSRUNNER_NETWORK",
+                    value: v,
+                    why: "host networking gives the agent the host's network stack; set WSRUNNER_ALLOW_HOST_NETWORK=1 to accept it",
+                });
+            }
             cfg.network = v;
+        }
+        if let Some(v) = get("WSRUNNER_RUNTIME") {
+            if !valid_runtime_name(&v) {
+                return Err(ContainerError::Config {
+                    name: "WSRUNNER_RUNTIME",
+                    value: v,
+                    why:
+                        "must be a runtime name like runsc ([A-Za-z0-9._-], not starting with '-')",
+                });
+            }
+            cfg.runtime = Some(v);
+        }
+        if let Some(v) = get("WSRUNNER_AGENT_OUTPUT_LIMIT") {
+            cfg.output_limit = parse_output_limit(&v).ok_or(ContainerError::Config {
+                name: "WSRUNNER_AGENT_OUTPUT_LIMIT",
+                value: v,
+                why: "must be a byte count of at least 64k, like 256m or 1g",
+            })?;
         }
         if let Some(v) = get("WSRUNNER_PIDS_LIMIT") {
             cfg.pids_limit = v
@@ -178,6 +225,7 @@ impl ContainerConfig {
             cfg.cpus = v;
         }
         if let Some(v) = get("WSRUNNER_IMAGE") {
+            check_image_ref("WSRUNNER_IMAGE", &v)?;
             cfg.default_image = v;
         }
         if let Some(v) = get("WSRUNNER_ALLOWED_IMAGES") {
@@ -187,6 +235,9 @@ impl ContainerConfig {
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .collect();
+            for image in &cfg.allowed_images {
+                check_image_ref("WSRUNNER_ALLOWED_IMAGES", image)?;
+            }
         }
         cfg.allow_unlabeled = get("WSRUNNER_ALLOW_UNLABELED_IMAGE").as_deref() == Some("1");
         Ok(cfg)
@@ -278,7 +329,7 @@ impl std::fmt::Debug for ContainerSpec {
 
 /// The baseline sandbox flags every job kind gets (spec 5.1 item 2), in upstream's order.
 pub fn baseline_flags(cfg: &ContainerConfig) -> Vec<String> {
-    vec![
+    let mut flags = vec![
         "--cap-drop=ALL".into(),
         "--security-opt=no-new-privileges".into(),
         "--user=1000:1000".into(),
@@ -289,7 +340,11 @@ pub fn baseline_flags(cfg: &ContainerConfig) -> Vec<String> {
         format!("--memory={}", cfg.memory),
         format!("--memory-swap={}", cfg.memory),
         format!("--cpus={}", cfg.cpus),
-    ]
+    ];
+    if let Some(runtime) = &cfg.runtime {
+        flags.push(format!("--runtime={runtime}"));
+    }
+    flags
 }
 
 /// Spec 5.1 items 2–7 (5.2 for container kinds): sandbox flags, env file, mount, extras, image.
@@ -305,6 +360,9 @@ pub fn sandbox_args(cfg: &ContainerConfig, spec: &ContainerSpec, env_file: &Path
         args.push(format!("{}:/workspace:Z", checkout.display()));
     }
     args.extend(spec.extra_args.iter().cloned());
+    // `--` ends the options (docker and podman both parse with pflag): the image can never be
+    // read as a flag, on top of the reference check in `Engine::create`.
+    args.push("--".into());
     args.push(spec.image.clone());
     args
 }
@@ -327,11 +385,22 @@ pub fn identity_args(cfg: &ContainerConfig, spec: &ContainerSpec) -> Vec<String>
 /// `create -i` + a separate start replaces upstream's `run -i --rm` so that the container
 /// outlives the runner process and can be re-attached (docs/containers.md).
 pub fn create_argv(cfg: &ContainerConfig, spec: &ContainerSpec, env_file: &Path) -> Vec<String> {
+    create_argv_with_logs(cfg, spec, env_file, &[])
+}
+
+/// [`create_argv`] with the engine-side log cap ([`log_backstop_args`]) after the identity.
+pub fn create_argv_with_logs(
+    cfg: &ContainerConfig,
+    spec: &ContainerSpec,
+    env_file: &Path,
+    log_args: &[String],
+) -> Vec<String> {
     let mut argv = vec!["create".to_owned()];
     if spec.kind == LaunchKind::CodingAgent {
         argv.push("-i".into());
     }
     argv.extend(identity_args(cfg, spec));
+    argv.extend(log_args.iter().cloned());
     argv.extend(sandbox_args(cfg, spec, env_file));
     argv
 }
@@ -412,6 +481,235 @@ pub fn write_env_file(
     Ok(EnvFile { dir, path })
 }
 
+// ---- Issue 11: image references, engine environment, runtime, output limit (docs/containers.md)
+
+/// Longest image reference accepted (docker's name limit is 255; tag and digest come on top).
+pub const MAX_IMAGE_REF: usize = 512;
+/// Default of `WSRUNNER_AGENT_OUTPUT_LIMIT` (bytes the agent may print, both streams).
+pub const DEFAULT_OUTPUT_LIMIT: u64 = 256 << 20;
+/// Smallest `WSRUNNER_AGENT_OUTPUT_LIMIT` accepted.
+pub const MIN_OUTPUT_LIMIT: u64 = 64 << 10;
+/// What each output line costs against the limit beyond its own bytes: about the engine's
+/// per-line log record (json-file wraps each line in JSON with its stream and a timestamp),
+/// so that the limit bounds the engine's log file too, not only the agent's bytes.
+pub const LINE_OVERHEAD: u64 = 80;
+
+/// Why an image reference is refused (`None`: it is a valid
+/// `[registry[:port]/]name[:tag][@sha256:<64 hex>]` reference).
+pub fn image_ref_problem(image: &str) -> Option<&'static str> {
+    if image.is_empty() {
+        return Some("is empty");
+    }
+    if image.len() > MAX_IMAGE_REF {
+        return Some("is longer than 512 characters");
+    }
+    if image.starts_with('-') {
+        return Some("starts with '-' (it would be read as a flag)");
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some("contains whitespace or control characters");
+    }
+    let (rest, digest) = match image.split_once('@') {
+        Some((rest, digest)) => (rest, Some(digest)),
+        None => (image, None),
+    };
+    if let Some(digest) = digest {
+        let hex = digest.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Some("has a digest that is not @sha256:<64 lowercase hex digits>");
+        }
+    }
+    // A ':' after the last '/' starts the tag (a ':' before it is a registry port).
+    let (name, tag) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    if let Some(tag) = tag {
+        let ok = tag.len() <= 128
+            && tag.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphanumeric() || c == '_' || (i > 0 && (c == '.' || c == '-'))
+            })
+            && !tag.is_empty();
+        if !ok {
+            return Some("has a tag that is not [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}");
+        }
+    }
+    if name.len() > 255 {
+        return Some("has a name longer than 255 characters");
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 {
+        let first = parts[0];
+        if first.contains(['.', ':']) || first == "localhost" {
+            if !valid_registry(first) {
+                return Some("has a registry that is not host[:port]");
+            }
+            parts.remove(0);
+        }
+    }
+    if !parts.iter().all(|p| valid_path_component(p)) {
+        return Some(
+            "has a name component that is not lowercase [a-z0-9] joined by '.', '_', '__' or '-'",
+        );
+    }
+    None
+}
+
+/// `host[:port]`: dot-separated DNS labels, an optional numeric port.
+fn valid_registry(text: &str) -> bool {
+    let (host, port) = match text.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (text, None),
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    host.split('.').all(label_ok)
+        && port
+            .is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// One path component: `[a-z0-9]+` runs joined by `.`, `_`, `__` or any number of `-`.
+fn valid_path_component(part: &str) -> bool {
+    let bytes = part.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &part[start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|b| b == b'-')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Checks an image reference, naming the setting or job field it came from.
+pub fn check_image_ref(source: &str, image: &str) -> Result<(), ContainerError> {
+    match image_ref_problem(image) {
+        None => Ok(()),
+        Some(why) => Err(ContainerError::BadImage {
+            origin: source.to_owned(),
+            image: image.chars().take(80).collect(),
+            why,
+        }),
+    }
+}
+
+/// A runtime name for `--runtime`: `[A-Za-z0-9._-]`, not starting with `-`, at most 64.
+pub fn valid_runtime_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Parses `WSRUNNER_AGENT_OUTPUT_LIMIT`: bytes, or a number with k, m or g (KiB, MiB, GiB).
+pub fn parse_output_limit(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1 << shift)
+        .filter(|n| *n >= MIN_OUTPUT_LIMIT && *n <= 1 << 50)
+}
+
+/// The only variables an engine CLI child gets (docs/containers.md): what docker and podman
+/// need to find their daemon, config, credentials helpers and proxies. Everything else of the
+/// runner's environment (its credential, the registration token, LLM keys) stays out.
+pub const ENGINE_ENV: [&str; 27] = [
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "XDG_RUNTIME_DIR",
+    "XDG_CONFIG_HOME",
+    "DOCKER_HOST",
+    "DOCKER_CONFIG",
+    "DOCKER_CONTEXT",
+    "DOCKER_CERT_PATH",
+    "DOCKER_TLS_VERIFY",
+    "DOCKER_API_VERSION",
+    "CONTAINER_HOST",
+    "CONTAINER_CONNECTION",
+    "CONTAINERS_CONF",
+    "CONTAINERS_STORAGE_CONF",
+    "CONTAINERS_REGISTRIES_CONF",
+    "REGISTRY_AUTH_FILE",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+];
+
+/// The environment of an engine child, from a variable lookup: [`ENGINE_ENV`] entries only.
+pub fn engine_env_from(
+    get: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Vec<(&'static str, std::ffi::OsString)> {
+    ENGINE_ENV
+        .iter()
+        .filter_map(|name| get(name).map(|v| (*name, v)))
+        .collect()
+}
+
+/// The environment of an engine child, from this process's environment.
+pub fn engine_env() -> Vec<(&'static str, std::ffi::OsString)> {
+    engine_env_from(|name| std::env::var_os(name))
+}
+
+/// The engine-side log cap for a log driver, far enough above the runner's own limit that
+/// replay by line count keeps working (docs/containers.md). json-file and local keep the
+/// current file and 4 rotated ones of 2× the limit, which `logs` reads in order: no line is
+/// dropped before the log holds 8× the limit (the runner stops the agent at 1×; a log record
+/// is at most about 7× the bytes it charges), and the disk holds at most 10×. Podman's
+/// k8s-file (conmon) truncates at its cap, so it gets the 10× in one file. Other drivers
+/// (journald, syslog, …) take no such option and get nothing.
+pub fn log_backstop_args(driver: &str, limit: u64) -> Vec<String> {
+    match driver {
+        "json-file" | "local" => vec![
+            "--log-opt".into(),
+            format!("max-size={}", limit.saturating_mul(2)),
+            "--log-opt".into(),
+            "max-file=5".into(),
+        ],
+        "k8s-file" => vec![
+            "--log-opt".into(),
+            format!("max-size={}", limit.saturating_mul(10)),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// A container's state as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerState {
@@ -464,6 +762,8 @@ pub enum BootImageCheck {
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub cfg: ContainerConfig,
+    /// The engine's default log driver, asked once (`""` when it could not be learned).
+    log_driver: std::sync::Arc<tokio::sync::OnceCell<String>>,
 }
 
 /// Output of one CLI call.
@@ -476,13 +776,19 @@ pub struct CliOutput {
 
 impl Engine {
     pub fn new(cfg: ContainerConfig) -> Self {
-        Engine { cfg }
+        Engine {
+            cfg,
+            log_driver: Default::default(),
+        }
     }
 
-    /// A command for the engine CLI with the given arguments (stdin closed).
+    /// A command for the engine CLI with the given arguments (stdin closed), with only the
+    /// [`ENGINE_ENV`] part of the runner's environment.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.cfg.docker);
-        cmd.args(args)
+        cmd.env_clear()
+            .envs(engine_env())
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -536,7 +842,10 @@ impl Engine {
         }
     }
 
-    /// Spec 4.1 step 4: make sure the agent network exists (30 s timeout).
+    /// Spec 4.1 step 4: make sure the agent network exists (30 s timeout). A network we create
+    /// has inter-container traffic off (docker's bridge `enable_icc=false`), so the agents of
+    /// two runs cannot reach each other; an existing one is used as is, with a warning when
+    /// its inter-container traffic is on.
     pub async fn ensure_network(&self) -> Result<NetworkStatus, ContainerError> {
         let name = self.cfg.network.as_str();
         if BUILTIN_NETWORKS.contains(&name) {
@@ -548,15 +857,35 @@ impl Engine {
                 .cli(&["network", "inspect", name], NETWORK_TIMEOUT)
                 .await?;
             if inspect.success {
+                if let Ok(true) = self.network_allows_icc(name).await {
+                    tracing::warn!(network = name, "{}", icc_warning(name));
+                }
                 return Ok(NetworkStatus::Present);
             }
-            tracing::warn!(network = name, "agent network missing: creating it as a plain bridge; EGRESS IS UNFILTERED, restrict it with host firewall rules");
-            let create = self
+            tracing::warn!(network = name, "agent network missing: creating it as a bridge without inter-container traffic; EGRESS IS UNFILTERED, restrict it with host firewall rules");
+            let mut create = self
                 .cli(
-                    &["network", "create", "--driver", "bridge", name],
+                    &[
+                        "network", "create", "--driver", "bridge", "-o", ICC_OFF, name,
+                    ],
                     NETWORK_TIMEOUT,
                 )
                 .await?;
+            let refused_option = create.stderr.contains("enable_icc")
+                || create.stderr.to_lowercase().contains("unsupported");
+            if !create.success && !create.stderr.contains("already exists") && refused_option {
+                // Podman's bridge (netavark, CNI) has no such switch and refuses the option.
+                let plain = self
+                    .cli(
+                        &["network", "create", "--driver", "bridge", name],
+                        NETWORK_TIMEOUT,
+                    )
+                    .await?;
+                if plain.success {
+                    tracing::warn!(network = name, refused = %create.stderr, "the engine cannot turn inter-container traffic off: created a plain bridge, agents of different runs can reach each other");
+                }
+                create = plain;
+            }
             if create.success || create.stderr.contains("already exists") {
                 Ok(NetworkStatus::Created)
             } else {
@@ -575,6 +904,79 @@ impl Engine {
                 secs: NETWORK_TIMEOUT.as_secs(),
             }),
         }
+    }
+
+    /// Whether containers on network `name` can reach each other: true unless it is a bridge
+    /// with docker's `enable_icc=false` (podman has no such option, so always true there).
+    pub async fn network_allows_icc(&self, name: &str) -> Result<bool, ContainerError> {
+        let format = format!("{{{{.Driver}}}}|{{{{index .Options \"{ICC_OPTION}\"}}}}");
+        let out = self
+            .cli_ok(
+                &["network", "inspect", "--format", &format, name],
+                CLI_TIMEOUT,
+            )
+            .await?;
+        let (driver, icc) = out.trim().split_once('|').unwrap_or((out.trim(), ""));
+        Ok(!matches!(driver, "null" | "none") && icc.trim() != "false")
+    }
+
+    /// The runtimes the engine knows (`docker info` Runtimes; podman: its OCI runtime).
+    pub async fn runtimes(&self) -> Result<Vec<String>, ContainerError> {
+        let docker = self
+            .cli(&["info", "--format", "{{json .Runtimes}}"], CLI_TIMEOUT)
+            .await?;
+        if docker.success {
+            if let Ok(serde_json::Value::Object(map)) =
+                serde_json::from_str::<serde_json::Value>(docker.stdout.trim())
+            {
+                return Ok(map.keys().cloned().collect());
+            }
+        }
+        let podman = self
+            .cli_ok(
+                &["info", "--format", "{{.Host.OCIRuntime.Name}}"],
+                CLI_TIMEOUT,
+            )
+            .await?;
+        Ok(podman.split_whitespace().map(str::to_owned).collect())
+    }
+
+    /// Boot check of `WSRUNNER_RUNTIME`: the engine must list it.
+    pub async fn check_runtime(&self) -> Result<(), ContainerError> {
+        let Some(runtime) = &self.cfg.runtime else {
+            return Ok(());
+        };
+        let known = self.runtimes().await?;
+        if known.iter().any(|r| r == runtime) {
+            Ok(())
+        } else {
+            Err(ContainerError::UnknownRuntime {
+                runtime: runtime.clone(),
+                available: if known.is_empty() {
+                    "none listed".into()
+                } else {
+                    known.join(", ")
+                },
+            })
+        }
+    }
+
+    /// The engine's default log driver, asked once; `""` when `info` does not say.
+    pub async fn log_driver(&self) -> String {
+        self.log_driver
+            .get_or_init(|| async {
+                for format in ["{{.LoggingDriver}}", "{{.Host.LogDriver}}"] {
+                    if let Ok(out) = self.cli(&["info", "--format", format], CLI_TIMEOUT).await {
+                        let driver = out.stdout.trim();
+                        if out.success && !driver.is_empty() && !driver.contains('<') {
+                            return driver.to_owned();
+                        }
+                    }
+                }
+                String::new()
+            })
+            .await
+            .clone()
     }
 
     /// The image's contract label (`""` when absent); an error when the image is not local.
@@ -661,16 +1063,38 @@ impl Engine {
 
     /// Per-run image choice and check for `coding_agent` (spec 4.8): returns the image to run.
     pub async fn check_run_image(&self, requested: Option<&str>) -> Result<String, ContainerError> {
+        self.check_job_image(LaunchKind::CodingAgent, requested)
+            .await
+    }
+
+    /// Per-run image choice and check for every job kind: a valid reference, the configured
+    /// default or one in the allowlist, and the contract label (spec 4.8, applied to container
+    /// kinds too). A `coding_agent` job without an image gets the default; a container job
+    /// without one is refused.
+    pub async fn check_job_image(
+        &self,
+        kind: LaunchKind,
+        requested: Option<&str>,
+    ) -> Result<String, ContainerError> {
         let requested = requested.map(str::trim).filter(|s| !s.is_empty());
-        let image = requested.unwrap_or(&self.cfg.default_image).to_owned();
+        let image = match (kind, requested) {
+            (_, Some(image)) => image.to_owned(),
+            (LaunchKind::CodingAgent, None) => self.cfg.default_image.clone(),
+            (LaunchKind::Container, None) => return Err(ContainerError::NoContainerImage),
+        };
         if image.is_empty() {
             return Err(ContainerError::NoImage);
         }
+        check_image_ref("the job's image", &image)?;
         if image != self.cfg.default_image && !self.cfg.allowed_images.contains(&image) {
             return Err(ContainerError::ImageNotAllowed { image });
         }
-        let label = self.label_with_pull(&image).await?;
-        self.judge_label(&image, label)?;
+        // The contract label names the JSONL agent contract (spec 4.8); container kinds do not
+        // speak it, so for them the allowlist is the control (and `create` pulls if needed).
+        if kind == LaunchKind::CodingAgent {
+            let label = self.label_with_pull(&image).await?;
+            self.judge_label(&image, label)?;
+        }
         Ok(image)
     }
 
@@ -687,12 +1111,14 @@ impl Engine {
                 LaunchKind::Container => ContainerError::NoContainerImage,
             });
         }
+        check_image_ref("the job's image", &spec.image)?;
         let name = container_name(&self.cfg.instance, spec.run_id, spec.attempt);
         if self.state(&name).await?.is_some() {
             return Ok(name);
         }
+        let log_args = log_backstop_args(&self.log_driver().await, self.cfg.output_limit);
         let env_file = write_env_file(env_dir, &spec.env, spec.run_id)?;
-        let argv = create_argv(&self.cfg, spec, env_file.path());
+        let argv = create_argv_with_logs(&self.cfg, spec, env_file.path(), &log_args);
         let args: Vec<&str> = argv.iter().map(String::as_str).collect();
         let result = self.cli_ok(&args, CLI_TIMEOUT).await;
         // The engine copied the env at create time: the secrets leave the disk now.
@@ -877,6 +1303,164 @@ mod tests {
                 .expect_err("garbage must be rejected");
             assert!(err.to_string().contains(name), "{err}");
         }
+    }
+
+    #[test]
+    fn image_references_follow_the_grammar() {
+        for good in [
+            "alpine",
+            "alpine:3.20",
+            "windshift-test-agent:dev",
+            "ghcr.io/windshiftapp/windshift-agent:latest",
+            "localhost:5000/a/b_c__d/e-f--g:v1.2-rc_3",
+            "registry.example.com:443/team/agent@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "Registry.Example.com/x/y:TAG",
+        ] {
+            assert_eq!(image_ref_problem(good), None, "{good}");
+        }
+        for (bad, why) in [
+            ("--privileged", "'-'"),
+            ("-v/:/host", "'-'"),
+            ("", "empty"),
+            ("alpine latest", "whitespace"),
+            ("alpine\n", "whitespace"),
+            ("alp\u{7}ine", "control"),
+            ("Alpine", "lowercase"),
+            ("a//b", "lowercase"),
+            ("a/b.", "lowercase"),
+            ("a/.b", "lowercase"),
+            ("a/b---", "lowercase"),
+            ("a:", "tag"),
+            ("a:-x", "tag"),
+            ("a:b/c", "registry"),
+            ("a@sha256:abc", "digest"),
+            (
+                "a@md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "digest",
+            ),
+            ("bad_host.io:port/a", "registry"),
+            ("-host.io/a", "'-'"),
+        ] {
+            let problem = image_ref_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(problem.contains(why), "{bad:?}: {problem}");
+        }
+        assert!(image_ref_problem(&"a".repeat(600)).is_some());
+        assert!(image_ref_problem(&format!("a:{}", "t".repeat(129))).is_some());
+        let err = check_image_ref("WSRUNNER_IMAGE", "--privileged").expect_err("refused");
+        assert!(err.to_string().contains("WSRUNNER_IMAGE"), "{err}");
+    }
+
+    #[test]
+    fn engine_children_get_only_the_engine_variables() {
+        use std::ffi::OsString;
+        let runner_env: BTreeMap<&str, &str> = [
+            ("PATH", "/usr/bin"),
+            ("HOME", "/root"),
+            ("DOCKER_HOST", "unix:///run/docker.sock"),
+            ("https_proxy", "http://proxy:3128"),
+            ("WSRUNNER_CREDENTIAL", "wsrc_secret"),
+            ("WSRUNNER_REGISTRATION_TOKEN", "wsrt_secret"),
+            ("ANTHROPIC_API_KEY", "sk-secret"),
+            ("LD_PRELOAD", "/tmp/evil.so"),
+        ]
+        .into_iter()
+        .collect();
+        let env = engine_env_from(|name| runner_env.get(name).map(OsString::from));
+        let names: Vec<&str> = env.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["PATH", "HOME", "DOCKER_HOST", "https_proxy"]);
+        // The command builder applies exactly that list, on a cleared environment.
+        let engine = Engine::new(ContainerConfig::default());
+        let cmd = engine.command(&["version"]);
+        let std_cmd = cmd.as_std();
+        let mut set: Vec<String> = Vec::new();
+        for (key, value) in std_cmd.get_envs() {
+            let key = key.to_string_lossy().into_owned();
+            assert!(ENGINE_ENV.contains(&key.as_str()), "{key} passed");
+            if value.is_some() {
+                set.push(key);
+            }
+        }
+        let parent = engine_env();
+        assert_eq!(set.len(), parent.len());
+    }
+
+    #[test]
+    fn argv_carries_runtime_backstop_and_double_dash() {
+        let cfg = ContainerConfig {
+            runtime: Some("runsc".into()),
+            output_limit: 1 << 20,
+            ..ContainerConfig::default()
+        };
+        let spec = ContainerSpec {
+            run_id: 1,
+            attempt: 1,
+            kind: LaunchKind::Container,
+            image: "alpine:3".into(),
+            env: BTreeMap::new(),
+            checkout: None,
+            extra_args: Vec::new(),
+        };
+        let logs = log_backstop_args("json-file", cfg.output_limit);
+        assert_eq!(
+            logs,
+            ["--log-opt", "max-size=2097152", "--log-opt", "max-file=5"]
+        );
+        assert_eq!(
+            log_backstop_args("k8s-file", 1 << 20),
+            ["--log-opt", "max-size=10485760"]
+        );
+        assert!(log_backstop_args("journald", 1 << 20).is_empty());
+        let argv = create_argv_with_logs(&cfg, &spec, Path::new("/e"), &logs);
+        assert!(argv.contains(&"--runtime=runsc".to_owned()), "{argv:?}");
+        assert_eq!(&argv[argv.len() - 2..], ["--", "alpine:3"]);
+        assert!(argv.windows(2).any(|w| w == ["--log-opt", "max-file=5"]));
+    }
+
+    #[test]
+    fn hardening_settings_parse_and_refuse() {
+        let get = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let cfg = ContainerConfig::from_lookup(
+            "x",
+            get(&[
+                ("WSRUNNER_RUNTIME", "runc"),
+                ("WSRUNNER_AGENT_OUTPUT_LIMIT", "64k"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.runtime.as_deref(), Some("runc"));
+        assert_eq!(cfg.output_limit, 64 << 10);
+        assert_eq!(ContainerConfig::default().output_limit, 256 << 20);
+        assert_eq!(parse_output_limit("1g"), Some(1 << 30));
+        assert_eq!(parse_output_limit("100"), None, "below the minimum");
+        assert_eq!(parse_output_limit("12q"), None);
+        for pairs in [
+            &[("WSRUNNER_NETWORK", "host")][..],
+            &[("WSRUNNER_RUNTIME", "--privileged")][..],
+            &[("WSRUNNER_IMAGE", "-it")][..],
+            &[("WSRUNNER_ALLOWED_IMAGES", "alpine, --rm")][..],
+            &[("WSRUNNER_AGENT_OUTPUT_LIMIT", "lots")][..],
+        ] {
+            assert!(
+                ContainerConfig::from_lookup("x", get(pairs)).is_err(),
+                "{pairs:?}"
+            );
+        }
+        let host = ContainerConfig::from_lookup(
+            "x",
+            get(&[
+                ("WSRUNNER_NETWORK", "host"),
+                ("WSRUNNER_ALLOW_HOST_NETWORK", "1"),
+            ]),
+        )
+        .expect("opted in");
+        assert_eq!(host.network, "host");
     }
 
     #[test]
