@@ -913,7 +913,7 @@ fn through_budget(events: &[Event], limit: u32, exit: &Event) -> (RunState, usiz
     let (mut state, _) = run(p, &[Event::ContainerStarted]);
     let mut budget = AgentBudget::new("c", 0, limit);
     let mut records = 0;
-    let mut step = |state: &mut RunState, event: &Event| -> bool {
+    let step = |state: &mut RunState, event: &Event| -> bool {
         let (next, _) = transition(state, event).expect("agent events apply while running");
         let changed = next != *state;
         *state = next;
@@ -1002,7 +1002,7 @@ fn the_last_finish_or_error_decides_after_thousands_of_signals() {
         .map(|n| sig(&format!(r#"{{"type":"error","message":"e{n}"}}"#)))
         .collect();
     let exit = exited(0);
-    // Row 5: the last error, though only the first 16 errors were journaled one by one.
+    // Row 5: the last error, though only the first errors (the budget) were journaled one by one.
     let (state, records) = through_budget(&errors, AGENT_RECORD_BUDGET, &exit);
     assert_eq!(
         state.verdict().map(|v| v.error.as_str()),

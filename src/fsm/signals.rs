@@ -22,10 +22,12 @@ use super::contract::AgentSignal;
 use super::machine::Event;
 
 /// Journal records one container attempt's output may cause before its signals are coalesced
-/// (an ordinary agent needs 2–4: its first contract event, `finish`, `session_idle`, an error
+/// (an ordinary agent needs 3–5: its first contract event, `finish`, `session_idle`, an error
 /// or two). With the coalesced ones at the exit a container costs at most
-/// `AGENT_RECORD_BUDGET + MAX_COALESCED_RECORDS` records, whatever it prints.
-pub const AGENT_RECORD_BUDGET: u32 = 16;
+/// `AGENT_RECORD_BUDGET + MAX_COALESCED_RECORDS` records, whatever it prints. Each record
+/// carries the state with its prompt and costs about twice its size on disk (sled rewrites
+/// pages), so the number is kept small: past it nothing is lost, signals only wait for the exit.
+pub const AGENT_RECORD_BUDGET: u32 = 8;
 
 /// Most records a [`SignalFold`] turns into (one per fact kind).
 pub const MAX_COALESCED_RECORDS: usize = 5;
