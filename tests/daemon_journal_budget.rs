@@ -178,16 +178,21 @@ async fn an_error_flood_without_finish_reports_the_last_error() {
 }
 
 /// The coalesced signals live in memory until the exit. The runner is killed after it read
-/// (and delivered) the agent's finish past the budget, so the re-attached runner skips that
-/// line: it must see that the journal's budget is spent and fold the container's whole
-/// stdout again, or the finish is lost and the run fails on the last error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_past_the_budget_keeps_the_coalesced_finish() {
-    let h = Harness::start("budget-crash").await;
+/// (and delivered) the agent's finish past the budget, so the next runner skips that line
+/// (its saved progress is past it): it must see that the journal's budget is spent and fold
+/// the container's whole stdout again, or the finish is lost and the run fails on the last
+/// error. `harvest`: the container exits while no runner watches (recovery replays its logs);
+/// otherwise it still runs (recovery re-attaches).
+async fn crash_past_the_budget(harvest: bool) {
+    let h = Harness::start(if harvest { "budget-harvest" } else { "budget-reattach" }).await;
     let mut first = h.runner(&[]);
-    let id = h.enqueue(&padded(
-        r#"errflood 300 bytes=64; finish completed "finished before the crash"; sleep 40000"#,
-    ));
+    // The sleep outlasts the delivery of the flood (~10 s at 20 requests/s).
+    let script = if harvest {
+        r#"errflood 300 bytes=64; finish completed "finished before the crash"; sleep 20000; exit 0"#
+    } else {
+        r#"errflood 300 bytes=64; finish completed "finished before the crash"; sleep 40000"#
+    };
+    let id = h.enqueue(&padded(script));
     // The finish's raw stdout line: every stdout line is one stored event here (no content
     // lines to merge), so it is the number of stdout events up to the finish.
     let finish_line = {
@@ -238,9 +243,25 @@ async fn a_crash_past_the_budget_keeps_the_coalesced_finish() {
         "the budget was spent and nothing past it journaled before the crash"
     );
 
+    if harvest {
+        h.wait_until(Duration::from_secs(60), "the agent exited unwatched", || {
+            let out = std::process::Command::new(engine_cli())
+                .args(["inspect", "--format", "{{.State.Status}}", &container])
+                .output()
+                .expect("inspect");
+            String::from_utf8_lossy(&out.stdout).trim() == "exited"
+        })
+        .await;
+    }
+
     let runner = h.runner(&[]);
     let run = wait_final_long(&h, id).await;
-    assert!(h.log().contains("decision=\"reattach\""), "{}", h.log());
+    let decision = if harvest { "harvest_exit" } else { "reattach" };
+    assert!(
+        h.log().contains(&format!("decision=\"{decision}\"")),
+        "{}",
+        h.log()
+    );
     assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
     assert_eq!(run.summary, "finished before the crash");
     stop(&h, runner).await;
@@ -252,4 +273,14 @@ async fn a_crash_past_the_budget_keeps_the_coalesced_finish() {
     assert!(h.containers().is_empty(), "{:?}", h.containers());
     let verify = h.journal_verify();
     assert!(verify.status.success(), "journal verify: {verify:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_past_the_budget_keeps_the_coalesced_finish_on_reattach() {
+    crash_past_the_budget(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_past_the_budget_keeps_the_coalesced_finish_on_replay() {
+    crash_past_the_budget(true).await;
 }
