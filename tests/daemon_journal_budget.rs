@@ -153,7 +153,10 @@ async fn an_error_flood_costs_a_bounded_journal_and_the_last_finish_decides() {
     );
     let verify = h.journal_verify();
     assert!(verify.status.success(), "journal verify: {verify:?}");
-    eprintln!("journal growth {grown} bytes (budget {}), {records} records, {agent} from the agent", journal_budget());
+    eprintln!(
+        "journal growth {grown} bytes (budget {}), {records} records, {agent} from the agent",
+        journal_budget()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +168,8 @@ async fn an_error_flood_without_finish_reports_the_last_error() {
     // Spec 6.5 row 5: the last error, although it came long after the budget was spent.
     assert_eq!(run.status, "failed", "{run:?}\n{}", h.log());
     assert!(
-        run.error.starts_with("agent error: agent error number 299 "),
+        run.error
+            .starts_with("agent error: agent error number 299 "),
         "{run:?}\n{}",
         h.log()
     );
@@ -184,7 +188,12 @@ async fn an_error_flood_without_finish_reports_the_last_error() {
 /// error. `harvest`: the container exits while no runner watches (recovery replays its logs);
 /// otherwise it still runs (recovery re-attaches).
 async fn crash_past_the_budget(harvest: bool) {
-    let h = Harness::start(if harvest { "budget-harvest" } else { "budget-reattach" }).await;
+    let h = Harness::start(if harvest {
+        "budget-harvest"
+    } else {
+        "budget-reattach"
+    })
+    .await;
     let mut first = h.runner(&[]);
     // The sleep outlasts the delivery of the flood (~10 s at 20 requests/s).
     let script = if harvest {
@@ -244,13 +253,17 @@ async fn crash_past_the_budget(harvest: bool) {
     );
 
     if harvest {
-        h.wait_until(Duration::from_secs(60), "the agent exited unwatched", || {
-            let out = std::process::Command::new(engine_cli())
-                .args(["inspect", "--format", "{{.State.Status}}", &container])
-                .output()
-                .expect("inspect");
-            String::from_utf8_lossy(&out.stdout).trim() == "exited"
-        })
+        h.wait_until(
+            Duration::from_secs(60),
+            "the agent exited unwatched",
+            || {
+                let out = std::process::Command::new(engine_cli())
+                    .args(["inspect", "--format", "{{.State.Status}}", &container])
+                    .output()
+                    .expect("inspect");
+                String::from_utf8_lossy(&out.stdout).trim() == "exited"
+            },
+        )
         .await;
     }
 

@@ -1024,7 +1024,9 @@ fn the_last_finish_or_error_decides_after_thousands_of_signals() {
     assert!(records <= AGENT_RECORD_BUDGET as usize + MAX_COALESCED_RECORDS);
     // Row 4: a blocked finish after the flood.
     let mut blocked = errors;
-    blocked.push(sig(r#"{"type":"finish","outcome":"blocked","summary":"no access"}"#));
+    blocked.push(sig(
+        r#"{"type":"finish","outcome":"blocked","summary":"no access"}"#,
+    ));
     let (state, _) = through_budget(&blocked, AGENT_RECORD_BUDGET, &exit);
     assert_eq!(
         state.verdict().map(|v| v.error.as_str()),

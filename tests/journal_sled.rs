@@ -57,7 +57,11 @@ fn db_dir_is_created_0700_and_tightened() {
 fn modes_under(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, bool, u32)>) {
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let meta = std::fs::symlink_metadata(entry.path()).unwrap();
-        out.push((entry.path(), meta.is_dir(), meta.permissions().mode() & 0o7777));
+        out.push((
+            entry.path(),
+            meta.is_dir(),
+            meta.permissions().mode() & 0o7777,
+        ));
         if meta.is_dir() {
             modes_under(&entry.path(), out);
         }
@@ -90,7 +94,9 @@ fn every_journal_file_is_0600_and_every_directory_0700_after_commits() {
     modes_under(&db, &mut found);
     unsafe { libc::umask(old) };
     assert!(
-        found.iter().any(|(p, dir, _)| !dir && p.parent() == Some(&db.join("blobs"))),
+        found
+            .iter()
+            .any(|(p, dir, _)| !dir && p.parent() == Some(&db.join("blobs"))),
         "the large records made sled write blob files: {found:?}"
     );
     let wrong: Vec<_> = found

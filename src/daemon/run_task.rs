@@ -739,8 +739,7 @@ impl RunTask {
             let (skip_out, skip_err) = (progress.stdout, progress.stderr);
             // Past the budget the previous process coalesced signals in memory, which died
             // with it: fold the container's whole stdout again (signals only).
-            let resignal =
-                self.judges_container(name) && self.agent_budget_for(name).await.spent();
+            let resignal = self.judges_container(name) && self.agent_budget_for(name).await.spent();
             let reader = tokio::spawn(async move {
                 agent_driver::replay(&engine, &reader_name, skip_out, skip_err, resignal, tx).await
             });
@@ -980,7 +979,12 @@ impl RunTask {
                     AGENT_RECORD_BUDGET
                 }
             };
-            debug!(run_id = self.run_id, container = name, used, "agent journal budget");
+            debug!(
+                run_id = self.run_id,
+                container = name,
+                used,
+                "agent journal budget"
+            );
             self.agent_budget = Some(AgentBudget::new(name, used, AGENT_RECORD_BUDGET));
         }
         self.agent_budget

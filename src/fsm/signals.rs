@@ -48,8 +48,9 @@ pub struct SignalFold {
 }
 
 impl SignalFold {
-    /// Folds in an agent event (`AgentSignal` or `StreamDegraded`); anything else is returned.
-    pub fn push(&mut self, event: Event) -> Result<(), Event> {
+    /// Folds in an agent event (`AgentSignal` or `StreamDegraded`); anything else is handed
+    /// back untouched.
+    pub fn push(&mut self, event: Event) -> Option<Event> {
         match event {
             Event::AgentSignal { signal } => match signal {
                 AgentSignal::Event { .. } => {
@@ -60,10 +61,10 @@ impl SignalFold {
                 AgentSignal::SessionIdle => self.idle = true,
             },
             Event::StreamDegraded => self.degraded = true,
-            other => return Err(other),
+            other => return Some(other),
         }
         self.folded += 1;
-        Ok(())
+        None
     }
 
     pub fn is_empty(&self) -> bool {
@@ -135,7 +136,7 @@ impl AgentBudget {
         if !self.spent() {
             return Some(event);
         }
-        self.pending.push(event).err()
+        self.pending.push(event)
     }
 
     /// An admitted event changed the state: it cost one record.
@@ -213,7 +214,7 @@ mod tests {
             Event::StreamDegraded,
             error(2),
         ] {
-            fold.push(event).unwrap();
+            assert_eq!(fold.push(event), None);
         }
         let events = fold.events();
         assert_eq!(events.len(), 4, "{events:?}");
