@@ -116,7 +116,8 @@ async fn an_error_flood_costs_a_bounded_journal_and_the_last_finish_decides() {
     h.wait_ready(1).await;
     let before = dir_size(&h.journal_dir());
     let id = h.enqueue(&padded(
-        r#"errflood 2000 bytes=200; commit file=work.txt msg="agent work"; finish completed "done after the flood""#,
+        r#"errflood 2000 bytes=200; commit file=work.txt msg="agent work";
+           finish completed "done after the flood""#,
     ));
     let run = wait_final_long(&h, id).await;
     let grown = dir_size(&h.journal_dir()).saturating_sub(before);
@@ -197,7 +198,8 @@ async fn crash_past_the_budget(harvest: bool) {
     let mut first = h.runner(&[]);
     // The sleep outlasts the delivery of the flood (~10 s at 20 requests/s).
     let script = if harvest {
-        r#"errflood 300 bytes=64; finish completed "finished before the crash"; sleep 20000; exit 0"#
+        r#"errflood 300 bytes=64; finish completed "finished before the crash";
+           sleep 20000; exit 0"#
     } else {
         r#"errflood 300 bytes=64; finish completed "finished before the crash"; sleep 40000"#
     };

@@ -971,11 +971,17 @@ impl RunTask {
             let used = match read {
                 Ok(Ok(slots)) => agent_records(&slots, name),
                 Ok(Err(e)) => {
-                    warn!(run_id = self.run_id, "cannot count the agent's records ({e}); treating its journal budget as spent");
+                    warn!(
+                        run_id = self.run_id,
+                        "cannot count the agent's records ({e}); its journal budget counts as spent"
+                    );
                     AGENT_RECORD_BUDGET
                 }
                 Err(e) => {
-                    warn!(run_id = self.run_id, "journal read task failed ({e}); treating the agent's journal budget as spent");
+                    warn!(
+                        run_id = self.run_id,
+                        "journal read task failed ({e}); the agent's journal budget counts as spent"
+                    );
                     AGENT_RECORD_BUDGET
                 }
             };

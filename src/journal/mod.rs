@@ -292,8 +292,11 @@ pub fn agent_records(slots: &[Slot], container: &str) -> u32 {
         .iter()
         .filter(|slot| match slot {
             Slot::Record(r) => {
-                fsm::signals::is_agent_event(&r.event)
-                    && matches!(&r.state, RunState::Running { container: c, .. } if c.name == container)
+                let ran = match &r.state {
+                    RunState::Running { container: c, .. } => c.name == container,
+                    _ => false,
+                };
+                ran && fsm::signals::is_agent_event(&r.event)
             }
             Slot::Quarantined(_) => false,
         })
