@@ -435,3 +435,59 @@ async fn reattach_after_the_driver_dies_collects_the_rest() {
     assert_eq!(result.exit_code, Some(0));
     assert!(!result.killed_after_grace);
 }
+
+/// The journal budget's crash path (docs/journal.md): a replay asked to `resignal_skipped`
+/// reports the signals of the skipped stdout lines exactly as the live reader saw them, and
+/// no event of a skipped line (nothing is sent twice); without it, skipped lines yield nothing.
+#[tokio::test]
+async fn a_replay_resignals_skipped_lines_without_their_events() {
+    let (engine, _cleanup) = test_engine(&unique_instance("resignal"));
+    let driven = run_script(
+        &engine,
+        &spec(112, LaunchKind::CodingAgent, None),
+        r#"error first; raw "not json"; error second; finish completed "the end"; say after"#,
+        GRACE,
+    )
+    .await;
+    assert_eq!(driven.result.exit_code, Some(0), "{:?}", driven.outputs);
+    let live = driven.signals();
+    assert!(live.len() >= 5, "{live:?}");
+    let lines = driven.result.stdout_lines;
+
+    let replayed = |resignal: bool| {
+        let engine = engine.clone();
+        let name = driven.name.clone();
+        async move {
+            let (tx, mut rx) = mpsc::channel(1024);
+            let counts = agent_driver::replay(&engine, &name, lines, 0, resignal, tx)
+                .await
+                .expect("replay");
+            let mut all = Vec::new();
+            while let Some(o) = rx.recv().await {
+                all.push(o);
+            }
+            (counts, all)
+        }
+    };
+    let (counts, outputs) = replayed(true).await;
+    assert_eq!(counts.0, lines);
+    let stdout_events = outputs
+        .iter()
+        .filter(|o| matches!(o, DriverOutput::Event { event_type, .. } if event_type == "stdout"))
+        .count();
+    assert_eq!(stdout_events, 0, "no event of a skipped line: {outputs:?}");
+    let signals: Vec<AgentSignal> = outputs
+        .iter()
+        .filter_map(|o| match o {
+            DriverOutput::Signal(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(signals, live, "the same signals, in order");
+
+    let (_, outputs) = replayed(false).await;
+    assert!(
+        !outputs.iter().any(|o| matches!(o, DriverOutput::Signal(_))),
+        "{outputs:?}"
+    );
+}

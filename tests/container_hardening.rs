@@ -256,14 +256,21 @@ async fn output_past_the_limit_stops_the_container_and_replay_agrees() {
 
     // Replay past what was read forwards nothing and reports no second limit.
     let (tx, mut rx) = mpsc::channel(1024);
-    let counts = agent_driver::replay(&engine, &driven.name, r.stdout_lines, r.stderr_lines, tx)
-        .await
-        .expect("replay");
+    let counts = agent_driver::replay(
+        &engine,
+        &driven.name,
+        r.stdout_lines,
+        r.stderr_lines,
+        false,
+        tx,
+    )
+    .await
+    .expect("replay");
     assert_eq!(counts, (r.stdout_lines, r.stderr_lines));
     assert!(rx.recv().await.is_none(), "nothing new after the limit");
     // Replay from the start finds the limit at the same line.
     let (tx, mut rx) = mpsc::channel(100_000);
-    agent_driver::replay(&engine, &driven.name, 0, 0, tx)
+    agent_driver::replay(&engine, &driven.name, 0, 0, false, tx)
         .await
         .expect("replay all");
     let mut replayed = Vec::new();

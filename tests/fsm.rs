@@ -985,3 +985,133 @@ fn refused_claim_input_fails_before_any_checkout_or_push() {
         assert!(!r.error.contains("key\0"), "{}", r.error);
     }
 }
+// ---------- the agent output journal budget (docs/journal.md) ----------
+
+/// Feeds agent events the way the run task does: each admitted event is a transition (a
+/// record when it changed the state), the coalesced rest is applied right before the exit.
+/// Returns the state after `exit` and how many records the agent's output caused.
+fn through_budget(events: &[Event], limit: u32, exit: &Event) -> (RunState, usize) {
+    let p = plan_with(&[], "");
+    let (mut state, _) = run(p, &[Event::ContainerStarted]);
+    let mut budget = AgentBudget::new("c", 0, limit);
+    let mut records = 0;
+    let step = |state: &mut RunState, event: &Event| -> bool {
+        let (next, _) = transition(state, event).expect("agent events apply while running");
+        let changed = next != *state;
+        *state = next;
+        changed
+    };
+    for event in events {
+        if let Some(event) = budget.admit(event.clone()) {
+            if step(&mut state, &event) {
+                budget.recorded();
+                records += 1;
+            }
+        }
+    }
+    let coalesced = budget.take_pending();
+    assert!(coalesced.len() <= MAX_COALESCED_RECORDS, "{coalesced:?}");
+    for event in &coalesced {
+        if step(&mut state, event) {
+            records += 1;
+        }
+    }
+    let (state, _) = transition(&state, exit).expect("exit applies while running");
+    (state, records)
+}
+
+/// The same events, every one journaled (no budget).
+fn unbudgeted(events: &[Event], exit: &Event) -> RunState {
+    let mut all = vec![Event::ContainerStarted];
+    all.extend(events.iter().cloned());
+    all.push(exit.clone());
+    run(plan_with(&[], ""), &all).0
+}
+
+fn agent_event_strategy() -> impl proptest::strategy::Strategy<Value = Event> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0u8..3).prop_map(|n| Event::AgentSignal {
+            signal: AgentSignal::Event {
+                event_type: format!("t{n}")
+            }
+        }),
+        (0u8..3, 0u8..4).prop_map(|(o, s)| Event::AgentSignal {
+            signal: AgentSignal::Finish {
+                outcome: ["completed", "blocked", "needs_info"][o as usize].into(),
+                summary: format!("s{s}"),
+            }
+        }),
+        (0u8..6).prop_map(|m| Event::AgentSignal {
+            signal: AgentSignal::Error {
+                message: format!("e{m}")
+            }
+        }),
+        Just(Event::AgentSignal {
+            signal: AgentSignal::SessionIdle
+        }),
+        Just(Event::StreamDegraded),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Whatever the agent prints and wherever the budget runs out, the coalesced stream ends
+    /// in the state (hence the verdict) of the full stream, within the record bound.
+    #[test]
+    fn the_budget_never_changes_the_verdict(
+        events in proptest::collection::vec(agent_event_strategy(), 0..80),
+        limit in 0u32..8,
+        code in proptest::prelude::prop_oneof![
+            proptest::prelude::Just(Some(0)),
+            proptest::prelude::Just(Some(1)),
+            proptest::prelude::Just(None),
+        ],
+    ) {
+        let exit = Event::ContainerExited { code };
+        let (budgeted, records) = through_budget(&events, limit, &exit);
+        let full = unbudgeted(&events, &exit);
+        proptest::prop_assert_eq!(budgeted.verdict(), full.verdict());
+        proptest::prop_assert_eq!(&budgeted, &full);
+        proptest::prop_assert!(records <= limit as usize + MAX_COALESCED_RECORDS);
+    }
+}
+
+#[test]
+fn the_last_finish_or_error_decides_after_thousands_of_signals() {
+    let errors: Vec<Event> = (0..2000)
+        .map(|n| sig(&format!(r#"{{"type":"error","message":"e{n}"}}"#)))
+        .collect();
+    let exit = exited(0);
+    // Row 5: the last error, though only the first errors (the budget) were journaled one by one.
+    let (state, records) = through_budget(&errors, AGENT_RECORD_BUDGET, &exit);
+    assert_eq!(
+        state.verdict().map(|v| v.error.as_str()),
+        Some("agent error: e1999")
+    );
+    assert_eq!(records, AGENT_RECORD_BUDGET as usize + 1);
+    // Row 6: a finish after the flood wins over every error.
+    let mut then_finish = errors.clone();
+    then_finish.push(sig(
+        r#"{"type":"finish","outcome":"completed","summary":"done"}"#,
+    ));
+    then_finish.push(sig(r#"{"type":"session_idle"}"#));
+    let (state, records) = through_budget(&then_finish, AGENT_RECORD_BUDGET, &exit);
+    let verdict = state.verdict().unwrap();
+    assert_eq!(
+        (verdict.status, verdict.summary.as_str()),
+        (Status::Succeeded, "done")
+    );
+    assert!(records <= AGENT_RECORD_BUDGET as usize + MAX_COALESCED_RECORDS);
+    // Row 4: a blocked finish after the flood.
+    let mut blocked = errors;
+    blocked.push(sig(
+        r#"{"type":"finish","outcome":"blocked","summary":"no access"}"#,
+    ));
+    let (state, _) = through_budget(&blocked, AGENT_RECORD_BUDGET, &exit);
+    assert_eq!(
+        state.verdict().map(|v| v.error.as_str()),
+        Some("agent blocked: no access")
+    );
+}

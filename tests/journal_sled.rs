@@ -53,6 +53,63 @@ fn db_dir_is_created_0700_and_tightened() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// Every directory and file under `dir`, with its permission bits.
+fn modes_under(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, bool, u32)>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+        out.push((
+            entry.path(),
+            meta.is_dir(),
+            meta.permissions().mode() & 0o7777,
+        ));
+        if meta.is_dir() {
+            modes_under(&entry.path(), out);
+        }
+    }
+}
+
+/// Security issue 11: sled creates `blobs/` 0755 and its files 0644 under the usual umask,
+/// at open and while running (a blob file for every large page). After commits, including a
+/// run whose prompt forces blobs, every directory of the journal is 0700 and every file 0600.
+#[test]
+fn every_journal_file_is_0600_and_every_directory_0700_after_commits() {
+    // The usual umask, whatever the test harness runs with: it is what sled's files get.
+    // SAFETY: umask(2) only swaps the process's mask; this test binary's tests do not depend
+    // on it.
+    let old = unsafe { libc::umask(0o022) };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("journal");
+    let j = SledJournal::open(&db).unwrap();
+    commit_run(&j, 1, 0, 1_000);
+    // A 600 KB prompt: each record carries it, well past sled's inline limit (a blob file).
+    let (mut plan, secrets) = common::plan_and_secrets(2);
+    plan.prompt = "p".repeat(600 * 1024);
+    let mut last: Option<Record> = None;
+    for event in common::happy_path(&plan) {
+        let c = commit_event(&j, last.as_ref(), event, 2_000, Some(secrets.clone())).unwrap();
+        last = c.record.or(last);
+    }
+    j.flush().unwrap();
+    let mut found = Vec::new();
+    modes_under(&db, &mut found);
+    unsafe { libc::umask(old) };
+    assert!(
+        found
+            .iter()
+            .any(|(p, dir, _)| !dir && p.parent() == Some(&db.join("blobs"))),
+        "the large records made sled write blob files: {found:?}"
+    );
+    let wrong: Vec<_> = found
+        .iter()
+        .filter(|(_, dir, mode)| *mode != if *dir { 0o700 } else { 0o600 })
+        .collect();
+    assert!(wrong.is_empty(), "not private: {wrong:?}");
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+}
+
 #[test]
 fn sequence_rules_and_indexes() {
     let dir = tempfile::tempdir().unwrap();

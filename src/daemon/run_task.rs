@@ -20,8 +20,11 @@ use crate::effects::container::{ContainerSpec, LaunchKind};
 use crate::effects::git::{
     self, git_proxy_url, validate_slug, RepoCache, RunRepo, RunWorkspaceRequest, WsToml,
 };
-use crate::fsm::{Checkout, CheckoutRepo, Effect, Event, RepoHead, RunSecrets, RunState};
-use crate::journal::{commit_event_async, now_ms, CommitError, Record};
+use crate::fsm::{
+    AgentBudget, Checkout, CheckoutRepo, Effect, Event, RepoHead, RunSecrets, RunState,
+    AGENT_RECORD_BUDGET,
+};
+use crate::journal::{agent_records, commit_event_async, now_ms, CommitError, Record};
 use crate::redact::redact;
 
 /// A stop asked of a running run from outside its task.
@@ -94,6 +97,8 @@ pub(crate) struct RunTask {
     pending_output: Vec<(String, Progress)>,
     /// The run's event stream progress, kept after `events` is consumed (report, shutdown).
     delivery: Delivery,
+    /// The journal budget of the current container's output (docs/journal.md).
+    agent_budget: Option<AgentBudget>,
     span: Span,
 }
 
@@ -128,6 +133,7 @@ impl RunTask {
             deadline_fired: false,
             pending_output: Vec::new(),
             delivery,
+            agent_budget: None,
             span,
         }
     }
@@ -284,8 +290,17 @@ impl RunTask {
         }
     }
 
-    /// Journals one event (transaction + flush) and returns the effects to run now.
+    /// Journals one event (transaction + flush) and returns the effects to run now. A
+    /// container's exit is preceded by the agent signals coalesced past its journal budget,
+    /// so the exit is judged on every signal (docs/journal.md, "Agent output budget").
     async fn commit(&mut self, event: Event) -> Result<Vec<Effect>, Interrupted> {
+        if matches!(event, Event::ContainerExited { .. }) {
+            self.commit_coalesced().await?;
+        }
+        self.commit_record(event).await
+    }
+
+    async fn commit_record(&mut self, event: Event) -> Result<Vec<Effect>, Interrupted> {
         let started = Instant::now();
         let kind = event.kind();
         match commit_event_async(
@@ -545,6 +560,8 @@ impl RunTask {
             let (out, err) = read_progress(&dir);
             options.skip_stdout_lines = out;
             options.skip_stderr_lines = err;
+            // Signals the previous process coalesced died with it: fold the whole stream.
+            options.resignal_skipped = self.agent_budget_for(name).await.spent();
             info!(
                 run_id = self.run_id,
                 container = name,
@@ -596,6 +613,8 @@ impl RunTask {
                     effects.push(effect);
                 }
             }
+            // A fresh attempt: its output has caused no record yet.
+            self.agent_budget = Some(AgentBudget::new(name, 0, AGENT_RECORD_BUDGET));
         }
 
         let (out_tx, mut out_rx) = mpsc::channel::<DriverOutput>(1024);
@@ -746,8 +765,11 @@ impl RunTask {
             let engine = self.ctx.engine.clone();
             let reader_name = name.clone();
             let (skip_out, skip_err) = (progress.stdout, progress.stderr);
+            // Past the budget the previous process coalesced signals in memory, which died
+            // with it: fold the container's whole stdout again (signals only).
+            let resignal = self.judges_container(name) && self.agent_budget_for(name).await.spent();
             let reader = tokio::spawn(async move {
-                agent_driver::replay(&engine, &reader_name, skip_out, skip_err, tx).await
+                agent_driver::replay(&engine, &reader_name, skip_out, skip_err, resignal, tx).await
             });
             let mut forwarded = 0u64;
             loop {
@@ -892,17 +914,114 @@ impl RunTask {
                 progress.forwarded(&event_type, line, self.delivery.accepted());
             }
             DriverOutput::Signal(signal) => {
-                self.commit(Event::AgentSignal { signal }).await?;
+                self.commit_agent(Event::AgentSignal { signal }).await?;
             }
             DriverOutput::StreamDegraded { stream } => {
                 warn!(
                     run_id = self.run_id,
-                    stream, "agent output line over 1 MiB; the rest of the stream is discarded"
+                    stream, "agent output stream degraded (a line over 1 MiB, or WSRUNNER_AGENT_OUTPUT_LIMIT reached); the rest of the stream is discarded"
                 );
-                self.commit(Event::StreamDegraded).await?;
+                self.commit_agent(Event::StreamDegraded).await?;
             }
         }
         Ok(())
+    }
+
+    /// Journals an agent event (signal, degradation) within the current container's budget,
+    /// or folds it in memory once the budget is spent: the agent decides how many it prints,
+    /// and each record carries the whole state.
+    async fn commit_agent(&mut self, event: Event) -> Result<(), Interrupted> {
+        let Some(name) = current_container(&self.last.state) else {
+            // Not in the container phase: the state machine refuses it; nothing is written.
+            self.commit_record(event).await?;
+            return Ok(());
+        };
+        let budget = self.agent_budget_for(&name).await;
+        let Some(event) = budget.admit(event) else {
+            return Ok(());
+        };
+        let before = self.last.seq;
+        self.commit_record(event).await?;
+        if self.last.seq != before {
+            let run_id = self.run_id;
+            let budget = self.agent_budget_for(&name).await;
+            budget.recorded();
+            if budget.spent() {
+                warn!(
+                    run_id,
+                    container = %name,
+                    records = budget.journaled(),
+                    "the agent's output reached its journal budget; further signals are \
+                     coalesced and journaled when the container exits"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Journals the signals coalesced past the current container's budget (at most one per
+    /// fact kind) so that the exit that follows is judged on them.
+    async fn commit_coalesced(&mut self) -> Result<(), Interrupted> {
+        let Some(name) = current_container(&self.last.state) else {
+            return Ok(());
+        };
+        let Some(budget) = self
+            .agent_budget
+            .as_mut()
+            .filter(|b| b.container() == name && !b.pending().is_empty())
+        else {
+            return Ok(());
+        };
+        let folded = budget.pending().folded();
+        let events = budget.take_pending();
+        info!(
+            run_id = self.run_id,
+            container = %name,
+            folded,
+            records = events.len(),
+            "journaling the agent signals coalesced past the journal budget"
+        );
+        for event in events {
+            self.commit_record(event).await?;
+        }
+        Ok(())
+    }
+
+    /// The budget of container `name`, counting the records its output already caused in
+    /// the journal (so a restart continues where the previous process stopped). A journal
+    /// that cannot be read counts as spent: folding loses no verdict, writing might overrun.
+    async fn agent_budget_for(&mut self, name: &str) -> &mut AgentBudget {
+        if self.agent_budget.as_ref().map(AgentBudget::container) != Some(name) {
+            let journal = self.ctx.journal.clone();
+            let run_id = self.run_id;
+            let read = tokio::task::spawn_blocking(move || journal.records(run_id)).await;
+            let used = match read {
+                Ok(Ok(slots)) => agent_records(&slots, name),
+                Ok(Err(e)) => {
+                    warn!(
+                        run_id = self.run_id,
+                        "cannot count the agent's records ({e}); its journal budget counts as spent"
+                    );
+                    AGENT_RECORD_BUDGET
+                }
+                Err(e) => {
+                    warn!(
+                        run_id = self.run_id,
+                        "journal read task failed ({e}); the agent's journal budget counts as spent"
+                    );
+                    AGENT_RECORD_BUDGET
+                }
+            };
+            debug!(
+                run_id = self.run_id,
+                container = name,
+                used,
+                "agent journal budget"
+            );
+            self.agent_budget = Some(AgentBudget::new(name, used, AGENT_RECORD_BUDGET));
+        }
+        self.agent_budget
+            .get_or_insert_with(|| AgentBudget::new(name, AGENT_RECORD_BUDGET, AGENT_RECORD_BUDGET))
     }
 
     async fn inspect_heads(&mut self) -> Result<Vec<Effect>, Interrupted> {
@@ -1197,6 +1316,18 @@ fn failpoint_matches(point: &str, event: &Event) -> bool {
                 }
         }
         _ => false,
+    }
+}
+
+/// The container whose exit is still to be judged, if the run is in its container phase.
+fn current_container(state: &RunState) -> Option<String> {
+    match state {
+        RunState::Running {
+            container,
+            after: None,
+            ..
+        } => Some(container.name.clone()),
+        _ => None,
     }
 }
 

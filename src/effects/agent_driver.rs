@@ -62,6 +62,10 @@ pub struct DriveOptions {
     /// Raw lines of each stream already seen by an earlier driver (re-attach).
     pub skip_stdout_lines: u64,
     pub skip_stderr_lines: u64,
+    /// Report the signals (only the signals, no events) of the skipped stdout lines too: the
+    /// caller coalesced signals in memory that died with the previous process, and folds the
+    /// whole stream again (docs/journal.md, "Agent output budget").
+    pub resignal_skipped: bool,
 }
 
 impl Default for DriveOptions {
@@ -71,6 +75,7 @@ impl Default for DriveOptions {
             grace: DEFAULT_GRACE,
             skip_stdout_lines: 0,
             skip_stderr_lines: 0,
+            resignal_skipped: false,
         }
     }
 }
@@ -299,15 +304,19 @@ struct StreamStats {
     saw_session_idle: bool,
 }
 
-/// Reads one stream line by line and forwards it (spec 5.4).
+/// Reads one stream line by line and forwards it (spec 5.4). The first `skip` lines are only
+/// counted, unless `resignal`: then a skipped stdout line still yields its signal (and a
+/// skipped over-long line the degradation), never its event, and never starts the handshake.
 async fn pump(
     stream: &'static str,
     reader: impl AsyncRead + Unpin,
     skip: u64,
+    resignal: bool,
     out: mpsc::Sender<DriverOutput>,
     mut idle: Option<oneshot::Sender<()>>,
     budget: Arc<OutputBudget>,
 ) -> StreamStats {
+    let resignal = resignal && stream == "stdout";
     let mut stats = StreamStats::default();
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut line: Vec<u8> = Vec::new();
@@ -393,6 +402,8 @@ async fn pump(
                 let raw = std::mem::take(&mut line);
                 if stats.lines > skip {
                     handle_line(stream, &raw, stats.lines, &mut stats, &send, &mut idle).await;
+                } else if resignal {
+                    resignal_line(&raw, &send).await;
                 }
             }
         }
@@ -400,12 +411,29 @@ async fn pump(
     // A last line without a newline still counts.
     if !line.is_empty() && !stats.degraded && !stats.limited && !overflowing {
         stats.lines += 1;
+        let raw = std::mem::take(&mut line);
         if stats.lines > skip {
-            let raw = std::mem::take(&mut line);
             handle_line(stream, &raw, stats.lines, &mut stats, &send, &mut idle).await;
+        } else if resignal {
+            resignal_line(&raw, &send).await;
         }
     }
     stats
+}
+
+/// The signal of an already forwarded stdout line, if it has one (see `pump`'s `resignal`).
+async fn resignal_line<F, Fut>(raw: &[u8], send: &F)
+where
+    F: Fn(DriverOutput) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    // The same tests as `handle_line`, so a line yields the same signal both ways.
+    if serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_err() {
+        return;
+    }
+    if let Some(signal) = classify_stdout_line(&String::from_utf8_lossy(raw)) {
+        send(DriverOutput::Signal(signal)).await;
+    }
 }
 
 async fn handle_line<F, Fut>(
@@ -520,12 +548,15 @@ async fn meter(
 /// raw lines of each stream, and sends what it finds to `out` (events, signals and
 /// degradation, exactly as the live reader would). Recovery uses it to forward the lines a
 /// previous runner read but may not have delivered (docs/daemon.md); the caller decides what
-/// to do with the signals. Returns the raw line counts of both streams.
+/// to do with the signals; with `resignal_skipped` the skipped stdout lines yield their
+/// signals too (see [`DriveOptions::resignal_skipped`]). Returns the raw line counts of both
+/// streams.
 pub async fn replay(
     engine: &Engine,
     name: &str,
     skip_stdout: u64,
     skip_stderr: u64,
+    resignal_skipped: bool,
     out: mpsc::Sender<DriverOutput>,
 ) -> Result<(u64, u64), ContainerError> {
     let mut logs = engine.command(&["logs", name]);
@@ -545,11 +576,20 @@ pub async fn replay(
         "stdout",
         stdout,
         skip_stdout,
+        resignal_skipped,
         out.clone(),
         None,
         budget.clone(),
     ));
-    let stderr_task = tokio::spawn(pump("stderr", stderr, skip_stderr, out, None, budget));
+    let stderr_task = tokio::spawn(pump(
+        "stderr",
+        stderr,
+        skip_stderr,
+        false,
+        out,
+        None,
+        budget,
+    ));
     let read = async {
         let stdout = stdout_task.await.unwrap_or_default();
         let stderr = stderr_task.await.unwrap_or_default();
@@ -634,6 +674,7 @@ pub async fn drive(
         "stdout",
         stdout,
         options.skip_stdout_lines,
+        options.resignal_skipped,
         out.clone(),
         Some(idle_tx),
         budget.clone(),
@@ -642,6 +683,7 @@ pub async fn drive(
         "stderr",
         stderr,
         options.skip_stderr_lines,
+        false,
         out.clone(),
         None,
         budget.clone(),

@@ -4,10 +4,12 @@
 //! - [`machine`]: states, events, effects, [`transition`].
 //! - [`verdict`]: spec 6.5 / 5.4 / 4.9 verdict rules.
 //! - [`recover`](mod@recover): the start-up recovery table.
+//! - [`signals`]: the journal budget of agent output and the coalescing past it.
 pub mod contract;
 pub mod machine;
 pub mod plan;
 pub mod recover;
+pub mod signals;
 pub mod verdict;
 
 pub use contract::AgentSignal;
@@ -18,4 +20,5 @@ pub use machine::{
 };
 pub use plan::{RunPlan, RunSecrets};
 pub use recover::{recover, ContainerObservation, Observations, RecoveryDecision};
+pub use signals::{AgentBudget, SignalFold, AGENT_RECORD_BUDGET, MAX_COALESCED_RECORDS};
 pub use verdict::{Status, Verdict, CANCELED_ERROR};

@@ -284,6 +284,26 @@ pub fn replay_run(slots: &[Slot]) -> Vec<String> {
     findings
 }
 
+/// How many of a run's records container `name`'s output caused: the agent signals and
+/// stream degradations journaled while it was the running container. What its journal budget
+/// (`fsm::AGENT_RECORD_BUDGET`) has used, counted across every runner process.
+pub fn agent_records(slots: &[Slot], container: &str) -> u32 {
+    let count = slots
+        .iter()
+        .filter(|slot| match slot {
+            Slot::Record(r) => {
+                let ran = match &r.state {
+                    RunState::Running { container: c, .. } => c.name == container,
+                    _ => false,
+                };
+                ran && fsm::signals::is_agent_event(&r.event)
+            }
+            Slot::Quarantined(_) => false,
+        })
+        .count();
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
 /// What [`fuzz_decode_and_replay`] made of its input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FuzzOutcome {

@@ -5,10 +5,13 @@
 //! what retention walks), `meta` (schema version; `unresolved_claim`: unix ms of a claim whose
 //! answer may have been lost, see `Journal::set_unresolved_claim`).
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -30,6 +33,8 @@ pub struct SledJournal {
     active: sled::Tree,
     ended: sled::Tree,
     path: PathBuf,
+    /// Keeps the files sled creates while running private (set by [`SledJournal::open`]).
+    modes: Option<Arc<Mutex<PrivateModes>>>,
 }
 
 /// What a retention pass did.
@@ -41,16 +46,29 @@ pub struct ArchiveSummary {
 
 impl SledJournal {
     /// Opens (creating if needed) the journal in `dir`, which is created with mode 0700 and
-    /// tightened to 0700 if it exists (sled's own `Config::mode` is ignored in 0.34.7).
+    /// tightened to 0700 if it exists. sled creates its files and its `blobs/` directory with
+    /// the process umask (0644/0755 under the usual 022), at open and later (a blob for every
+    /// large page, snapshots); the records hold the run token, so after the open and after
+    /// every flush the tree is set to directories 0700 and files 0600 (see [`PrivateModes`]).
     pub fn open(dir: &Path) -> Result<SledJournal, JournalError> {
         fs::create_dir_all(dir).map_err(|e| {
             JournalError::Io(format!("cannot create journal dir {}: {e}", dir.display()))
         })?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| JournalError::Io(format!("cannot set 0700 on {}: {e}", dir.display())))?;
-        let journal = Self::open_dir(dir)?;
-        tighten_files(dir);
+        let mut journal = Self::open_dir(dir)?;
+        let mut modes = PrivateModes::default();
+        modes.tighten(dir, true);
+        journal.modes = Some(Arc::new(Mutex::new(modes)));
         Ok(journal)
+    }
+
+    /// Re-applies the private modes to what sled created since the last pass.
+    fn keep_private(&self) {
+        if let Some(modes) = &self.modes {
+            let mut modes = modes.lock().unwrap_or_else(|e| e.into_inner());
+            modes.tighten(&self.path, false);
+        }
     }
 
     /// Opens an existing journal (offline tools: never create one by mistake).
@@ -98,6 +116,7 @@ impl SledJournal {
             ended: db.open_tree("ended")?,
             db,
             path: dir.to_path_buf(),
+            modes: None,
         })
     }
 
@@ -223,20 +242,67 @@ impl SledJournal {
     }
 }
 
-/// Best effort: sled creates its files with the process umask; the run token lives in them,
-/// so make them 0600 (the 0700 directory already keeps other users out; files sled creates
-/// later, like new snapshots, are covered by that).
-fn tighten_files(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            tighten_files(&path);
-        } else {
-            let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o600));
+/// Directories 0700 and files 0600 under the journal directory, kept so as sled adds files.
+///
+/// The 0700 journal directory already keeps other users out of everything below it; the
+/// modes are the second wall (a copied or moved directory keeps its files' modes). A umask
+/// around sled's calls would not do: the umask is per process, and other threads create
+/// checkouts that the agent's uid must read. So the tree is walked after each flush, but a
+/// directory is read only when its mtime moved since its last pass, or the pass came within
+/// [`MTIME_SLACK`] of that mtime (file times are coarse: a file created in the same tick as
+/// the pass would not move it). Best effort: a file sled removes meanwhile is skipped.
+#[derive(Debug, Default)]
+struct PrivateModes {
+    /// Per directory: its mtime at the last pass and when that pass ran.
+    seen: HashMap<PathBuf, (SystemTime, SystemTime)>,
+}
+
+const MTIME_SLACK: Duration = Duration::from_secs(2);
+
+impl PrivateModes {
+    fn tighten(&mut self, dir: &Path, force: bool) {
+        let Ok(meta) = fs::symlink_metadata(dir) else {
+            return;
+        };
+        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        let settled = self.seen.get(dir).is_some_and(|(seen, passed)| {
+            *seen == mtime && passed.duration_since(mtime).is_ok_and(|d| d > MTIME_SLACK)
+        });
+        let mut subdirs: Vec<PathBuf> = self
+            .seen
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .cloned()
+            .collect();
+        if force || !settled {
+            let now = SystemTime::now();
+            set_mode(dir, &meta, 0o700);
+            if let Ok(entries) = fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let Ok(meta) = fs::symlink_metadata(&path) else {
+                        continue;
+                    };
+                    if meta.is_dir() {
+                        if !subdirs.contains(&path) {
+                            subdirs.push(path);
+                        }
+                    } else if meta.is_file() {
+                        set_mode(&path, &meta, 0o600);
+                    }
+                }
+            }
+            self.seen.insert(dir.to_owned(), (mtime, now));
         }
+        for sub in subdirs {
+            self.tighten(&sub, force);
+        }
+    }
+}
+
+fn set_mode(path: &Path, meta: &fs::Metadata, mode: u32) {
+    if meta.permissions().mode() & 0o7777 != mode {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode));
     }
 }
 
@@ -312,6 +378,7 @@ impl Journal for SledJournal {
 
     fn flush(&self) -> Result<(), JournalError> {
         self.db.flush()?;
+        self.keep_private();
         Ok(())
     }
 
@@ -338,6 +405,7 @@ impl Journal for SledJournal {
             None => self.meta.remove(UNRESOLVED_CLAIM)?,
         };
         self.db.flush()?;
+        self.keep_private();
         Ok(())
     }
 
