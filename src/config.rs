@@ -132,6 +132,9 @@ pub struct RunnerConfig {
     /// Log format: text or json [default: text].
     #[arg(long, env = "WSRUNNER_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Private (0700) directory of the `ctl` socket and the persisted pause [default: ctl beside the journal dir].
+    #[arg(long, env = "WSRUNNER_CTL_DIR")]
+    pub ctl_dir: Option<PathBuf>,
 }
 
 // Raw settings may hold the registration token and the credential: never print them.
@@ -182,6 +185,8 @@ pub struct ValidConfig {
     pub git_retry_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// `ctl` socket and pause file (docs/daemon.md, "Pause and resume").
+    pub ctl_dir: PathBuf,
 }
 
 impl std::fmt::Debug for ValidConfig {
@@ -215,6 +220,7 @@ impl std::fmt::Debug for ValidConfig {
             .field("git_retry_timeout", &self.git_retry_timeout)
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)
+            .field("ctl_dir", &self.ctl_dir)
             .finish()
     }
 }
@@ -361,6 +367,14 @@ impl RunnerConfig {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR));
 
+        let ctl_dir = ctl_dir(self.ctl_dir.as_deref(), Some(&journal_dir));
+        if ctl_dir.join(CTL_SOCKET).as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "WSRUNNER_CTL_DIR",
+                &ctl_dir.display().to_string(),
+                "is too long for a unix socket path: choose a path under 100 bytes",
+            ));
+        }
         let concurrency_text = non_empty_or(&self.concurrency, "1");
         let concurrency = concurrency_text
             .parse::<usize>()
@@ -492,8 +506,33 @@ impl RunnerConfig {
             )?,
             metrics_addr,
             log_format,
+            ctl_dir,
         })
     }
+}
+
+/// The `ctl` socket's file name inside the control directory.
+pub const CTL_SOCKET: &str = "ctl.sock";
+/// `sun_path` holds 108 bytes with the NUL; leave room.
+const MAX_SOCKET_PATH: usize = 104;
+
+/// The control directory: `WSRUNNER_CTL_DIR`, else `ctl` beside the journal directory
+/// (`/var/lib/windshift-runner/ctl` by default). Shared by `run`, `ctl` and `doctor`.
+pub fn ctl_dir(
+    ctl_dir: Option<&std::path::Path>,
+    journal_dir: Option<&std::path::Path>,
+) -> PathBuf {
+    if let Some(dir) = ctl_dir.filter(|p| !p.as_os_str().is_empty()) {
+        return dir.to_path_buf();
+    }
+    let journal = journal_dir
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new(DEFAULT_JOURNAL_DIR));
+    journal
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .join("ctl")
 }
 
 /// Docker's memory syntax: digits with an optional b/k/m/g suffix (either case).
