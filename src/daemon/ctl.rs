@@ -211,6 +211,7 @@ pub(crate) fn bind(dir: &Path) -> Result<(UnixListener, SocketGuard), String> {
 }
 
 /// Removes the socket when the daemon ends, so `ctl` says "not running" at once.
+#[derive(Debug)]
 pub(crate) struct SocketGuard(PathBuf);
 
 impl Drop for SocketGuard {
@@ -659,6 +660,22 @@ mod tests {
                 && l.ends_with("wsr-a-run-42-1")),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn bind_makes_a_private_socket_and_refuses_a_live_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ctl");
+        let (listener, guard) = bind(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(CTL_SOCKET)), 0o600);
+        let e = bind(&dir).unwrap_err();
+        assert!(e.contains("another runner is listening"), "{e}");
+        // A socket left behind by a killed runner is taken over.
+        std::mem::forget(guard);
+        drop(listener);
+        let (_l, _g) = bind(&dir).unwrap();
     }
 
     #[test]
