@@ -34,6 +34,28 @@ fn ctl(h: &Harness, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The `pause` line of `windshift-runner doctor` run with the runner's settings.
+fn doctor_pause_line(h: &Harness) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
+        .arg("doctor")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("WS_API_URL", h.api_url())
+        .env("WSRUNNER_ALLOW_INSECURE", "1")
+        .env("WSRUNNER_IMAGE", IMAGE)
+        .env("WSRUNNER_NETWORK", "none")
+        .env("WSRUNNER_DOCKER", engine_cli())
+        .env("WSRUNNER_CACHE_ROOT", h.cache_root())
+        .env("WSRUNNER_JOURNAL_DIR", h.journal_dir())
+        .output()
+        .expect("doctor runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("pause"))
+        .unwrap_or_else(|| panic!("no pause line in\n{text}"))
+        .to_owned()
+}
+
 fn ok_ctl(h: &Harness, args: &[&str]) -> String {
     let (code, out, err) = ctl(h, args);
     assert_eq!(code, 0, "ctl {args:?}: {out}{err}\n{}", h.log());
@@ -132,6 +154,11 @@ async fn pause_survives_a_restart_and_resume_claims_again() {
     // Pausing twice is fine and keeps the first time.
     assert_eq!(ok_ctl(&h, &["pause"]), paused);
 
+    let line = doctor_pause_line(&h);
+    assert!(
+        line.starts_with("WARN pause") && line.contains("ctl resume"),
+        "{line}"
+    );
     let id = h.enqueue(r#"commit file=p.txt msg="after resume"; finish completed "ok""#);
     assert_paused_while_heartbeating(&h, port, id).await;
 
@@ -160,6 +187,8 @@ async fn pause_survives_a_restart_and_resume_claims_again() {
     let resumed = ok_ctl(&h, &["resume"]);
     assert!(resumed.contains("claims:  claiming"), "{resumed}");
     assert!(!dir.join("paused").exists());
+    let line = doctor_pause_line(&h);
+    assert!(line.starts_with("PASS pause"), "{line}");
     let run = h.wait_final(id).await;
     assert_eq!(run.status, "succeeded", "{}", h.log());
     let text = http_get(port, "/metrics").unwrap().1;
