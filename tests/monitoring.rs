@@ -18,6 +18,7 @@ fn monitoring(file: &str) -> PathBuf {
 }
 
 /// Every `windshift_*` identifier in `text` (PromQL in the rules, annotations included).
+/// The rules' only other metric is `up`, which Prometheus itself records per target.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let bytes = text.as_bytes();
