@@ -154,6 +154,9 @@ pub struct RunnerConfig {
     /// Bytes one agent container may print before it is stopped (k/m/g suffixes) [default: 256m].
     #[arg(long, env = "WSRUNNER_AGENT_OUTPUT_LIMIT")]
     pub agent_output_limit: Option<String>,
+    /// Private (0700) directory of the `ctl` socket and the persisted pause [default: ctl beside the journal dir].
+    #[arg(long, env = "WSRUNNER_CTL_DIR")]
+    pub ctl_dir: Option<PathBuf>,
 }
 
 // Raw settings may hold the registration token and the credential: never print them.
@@ -211,6 +214,8 @@ pub struct ValidConfig {
     /// Container hardening (security issue 11): `WSRUNNER_RUNTIME`, `WSRUNNER_AGENT_OUTPUT_LIMIT`.
     pub runtime: Option<String>,
     pub agent_output_limit: u64,
+    /// `ctl` socket and pause file (docs/daemon.md, "Pause and resume").
+    pub ctl_dir: PathBuf,
 }
 
 impl std::fmt::Debug for ValidConfig {
@@ -247,6 +252,7 @@ impl std::fmt::Debug for ValidConfig {
             .field("llm_model", &self.llm_model)
             .field("runtime", &self.runtime)
             .field("agent_output_limit", &self.agent_output_limit)
+            .field("ctl_dir", &self.ctl_dir)
             .finish()
     }
 }
@@ -567,6 +573,14 @@ impl RunnerConfig {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_JOURNAL_DIR));
 
+        let ctl_dir = ctl_dir(self.ctl_dir.as_deref(), Some(&journal_dir));
+        if ctl_dir.join(CTL_SOCKET).as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "WSRUNNER_CTL_DIR",
+                &ctl_dir.display().to_string(),
+                "is too long for a unix socket path: choose a path under 100 bytes",
+            ));
+        }
         let concurrency_text = non_empty_or(&self.concurrency, "1");
         let concurrency = concurrency_text
             .parse::<usize>()
@@ -703,6 +717,7 @@ impl RunnerConfig {
             origins: self.origins.clone(),
             runtime,
             agent_output_limit,
+            ctl_dir,
         })
     }
 
@@ -743,6 +758,30 @@ impl RunnerConfig {
         };
         Ok((runtime, limit))
     }
+}
+
+/// The `ctl` socket's file name inside the control directory.
+pub const CTL_SOCKET: &str = "ctl.sock";
+/// `sun_path` holds 108 bytes with the NUL; leave room.
+const MAX_SOCKET_PATH: usize = 104;
+
+/// The control directory: `WSRUNNER_CTL_DIR`, else `ctl` beside the journal directory
+/// (`/var/lib/windshift-runner/ctl` by default). Shared by `run`, `ctl` and `doctor`.
+pub fn ctl_dir(
+    ctl_dir: Option<&std::path::Path>,
+    journal_dir: Option<&std::path::Path>,
+) -> PathBuf {
+    if let Some(dir) = ctl_dir.filter(|p| !p.as_os_str().is_empty()) {
+        return dir.to_path_buf();
+    }
+    let journal = journal_dir
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new(DEFAULT_JOURNAL_DIR));
+    journal
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .join("ctl")
 }
 
 /// Docker's memory syntax: digits with an optional b/k/m/g suffix (either case).

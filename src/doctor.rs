@@ -275,6 +275,7 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
         opts,
     ));
     checks.push(journal_check(&cfg.journal_dir));
+    checks.push(pause_check(&cfg.ctl_dir));
     checks.push(git_check().await);
     checks.push(triage_check(&cfg.triage_bin));
     report
@@ -617,6 +618,30 @@ fn cache_perms_check(root: &Path) -> Check {
     }
 }
 
+/// Whether `ctl pause` left the runner paused (the persisted pause file).
+fn pause_check(ctl_dir: &Path) -> Check {
+    let file = ctl_dir.join(crate::daemon::ctl::PAUSE_FILE);
+    match std::fs::symlink_metadata(&file) {
+        Ok(_) => Check::warn(
+            "pause",
+            format!(
+                "the runner is paused ({} exists): it claims no runs",
+                file.display()
+            ),
+            "run `windshift-runner ctl resume` when it should take work again",
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Check::pass("pause", "not paused"),
+        Err(e) => Check::warn(
+            "pause",
+            format!(
+                "cannot tell whether the runner is paused: {}: {e}",
+                file.display()
+            ),
+            "run doctor as the runner's user, or check WSRUNNER_CTL_DIR",
+        ),
+    }
+}
+
 fn journal_check(dir: &Path) -> Check {
     if !dir.join("conf").exists() && !dir.join("db").exists() {
         return Check::pass(
@@ -930,6 +955,16 @@ mod tests {
             assert_eq!(uid1000_login_account(quiet), None, "{quiet}");
             assert_eq!(userns_decision(quiet, "[]").status, Status::Pass);
         }
+    }
+
+    #[test]
+    fn pause_check_says_when_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(pause_check(dir.path()).status, Status::Pass);
+        std::fs::write(dir.path().join(crate::daemon::ctl::PAUSE_FILE), "{}").unwrap();
+        let c = pause_check(dir.path());
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.line().contains("ctl resume"), "{c:?}");
     }
 
     #[test]

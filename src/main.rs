@@ -30,6 +30,35 @@ enum Command {
     /// Check this host's setup (server, credential, Docker, image, disk, git, journal) without
     /// registering or pulling; one PASS/WARN/FAIL line per check. Exit 1 when a check fails.
     Doctor(Box<DoctorArgs>),
+    /// Talk to the running daemon over its local control socket: pause (no new claims,
+    /// persisted across restarts), resume, status. Exit 0 done, 1 refused or no usable
+    /// answer, 3 the runner is not running.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The runner's control directory [default: ctl beside the journal directory].
+    #[arg(long, env = "WSRUNNER_CTL_DIR")]
+    ctl_dir: Option<std::path::PathBuf>,
+    /// The runner's journal directory, to find the default control directory.
+    #[arg(long, env = "WSRUNNER_JOURNAL_DIR")]
+    journal_dir: Option<std::path::PathBuf>,
+    /// Print the runner's JSON answer line instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum CtlAction {
+    /// Stop claiming new runs (heartbeats and runs in flight go on); survives a restart.
+    Pause,
+    /// Claim again.
+    Resume,
+    /// Paused or not, health, and the runs in flight (id, state, since, container).
+    Status,
 }
 
 #[derive(Args, Debug)]
@@ -60,6 +89,24 @@ fn main() {
             journal_tools::run(&args, &mut std::io::stdout(), &mut std::io::stderr())
         }
         Some(Command::Doctor(args)) => doctor(*args),
+        Some(Command::Ctl(args)) => {
+            let dir = windshift_runner::config::ctl_dir(
+                args.ctl_dir.as_deref(),
+                args.journal_dir.as_deref(),
+            );
+            let cmd = match args.action {
+                CtlAction::Pause => "pause",
+                CtlAction::Resume => "resume",
+                CtlAction::Status => "status",
+            };
+            daemon::ctl::client(
+                &dir,
+                cmd,
+                args.json,
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            )
+        }
         None => 2,
     };
     std::process::exit(code);

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -107,6 +108,14 @@ pub struct Metrics {
     events_merged: AtomicU64,
     events_dropped: AtomicU64,
     health: Mutex<Health>,
+    // Operations (docs/deploy.md, "Monitoring"): what the shipped alerts and dashboard read.
+    slots: AtomicI64,
+    paused: AtomicI64,
+    credential_rejected: AtomicI64,
+    heartbeat_failures: AtomicI64,
+    journal_errors: AtomicU64,
+    /// Filesystems whose free/total bytes are read (statvfs) at each scrape: (label, path).
+    filesystems: Mutex<Vec<(&'static str, PathBuf)>>,
 }
 
 /// Whether the runner is healthy, with the reason when it is not.
@@ -156,6 +165,45 @@ impl Metrics {
         self.events_sent.fetch_add(sent, Ordering::Relaxed);
         self.events_merged.fetch_add(merged, Ordering::Relaxed);
         self.events_dropped.fetch_add(dropped, Ordering::Relaxed);
+    }
+
+    /// Run slots of this runner (`WSRUNNER_CONCURRENCY`): free = slots - runs_in_flight.
+    pub fn set_slots(&self, slots: usize) {
+        self.slots
+            .store(i64::try_from(slots).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(i64::from(paused), Ordering::Relaxed);
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed) != 0
+    }
+
+    pub fn set_credential_rejected(&self, rejected: bool) {
+        self.credential_rejected
+            .store(i64::from(rejected), Ordering::Relaxed);
+    }
+
+    /// Heartbeats failed in a row (0 after one the server answered).
+    pub fn set_heartbeat_failures(&self, failures: u64) {
+        self.heartbeat_failures.store(
+            i64::try_from(failures).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A journal write or flush failed (a run left for recovery, a claim not taken).
+    pub fn journal_error(&self) {
+        self.journal_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Watches the filesystem holding `path` under the label `dir=<label>`.
+    pub fn watch_filesystem(&self, label: &'static str, path: PathBuf) {
+        let mut fs = self.filesystems.lock().unwrap_or_else(|e| e.into_inner());
+        fs.retain(|(l, _)| *l != label);
+        fs.push((label, path));
     }
 
     pub fn set_health(&self, health: Health) {
@@ -237,7 +285,74 @@ impl Metrics {
             "1 when the runner is healthy (see /healthz for the reason when not).",
             healthy,
         );
+        for (name, help, value) in [
+            (
+                "windshift_runner_slots",
+                "Runs this runner executes at once (WSRUNNER_CONCURRENCY); free slots = slots - runs_in_flight.",
+                &self.slots,
+            ),
+            (
+                "windshift_runner_paused",
+                "1 while paused by `windshift-runner ctl pause`: no new claims, heartbeats go on.",
+                &self.paused,
+            ),
+            (
+                "windshift_runner_credential_rejected",
+                "1 once the server rejected the runner credential (401/403); the runner stops claiming and exits 77.",
+                &self.credential_rejected,
+            ),
+            (
+                "windshift_runner_heartbeat_consecutive_failures",
+                "Heartbeats failed in a row; 0 after one the server answered.",
+                &self.heartbeat_failures,
+            ),
+        ] {
+            gauge(&mut out, name, help, value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP windshift_runner_journal_errors_total Journal writes or flushes that failed.\n# TYPE windshift_runner_journal_errors_total counter\nwindshift_runner_journal_errors_total {}",
+            self.journal_errors.load(Ordering::Relaxed)
+        );
+        self.render_filesystems(&mut out);
         out
+    }
+
+    fn render_filesystems(&self, out: &mut String) {
+        let fs = self
+            .filesystems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let stats: Vec<(&str, u64, u64)> = fs
+            .iter()
+            .filter_map(|(label, path)| {
+                // f_bavail: what an unprivileged writer (the runner) may still use.
+                let st = rustix::fs::statvfs(path.as_path()).ok()?;
+                Some((
+                    *label,
+                    st.f_bavail.saturating_mul(st.f_frsize),
+                    st.f_blocks.saturating_mul(st.f_frsize),
+                ))
+            })
+            .collect();
+        for (name, help, pick) in [
+            (
+                "windshift_runner_filesystem_free_bytes",
+                "Bytes available to the runner on the filesystem of its cache or journal directory.",
+                (|s: &(&str, u64, u64)| s.1) as fn(&(&str, u64, u64)) -> u64,
+            ),
+            (
+                "windshift_runner_filesystem_size_bytes",
+                "Size in bytes of the filesystem of the runner's cache or journal directory.",
+                |s| s.2,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for s in &stats {
+                let _ = writeln!(out, "{name}{{dir=\"{}\"}} {}", s.0, pick(s));
+            }
+        }
     }
 }
 
@@ -297,6 +412,47 @@ mod tests {
             .render()
             .lines()
             .any(|l| l == "windshift_runner_healthy 1"));
+    }
+
+    #[test]
+    fn operations_gauges_and_filesystems() {
+        let m = Metrics::default();
+        m.set_slots(3);
+        m.set_paused(true);
+        m.set_credential_rejected(true);
+        m.set_heartbeat_failures(4);
+        m.journal_error();
+        let dir = tempfile::tempdir().unwrap();
+        m.watch_filesystem("cache", dir.path().to_path_buf());
+        m.watch_filesystem("journal", dir.path().join("missing"));
+        let text = m.render();
+        for line in [
+            "windshift_runner_slots 3",
+            "windshift_runner_paused 1",
+            "windshift_runner_credential_rejected 1",
+            "windshift_runner_heartbeat_consecutive_failures 4",
+            "windshift_runner_journal_errors_total 1",
+            "# TYPE windshift_runner_filesystem_free_bytes gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        let free = text
+            .lines()
+            .find_map(|l| l.strip_prefix("windshift_runner_filesystem_free_bytes{dir=\"cache\"} "))
+            .and_then(|v| v.parse::<u64>().ok());
+        let size = text
+            .lines()
+            .find_map(|l| l.strip_prefix("windshift_runner_filesystem_size_bytes{dir=\"cache\"} "))
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(
+            matches!((free, size), (Some(f), Some(s)) if s > 0 && f <= s),
+            "{text}"
+        );
+        // A path that cannot be read is left out, not reported as 0 bytes free.
+        assert!(!text.contains("dir=\"journal\""), "{text}");
     }
 
     #[test]

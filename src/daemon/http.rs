@@ -1,5 +1,6 @@
 //! `/metrics` (Prometheus text) and `/healthz` (200 or 503 with the reason), served when
-//! `WSRUNNER_METRICS_ADDR` is set.
+//! `WSRUNNER_METRICS_ADDR` is set. A paused runner (`ctl pause`) is healthy; `/healthz` says
+//! it is paused and `/metrics` has `windshift_runner_paused 1`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +41,11 @@ async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse 
 
 async fn healthz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     match metrics.health() {
+        // Paused is healthy (heartbeats go on); the body says so for humans and probes.
+        Health::Healthy if metrics.paused() => (
+            StatusCode::OK,
+            "ok: paused (no new claims until `windshift-runner ctl resume`)\n".to_owned(),
+        ),
         Health::Healthy => (StatusCode::OK, "ok\n".to_owned()),
         Health::Starting => (
             StatusCode::SERVICE_UNAVAILABLE,

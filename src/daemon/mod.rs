@@ -6,6 +6,7 @@
 //! ([`crate::control::EXIT_CREDENTIAL_REJECTED`]), 78 configuration error
 //! ([`crate::control::EXIT_CONFIG`]).
 
+pub mod ctl;
 pub mod http;
 mod recovery;
 mod run_task;
@@ -139,6 +140,8 @@ pub(crate) struct Ctx {
     pub git_policy: TransportPolicy,
     /// Private (0700) per-container files: env file while creating, stdin FIFO, progress.
     pub containers_dir: PathBuf,
+    /// `ctl pause|resume` (persisted in the control directory).
+    pub pause: ctl::Pause,
 }
 
 impl Ctx {
@@ -336,6 +339,12 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
         ..TransportPolicy::default()
     };
     let events = EventSender::new(client.clone(), EventSenderConfig::default());
+    // 5. A pause persisted by `ctl pause` holds across restarts (read before any claim).
+    let pause = ctl::Pause::load(&cfg.ctl_dir).map_err(|e| boot_err(EXIT_FATAL, e))?;
+    if pause.is_paused() {
+        warn!(ctl_dir = %cfg.ctl_dir.display(), "paused (persisted): no claims until `windshift-runner ctl resume`");
+    }
+    opts.metrics.set_paused(pause.is_paused());
     Ok(Arc::new(Ctx {
         cfg,
         client,
@@ -348,6 +357,7 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
         report_retry_pause: opts.report_retry_pause,
         git_policy,
         containers_dir,
+        pause,
     }))
 }
 
@@ -456,6 +466,7 @@ impl Supervisor {
             Err(e) => {
                 // Without a journal record the run cannot be carried safely: say so to the
                 // server rather than let it wait for the reaper.
+                self.ctx.metrics.journal_error();
                 error!(run_id, "cannot journal the claimed run: {e}");
                 let report = crate::control::wire::ReportRequest {
                     status: crate::control::wire::STATUS_FAILED.into(),
@@ -480,6 +491,20 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
         yielding_until: Arc::new(AtomicI64::new(0)),
         yield_pending: false,
     };
+
+    ctx.metrics.set_slots(ctx.cfg.concurrency);
+    ctx.metrics
+        .watch_filesystem("cache", ctx.cfg.cache_root.clone());
+    ctx.metrics
+        .watch_filesystem("journal", ctx.cfg.journal_dir.clone());
+    let (ctl_listener, _ctl_socket) = match ctl::bind(&ctx.cfg.ctl_dir) {
+        Ok(bound) => bound,
+        Err(e) => {
+            error!("{e}");
+            return EXIT_FATAL;
+        }
+    };
+    let ctl_server = ctl::serve(ctl_listener, ctx.clone(), sup.runs.clone());
 
     if let Some(addr) = ctx.cfg.metrics_addr {
         match http::serve(addr, ctx.metrics.clone()).await {
@@ -577,6 +602,7 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
     let _ = hb_stop_tx.send(true);
     let _ = heartbeat.await;
     let _ = watchdog.await;
+    ctl_server.abort();
 
     if ctx.client.auth_state().is_rejected() {
         error!(
@@ -626,11 +652,19 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
             p = sup.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = shutdown.changed() => continue,
         };
+        // `ctl pause`: no claim until resumed (runs in flight, heartbeats and drain go on).
+        // The gate is held until a claimed run is started, so a pause waits for it.
+        let gate = ctx.pause.claim_gate.clone().lock_owned().await;
+        if ctx.pause.is_paused() {
+            drop((gate, permit));
+            ctx.pause.wait_resumed(&mut shutdown).await;
+            continue;
+        }
         // Persist-then-send for the claim too: a claim is not idempotent, so the journal
         // notes it is in flight before it leaves and forgets it only once the answer (and
         // the run it carries) is journaled.
         if let Err(e) = set_unresolved_claim(&ctx, Some(now_ms())).await {
-            drop(permit);
+            drop((gate, permit));
             let wait = errors.next_backoff().unwrap_or(ctx.cfg.poll_interval);
             error!(retry_in = ?wait, "not claiming: the journal cannot record the claim: {e}");
             tokio::select! {
@@ -706,6 +740,7 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 drop(permit);
                 ctx.metrics.request("claim", &outcome_label(&e));
                 if let ControlError::CredentialRejected(_) = e {
+                    ctx.metrics.set_credential_rejected(true);
                     // Answered (401/403): nothing was handed out.
                     if !lost {
                         let _ = set_unresolved_claim(&ctx, None).await;
@@ -726,6 +761,7 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 warn!("cannot clear the unresolved-claim mark: {e}");
             }
         }
+        drop(gate);
         if got_job {
             if once {
                 return;
@@ -750,10 +786,14 @@ fn lost_claim_answers(ctx: &Ctx) -> u64 {
 /// Sets or clears the journal's unresolved-claim mark off the async workers (it flushes).
 async fn set_unresolved_claim(ctx: &Ctx, since_ms: Option<i64>) -> Result<(), String> {
     let journal = ctx.journal.clone();
-    tokio::task::spawn_blocking(move || journal.set_unresolved_claim(since_ms))
+    let done = tokio::task::spawn_blocking(move || journal.set_unresolved_claim(since_ms))
         .await
-        .map_err(|e| format!("journal task failed: {e}"))?
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("journal task failed: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if done.is_err() {
+        ctx.metrics.journal_error();
+    }
+    done
 }
 
 /// Yields the lease after a claim whose answer was lost (docs/daemon.md): once no run is in
@@ -870,6 +910,7 @@ async fn heartbeat_loop(
             Ok(hb) => {
                 last_contact.store(now_ms(), Ordering::Relaxed);
                 ctx.metrics.request("heartbeat", "ok");
+                ctx.metrics.set_heartbeat_failures(0);
                 ctx.metrics.set_queue_depth(hb.queue_depth);
                 if failures > 0 {
                     info!(
@@ -899,6 +940,7 @@ async fn heartbeat_loop(
             Err(e) => {
                 ctx.metrics.request("heartbeat", &outcome_label(&e));
                 failures += 1;
+                ctx.metrics.set_heartbeat_failures(failures);
                 if last_failure_log.is_none_or(|t| t.elapsed() >= quiet) {
                     last_failure_log = Some(tokio::time::Instant::now());
                     if let ControlError::CredentialRejected(_) = e {
@@ -941,6 +983,8 @@ async fn watchdog_loop(
         let now = now_ms();
         let contact_age = now - last_contact.load(Ordering::Relaxed);
         let loop_age = now - tick.load(Ordering::Relaxed);
+        ctx.metrics
+            .set_credential_rejected(ctx.client.auth_state().is_rejected());
         let health = if ctx.client.auth_state().is_rejected() {
             Health::Unhealthy(format!(
                 "credential rejected: {}",

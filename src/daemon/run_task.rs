@@ -327,7 +327,10 @@ impl RunTask {
                 debug!(run_id = self.run_id, "event not applied: {r}");
                 Ok(Vec::new())
             }
-            Err(CommitError::Journal(e)) => Err(Interrupted::Journal(e.to_string())),
+            Err(CommitError::Journal(e)) => {
+                self.ctx.metrics.journal_error();
+                Err(Interrupted::Journal(e.to_string()))
+            }
         }
     }
 
