@@ -685,7 +685,7 @@ async fn docker_check(engine: &Engine) -> Check {
         Err(ContainerError::Spawn { source, .. }) => Check::fail(
             "docker",
             format!("cannot run the container CLI {docker:?}: {source}"),
-            "install the docker CLI (or rootful podman) and/or set WSRUNNER_DOCKER; in the runner image it is /usr/bin/docker",
+            "install the docker CLI (or rootful podman) and/or set WSRUNNER_DOCKER (CODING_AGENT_DOCKER_BINARY on an Option A host); in the runner image it is /usr/bin/docker",
         ),
         Err(e) => Check::fail(
             "docker",

@@ -6,24 +6,13 @@
 
 mod daemon_support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use daemon_support::*;
 use windshift_devserver::types::{CreateRepo, EnqueueRepo, Faults};
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=v", "-c", "user.email=v@example.com"])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .expect("git runs");
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Another workspace's repository on this host: a bare cache at the path an attacker can
 /// predict (`<cache>/<ws>/<owner>/<repo>/.bare`), holding a secret commit in a pack and in

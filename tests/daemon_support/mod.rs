@@ -24,7 +24,8 @@ pub struct Harness {
     dev_cfg: DevServerConfig,
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
+/// Runs git in `dir` with a throwaway identity and no user config; panics on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
         .args(args)
