@@ -33,7 +33,8 @@ const LEASE_YIELD_LINE: &str = "yielding the lease";
 const TERMINAL: [&str; 4] = ["succeeded", "failed", "canceled", "killed"];
 const REAPED: &str = "runner lease expired (missed heartbeat)";
 /// The cache tmpfs size: small, so filling it is quick, big enough for the test repo.
-const CACHE_TMPFS: &str = "size=48m";
+// mode=0750: a tmpfs root is 1777 by default, which the runner refuses as a cache root.
+const CACHE_TMPFS: &str = "size=48m,mode=0750";
 
 /// xorshift64*: a tiny seeded PRNG, so a seed replays the same fault plan.
 struct Rng(u64);

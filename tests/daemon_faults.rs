@@ -91,12 +91,19 @@ async fn sigkill_at_random_moments_keeps_every_invariant() {
         seed ^= seed << 17;
         seed
     };
-    let h = Harness::start("crash-random").await;
+    // A kill that lands while an idle claim is on the wire leaves the unresolved-claim mark,
+    // and the next start yields its lease (F6). A short liveness window and yield keep that
+    // within the wait below instead of the default 160 s.
+    let h = Harness::start_with("crash-random", |cfg| {
+        cfg.liveness_window = Duration::from_secs(6)
+    })
+    .await;
+    let yield_env = [("WSRUNNER_LEASE_YIELD", "10s")];
     for i in 0..iterations {
         let id = h.enqueue(&format!(
             r#"say start; sleep 1500; commit file=w{i}.txt msg="work {i}"; finish completed "kept""#
         ));
-        let mut first = h.runner(&[]);
+        let mut first = h.runner(&yield_env);
         // Somewhere between start-up and the report (a run takes ~3-5 s here).
         let delay = Duration::from_millis(300 + next() % 5000);
         let started = Instant::now();
@@ -114,7 +121,7 @@ async fn sigkill_at_random_moments_keeps_every_invariant() {
         );
 
         let ready = h.ready_count();
-        let mut second = h.runner(&[]);
+        let mut second = h.runner(&yield_env);
         h.wait_ready(ready + 1).await;
         let run = h.wait_final(id).await;
         assert_eq!(
