@@ -50,7 +50,7 @@ export WSR_TEST_ENGINE=podman
 export WSRUNNER_DOCKER=podman
 tests=(--test container_engine --test container_sandbox --test container_driver
   --test daemon_crash --test daemon_lifecycle --test daemon_verdicts --test daemon_podman
-  --test daemon_hostile)
+  --test daemon_hostile --test container_hardening)
 # daemon_podman's test is #[ignore]d in the Docker pass; these binaries have no other ignored test.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run -p windshift-runner --no-fail-fast --run-ignored all "${tests[@]}" "$@"

@@ -106,7 +106,11 @@ async fn an_image_that_looks_like_a_flag_never_reaches_the_engine() {
         .create(&spec(602, LaunchKind::Container, None), dir.path())
         .await
         .expect("create with --");
-    assert_eq!(inspect(&name, "{{.Config.Image}}"), IMAGE);
+    // Podman reports locally loaded images under `localhost/`.
+    assert_eq!(
+        inspect(&name, "{{.Config.Image}}").trim_start_matches("localhost/"),
+        IMAGE
+    );
 }
 
 /// The pids of processes whose argv holds every one of `words`.
@@ -355,6 +359,12 @@ async fn agents_on_the_created_network_cannot_reach_each_other() {
         engine.ensure_network().await.expect("create"),
         NetworkStatus::Created
     );
+    if engine_cli() == "podman" {
+        // Podman's bridge networks have no inter-container switch: the runner creates a plain
+        // one and warns (docs/containers.md). What it can still check is that it says so.
+        assert!(engine.network_allows_icc(&created).await.expect("inspect"));
+        return;
+    }
     assert!(!engine.network_allows_icc(&created).await.expect("inspect"));
     // An existing network is used as is (and reported as allowing ICC).
     let out = engine_command()
@@ -409,7 +419,13 @@ async fn a_runtime_the_engine_lists_runs_and_a_bogus_one_is_refused() {
     engine.check_runtime().await.expect("runc is listed");
     let driven = drive_to_end(&engine, "finish completed", 641, Duration::from_secs(5)).await;
     assert_eq!(driven.result.exit_code, Some(0));
-    assert_eq!(inspect(&driven.name, "{{.HostConfig.Runtime}}"), "runc");
+    // Podman records the OCI runtime of a container as "oci" whatever its binary.
+    let want = if engine_cli() == "podman" {
+        "oci"
+    } else {
+        "runc"
+    };
+    assert_eq!(inspect(&driven.name, "{{.HostConfig.Runtime}}"), want);
 
     let (bogus, _c) = engine_with(&unique_instance("runtime-bad"), |c| {
         c.runtime = Some("no-such-runtime".into())

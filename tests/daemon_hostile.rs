@@ -13,7 +13,6 @@ use std::time::Duration;
 use daemon_support::*;
 use windshift_devserver::types::{CreateRepo, EnqueueRepo, Faults};
 
-
 /// Another workspace's repository on this host: a bare cache at the path an attacker can
 /// predict (`<cache>/<ws>/<owner>/<repo>/.bare`), holding a secret commit in a pack and in
 /// `packed-refs` under the names of this test's run branches, plus a work tree with `.git`.
@@ -265,9 +264,14 @@ async fn cancel_and_drain_end_a_stalled_push_within_seconds() {
     let drained = h.enqueue("commit; finish completed d");
     let mut runner = h.runner(&[("WSRUNNER_DRAIN_TIMEOUT", "2s")]);
     // The run task logs each journaled state; "push of … starting" is the push intent.
-    let pushes_started = |h: &Harness| h.log().matches("push of acme/app@").count();
+    let push_started = |h: &Harness, id: i64| {
+        let run = format!("run_id={id} ");
+        h.log()
+            .lines()
+            .any(|l| l.contains(&run) && l.contains("push of acme/app@"))
+    };
     h.wait_until(Duration::from_secs(90), "the first push under way", || {
-        pushes_started(&h) >= 1
+        push_started(&h, canceled)
     })
     .await;
     h.dev().core().cancel(canceled, false).expect("cancel");
@@ -281,7 +285,7 @@ async fn cancel_and_drain_end_a_stalled_push_within_seconds() {
         .await;
     assert_ne!(run.status, "succeeded", "{run:?}");
     h.wait_until(Duration::from_secs(90), "the second push under way", || {
-        pushes_started(&h) >= 2
+        push_started(&h, drained)
     })
     .await;
     assert_eq!(h.run(drained).status, "running");
