@@ -130,7 +130,8 @@ async fn demo(args: &DemoArgs) -> Result<(), String> {
     step(&format!("Journal timeline of run #{}", run.id));
     let journal_args = JournalArgs {
         db: journal_dir,
-        copy: false,
+        // A copy: the journal's lock may outlive the daemon by a moment.
+        copy: true,
         json: false,
         command: JournalCommand::Show { run: run.id },
     };

@@ -603,6 +603,9 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
     let _ = heartbeat.await;
     let _ = watchdog.await;
     ctl_server.abort();
+    // Awaited so the task (and the journal it holds through `ctx`) is gone on return: a
+    // caller may open the journal right after (the demo prints the run's timeline).
+    let _ = ctl_server.await;
 
     if ctx.client.auth_state().is_rejected() {
         error!(
