@@ -154,6 +154,10 @@ pub struct RunnerConfig {
     /// Bytes one agent container may print before it is stopped (k/m/g suffixes) [default: 256m].
     #[arg(long, env = "WSRUNNER_AGENT_OUTPUT_LIMIT")]
     pub agent_output_limit: Option<String>,
+    /// Engine driver: api (the engine's API socket), cli (the WSRUNNER_DOCKER binary) or auto
+    /// (the API when its socket answers, else the CLI) [default: auto].
+    #[arg(long, env = "WSRUNNER_ENGINE_DRIVER")]
+    pub engine_driver: Option<String>,
 }
 
 // Raw settings may hold the registration token and the credential: never print them.
@@ -211,6 +215,8 @@ pub struct ValidConfig {
     /// Container hardening (security issue 11): `WSRUNNER_RUNTIME`, `WSRUNNER_AGENT_OUTPUT_LIMIT`.
     pub runtime: Option<String>,
     pub agent_output_limit: u64,
+    /// `WSRUNNER_ENGINE_DRIVER` (docs/containers.md, "Engine drivers").
+    pub engine_driver: crate::effects::container::DriverChoice,
 }
 
 impl std::fmt::Debug for ValidConfig {
@@ -336,6 +342,8 @@ impl ValidConfig {
             instance: instance.into(),
             runtime: self.runtime.clone(),
             output_limit: self.agent_output_limit,
+            driver: self.engine_driver,
+            api_socket: None,
         }
     }
 }
@@ -703,6 +711,18 @@ impl RunnerConfig {
             origins: self.origins.clone(),
             runtime,
             agent_output_limit,
+            engine_driver: match non_empty(&self.engine_driver).as_deref() {
+                None | Some("auto") => crate::effects::container::DriverChoice::Auto,
+                Some("api") => crate::effects::container::DriverChoice::Api,
+                Some("cli") => crate::effects::container::DriverChoice::Cli,
+                Some(other) => {
+                    return Err(invalid(
+                        "WSRUNNER_ENGINE_DRIVER",
+                        other,
+                        "must be auto, api or cli",
+                    ))
+                }
+            },
         })
     }
 
