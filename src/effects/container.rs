@@ -916,7 +916,7 @@ impl Engine {
     }
 
     /// The API driver, when it runs.
-    pub(crate) fn api(&self) -> Option<&super::engine_api::ApiDriver> {
+    pub fn api(&self) -> Option<&super::engine_api::ApiDriver> {
         self.api.as_deref()
     }
 
