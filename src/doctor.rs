@@ -758,7 +758,7 @@ async fn image_check(engine: &Engine, cfg: &ValidConfig) -> Check {
         );
     }
     match engine.contract_label(image).await {
-        Err(ContainerError::Cli { detail, .. }) => Check::fail(
+        Err(ContainerError::Cli { detail, .. } | ContainerError::Api { detail, .. }) => Check::fail(
             "image",
             format!("image {image} is not present on the Docker daemon ({})", first_line(&detail)),
             format!("`docker pull {image}` (or load/build it) on the daemon that starts jobs; doctor does not pull"),

@@ -45,7 +45,11 @@ async fn sigkill_of_the_runner_mid_run_keeps_the_agents_session() {
         .remote_branch(&run.branch)
         .expect("the agent's work was pushed");
     assert_eq!(h.subject(&pushed), "agent work");
-    for word in ["one", "two", "three"] {
+    // "one" was delivered before the kill; delivery is at least once across a crash (the
+    // saved progress may lag the last event by up to a second), so it may come again.
+    assert!(said(&h, id, "one") >= 1);
+    // Printed while the restarted runner drove the session: exactly once.
+    for word in ["two", "three"] {
         assert_eq!(said(&h, id, word), 1, "{word} delivered once\n{}", h.log());
     }
     signal(&second, libc::SIGTERM);

@@ -538,6 +538,7 @@ impl RunTask {
         let mut stdin;
         let mut options = DriveOptions {
             grace: self.ctx.grace,
+            handshake_marker: Some(dir.join(agent_driver::HANDSHAKE_STOP_FILE)),
             ..Default::default()
         };
         if reattach {

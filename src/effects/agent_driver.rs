@@ -73,7 +73,15 @@ pub struct DriveOptions {
     /// caller coalesced signals in memory that died with the previous process, and folds the
     /// whole stream again (docs/journal.md, "Agent output budget").
     pub resignal_skipped: bool,
+    /// Written just before the API driver's stop ends the handshake after `session_idle` or a
+    /// degraded stream: a runner that dies before harvesting the exit leaves it for recovery,
+    /// which then judges the stop's exit code as this driver would (see
+    /// [`DriveResult::ended_by_runner_at_handshake`]).
+    pub handshake_marker: Option<PathBuf>,
 }
+
+/// The file name of [`DriveOptions::handshake_marker`] in a run's container directory.
+pub const HANDSHAKE_STOP_FILE: &str = "handshake-stop";
 
 impl Default for DriveOptions {
     fn default() -> Self {
@@ -83,6 +91,7 @@ impl Default for DriveOptions {
             skip_stdout_lines: 0,
             skip_stderr_lines: 0,
             resignal_skipped: false,
+            handshake_marker: None,
         }
     }
 }
@@ -839,6 +848,7 @@ pub async fn drive(
 
     // Wait for session_idle, cancellation or stdout EOF (spec 6.4 step 1).
     let mut stdout_stats = None;
+    let mut idle_fired = false;
     if !prompt_failed {
         tokio::pin!(cancel);
         let idle = async {
@@ -849,7 +859,7 @@ pub async fn drive(
         };
         tokio::select! {
             _ = &mut cancel => result.cancelled = true,
-            _ = idle => {}
+            _ = idle => idle_fired = true,
             joined = &mut stdout_task => stdout_stats = Some(joined.unwrap_or_default()),
         }
     }
@@ -871,6 +881,11 @@ pub async fn drive(
             Some(ContainerState::Running) | Some(ContainerState::Other(_))
         );
         if running {
+            if idle_fired && !result.cancelled {
+                if let Some(marker) = &options.handshake_marker {
+                    let _ = std::fs::write(marker, b"1\n");
+                }
+            }
             let asked = tokio::time::Instant::now();
             if let Err(e) = engine.stop(name, options.grace).await {
                 tracing::warn!(container = name, "stopping the container failed: {e}");
