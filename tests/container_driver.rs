@@ -24,7 +24,12 @@ async fn commit_then_completed_lands_a_commit_in_the_checkout() {
         GRACE,
     )
     .await;
-    assert_eq!(driven.result.judged_exit_code(), Some(0), "{:?}", driven.outputs);
+    assert_eq!(
+        driven.result.judged_exit_code(),
+        Some(0),
+        "{:?}",
+        driven.outputs
+    );
     let done = driven.of_type("tool_done");
     assert_eq!(done.len(), 1);
     assert_eq!(
@@ -330,7 +335,10 @@ async fn cancel_of_a_cooperative_agent_ends_it_by_abort_and_eof() {
     if engine.uses_api() {
         // No EOF through the API: the abort ended the script, the runner's stop the agent.
         assert!(result.stopped_by_runner, "{result:?}");
-        assert!(!result.ended_by_runner_at_handshake, "a cancel is not a handshake end");
+        assert!(
+            !result.ended_by_runner_at_handshake,
+            "a cancel is not a handshake end"
+        );
     } else {
         assert!(!result.killed_after_grace, "the agent honours abort + EOF");
         assert_eq!(result.exit_code, Some(0));
@@ -460,7 +468,12 @@ async fn a_replay_resignals_skipped_lines_without_their_events() {
         GRACE,
     )
     .await;
-    assert_eq!(driven.result.judged_exit_code(), Some(0), "{:?}", driven.outputs);
+    assert_eq!(
+        driven.result.judged_exit_code(),
+        Some(0),
+        "{:?}",
+        driven.outputs
+    );
     let live = driven.signals();
     assert!(live.len() >= 5, "{live:?}");
     let lines = driven.result.stdout_lines;

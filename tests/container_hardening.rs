@@ -182,7 +182,9 @@ async fn long_lived_engine_children_carry_no_runner_secret() {
                 async move {
                     matches!(
                         engine.state(&name).await,
-                        Ok(Some(windshift_runner::effects::container::ContainerState::Running))
+                        Ok(Some(
+                            windshift_runner::effects::container::ContainerState::Running
+                        ))
                     )
                 }
             })
@@ -194,7 +196,10 @@ async fn long_lived_engine_children_carry_no_runner_secret() {
         engine.kill(&name).await.expect("kill");
         driver.await.expect("driver").expect("drive ends");
         drain.await.expect("drain");
-        assert!(pids_with_args(&[&name]).is_empty(), "no engine child is left");
+        assert!(
+            pids_with_args(&[&name]).is_empty(),
+            "no engine child is left"
+        );
         return;
     }
     assert!(

@@ -37,6 +37,11 @@ use crate::redact::redact;
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 /// Grace between stdin close (or a stop request) and the kill (spec 6.4).
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// The stop's grace after `session_idle` (API driver), at most [`DriveOptions::grace`]: the
+/// session is over, so an agent that is PID 1 without a SIGTERM handler (deaf to SIGTERM) is
+/// not kept the whole grace for nothing; a contract agent exits on SIGTERM at once, as it
+/// would on the EOF the CLI driver sends. A cancel or a degraded stream keeps the full grace.
+pub const IDLE_STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the container to leave `created` after start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the output readers may take to finish once the container stopped.
@@ -479,7 +484,7 @@ async fn pump(
     skip: u64,
     resignal: bool,
     out: mpsc::Sender<DriverOutput>,
-    mut idle: Option<oneshot::Sender<()>>,
+    mut idle: Option<oneshot::Sender<bool>>,
     budget: Arc<OutputBudget>,
 ) -> StreamStats {
     let resignal = resignal && stream == "stdout";
@@ -529,7 +534,7 @@ async fn pump(
                 }
             }
             if let Some(tx) = idle.take() {
-                let _ = tx.send(());
+                let _ = tx.send(false);
             }
         }
         if !overflowing && !stats.degraded && !stats.limited {
@@ -554,7 +559,7 @@ async fn pump(
                     // would be missed: the run is failed anyway (verdict row 3), so the
                     // handshake starts now instead of waiting for an idle that never comes.
                     if let Some(tx) = idle.take() {
-                        let _ = tx.send(());
+                        let _ = tx.send(false);
                     }
                 }
             }
@@ -608,7 +613,7 @@ async fn handle_line<F, Fut>(
     number: u64,
     stats: &mut StreamStats,
     send: &F,
-    idle: &mut Option<oneshot::Sender<()>>,
+    idle: &mut Option<oneshot::Sender<bool>>,
 ) where
     F: Fn(DriverOutput) -> Fut,
     Fut: Future<Output = ()>,
@@ -639,7 +644,7 @@ async fn handle_line<F, Fut>(
             if signal == AgentSignal::SessionIdle {
                 stats.saw_session_idle = true;
                 if let Some(tx) = idle.take() {
-                    let _ = tx.send(());
+                    let _ = tx.send(true);
                 }
             }
             send(DriverOutput::Signal(signal)).await;
@@ -848,18 +853,24 @@ pub async fn drive(
 
     // Wait for session_idle, cancellation or stdout EOF (spec 6.4 step 1).
     let mut stdout_stats = None;
+    // The handshake started on the agent's session_idle (true) or on a degraded stream.
     let mut idle_fired = false;
+    let mut session_idle = false;
     if !prompt_failed {
         tokio::pin!(cancel);
         let idle = async {
             // A dropped sender (stdout ended without idle) must not count as idle.
-            if idle_rx.await.is_err() {
-                std::future::pending::<()>().await;
+            match idle_rx.await {
+                Ok(real) => real,
+                Err(_) => std::future::pending::<bool>().await,
             }
         };
         tokio::select! {
             _ = &mut cancel => result.cancelled = true,
-            _ = idle => idle_fired = true,
+            real = idle => {
+                idle_fired = true;
+                session_idle = real;
+            }
             joined = &mut stdout_task => stdout_stats = Some(joined.unwrap_or_default()),
         }
     }
@@ -886,13 +897,18 @@ pub async fn drive(
                     let _ = std::fs::write(marker, b"1\n");
                 }
             }
+            let grace = if session_idle && !result.cancelled {
+                options.grace.min(IDLE_STOP_GRACE)
+            } else {
+                options.grace
+            };
             let asked = tokio::time::Instant::now();
-            if let Err(e) = engine.stop(name, options.grace).await {
+            if let Err(e) = engine.stop(name, grace).await {
                 tracing::warn!(container = name, "stopping the container failed: {e}");
             }
             result.stopped_by_runner = true;
             // The engine's SIGKILL after the grace (the agent ignored the SIGTERM).
-            result.killed_after_grace = asked.elapsed() >= options.grace
+            result.killed_after_grace = asked.elapsed() >= grace
                 && matches!(
                     engine.state(name).await?,
                     Some(ContainerState::Exited { code: 137, .. })

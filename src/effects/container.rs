@@ -819,7 +819,10 @@ pub fn api_socket_from(
         &["DOCKER_HOST"]
     };
     for name in order {
-        if let Some(value) = get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+        if let Some(value) = get(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+        {
             return match value.strip_prefix("unix://") {
                 Some(path) if !path.is_empty() => Ok(path.to_owned()),
                 _ => Err(format!(
@@ -869,12 +872,16 @@ impl Engine {
             )
         };
         let (api, note) = match (cfg.driver, socket) {
-            (DriverChoice::Cli, _) => (None, format!("CLI driver ({}): WSRUNNER_ENGINE_DRIVER=cli", cfg.docker)),
+            (DriverChoice::Cli, _) => (
+                None,
+                format!("CLI driver ({}): WSRUNNER_ENGINE_DRIVER=cli", cfg.docker),
+            ),
             (choice, Ok(path)) => {
                 let answers = std::os::unix::net::UnixStream::connect(&path);
                 match (choice, answers) {
                     (DriverChoice::Auto, Err(e)) => {
-                        let note = cli_note(format!("no engine API socket answers at {path} ({e})"));
+                        let note =
+                            cli_note(format!("no engine API socket answers at {path} ({e})"));
                         tracing::warn!("{note}");
                         (None, note)
                     }
@@ -927,7 +934,10 @@ impl Engine {
         }
         let secs = grace.as_secs().to_string();
         let out = self
-            .cli(&["stop", "--time", &secs, name], grace + Duration::from_secs(60))
+            .cli(
+                &["stop", "--time", &secs, name],
+                grace + Duration::from_secs(60),
+            )
             .await?;
         if out.success {
             return Ok(());
@@ -1084,7 +1094,8 @@ impl Engine {
         tracing::warn!(network = name, "agent network missing: creating it as a bridge without inter-container traffic; EGRESS IS UNFILTERED, restrict it with host firewall rules");
         let mut created = api.create_network(name, true).await;
         if let Err(detail) = &created {
-            let refused = detail.contains("enable_icc") || detail.to_lowercase().contains("unsupported");
+            let refused =
+                detail.contains("enable_icc") || detail.to_lowercase().contains("unsupported");
             if refused && !detail.contains("already exists") {
                 let plain = api.create_network(name, false).await;
                 if plain.is_ok() {

@@ -64,7 +64,13 @@ fn api_err(what: impl Into<String>, e: ApiError) -> ContainerError {
 }
 
 fn not_found(e: &ApiError) -> bool {
-    matches!(e, ApiError::DockerResponseServerError { status_code: 404, .. })
+    matches!(
+        e,
+        ApiError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
 }
 
 /// A Docker byte count (`4g`, `512m`, `1073741824`; binary units like the CLI's).
@@ -188,7 +194,9 @@ pub fn create_body(
 pub struct ApiStdin {
     input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
     /// The attach's (empty) output side, held so the connection stays up.
-    _output: std::sync::Mutex<Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, ApiError>> + Send>>>,
+    _output: std::sync::Mutex<
+        Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, ApiError>> + Send>>,
+    >,
 }
 
 impl ApiStdin {
@@ -222,8 +230,9 @@ pub struct ApiLogs {
 impl ApiDriver {
     /// A client for the socket at `path` (no I/O yet).
     pub fn connect(path: &str) -> Result<ApiDriver, String> {
-        let raw = Docker::connect_with_unix(path, CLIENT_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| e.to_string())?;
+        let raw =
+            Docker::connect_with_unix(path, CLIENT_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+                .map_err(|e| e.to_string())?;
         Ok(ApiDriver {
             socket: path.trim_start_matches("unix://").to_owned(),
             raw,
@@ -236,8 +245,7 @@ impl ApiDriver {
     async fn docker(&self) -> Result<&Docker, ContainerError> {
         self.negotiated
             .get_or_try_init(|| async {
-                match tokio::time::timeout(CALL_TIMEOUT, self.raw.clone().negotiate_version())
-                    .await
+                match tokio::time::timeout(CALL_TIMEOUT, self.raw.clone().negotiate_version()).await
                 {
                     Ok(Ok(docker)) => Ok(docker),
                     Ok(Err(e)) => Err(api_err(format!("version ({})", self.socket), e)),
@@ -292,18 +300,21 @@ impl ApiDriver {
             ..Default::default()
         };
         match self
-            .call("create", docker.create_container(Some(options.clone()), body.clone()))
+            .call(
+                "create",
+                docker.create_container(Some(options.clone()), body.clone()),
+            )
             .await?
         {
             Ok(_) => Ok(()),
             // `create` does not pull (the CLI does): pull once, then create again.
             Err(e) if not_found(&e) => {
-                self.pull(&spec.image)
-                    .await
-                    .map_err(|detail| ContainerError::ImageUnavailable {
+                self.pull(&spec.image).await.map_err(|detail| {
+                    ContainerError::ImageUnavailable {
                         image: spec.image.clone(),
                         detail,
-                    })?;
+                    }
+                })?;
                 self.call("create", docker.create_container(Some(options), body))
                     .await?
                     .map(|_| ())
@@ -521,7 +532,10 @@ impl ApiDriver {
             options: icc_off.then(|| HashMap::from([(ICC_OPTION.to_owned(), "false".to_owned())])),
             ..Default::default()
         };
-        match self.call("network create", docker.create_network(request)).await {
+        match self
+            .call("network create", docker.create_network(request))
+            .await
+        {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(redact(&e.to_string()).into_owned()),
             Err(e) => Err(e.to_string()),
