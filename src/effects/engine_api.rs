@@ -190,13 +190,14 @@ pub fn create_body(
     })
 }
 
+/// The (unused) output side of an attach connection.
+type AttachOutput = Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, ApiError>> + Send>>;
+
 /// The container's stdin: one attach connection (stdin only) in this process.
 pub struct ApiStdin {
     input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
     /// The attach's (empty) output side, held so the connection stays up.
-    _output: std::sync::Mutex<
-        Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, ApiError>> + Send>>,
-    >,
+    _output: std::sync::Mutex<AttachOutput>,
 }
 
 impl ApiStdin {
