@@ -18,8 +18,7 @@ use bollard::errors::Error as ApiError;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
-    ListContainersOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
-    WaitContainerOptions,
+    LogsOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -278,6 +277,65 @@ impl ApiDriver {
             .map_err(|_| self.timeout(what))
     }
 
+    /// One GET whose JSON answer is read untyped: Podman's compat API reports states the
+    /// typed models refuse (`stopped`), so inspect and list go through here. A plain
+    /// HTTP/1.0 request on a fresh connection: no chunking, the body ends with the
+    /// connection. `path` is built from checked names only.
+    async fn raw_get(&self, path: &str) -> Result<(u16, serde_json::Value), ContainerError> {
+        use tokio::io::AsyncReadExt;
+        let work = async {
+            let mut stream = tokio::net::UnixStream::connect(&self.socket).await?;
+            let request = format!("GET {path} HTTP/1.0\r\nHost: engine\r\n\r\n");
+            stream.write_all(request.as_bytes()).await?;
+            let mut data = Vec::new();
+            // Inspect answers are a few KiB; a list of this instance's containers stays small.
+            stream.take(64 << 20).read_to_end(&mut data).await?;
+            Ok::<_, std::io::Error>(data)
+        };
+        let data = tokio::time::timeout(CALL_TIMEOUT, work)
+            .await
+            .map_err(|_| self.timeout(path))?
+            .map_err(|e| ContainerError::Api {
+                what: format!("GET {path}"),
+                detail: format!("{e} (socket {})", self.socket),
+            })?;
+        let bad = |why: &str| ContainerError::Api {
+            what: format!("GET {path}"),
+            detail: why.to_owned(),
+        };
+        let split = data
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| bad("the engine's answer has no header end"))?;
+        let head = String::from_utf8_lossy(&data[..split]);
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| bad("the engine's answer has no status code"))?;
+        let body = &data[split + 4..];
+        let value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        Ok((status, value))
+    }
+
+    /// Inspects a container untyped; `None` when it does not exist.
+    async fn inspect_raw(&self, name: &str) -> Result<Option<serde_json::Value>, ContainerError> {
+        if !valid_name(name) {
+            return Ok(None);
+        }
+        match self.raw_get(&format!("/containers/{name}/json")).await? {
+            (200, value) => Ok(Some(value)),
+            (404, _) => Ok(None),
+            (status, value) => Err(ContainerError::Api {
+                what: format!("inspect {name}"),
+                detail: format!(
+                    "status {status}: {}",
+                    redact(value["message"].as_str().unwrap_or("no message"))
+                ),
+            }),
+        }
+    }
+
     /// Whether the engine answers a ping (start-up selection and `doctor`).
     pub async fn ping(&self) -> Result<(), ContainerError> {
         let docker = self.docker().await?;
@@ -352,15 +410,10 @@ impl ApiDriver {
     }
 
     pub async fn state(&self, name: &str) -> Result<Option<ContainerState>, ContainerError> {
-        let docker = self.docker().await?;
-        match self
-            .call("inspect", docker.inspect_container(name, None))
+        Ok(self
+            .inspect_raw(name)
             .await?
-        {
-            Ok(info) => Ok(Some(state_of(info.state))),
-            Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(api_err(format!("inspect {name}"), e)),
-        }
+            .map(|info| state_of(&info["State"])))
     }
 
     /// Waits for the container to stop (the API's wait, no polling); `None` when it is gone.
@@ -457,47 +510,40 @@ impl ApiDriver {
 
     /// Every container labelled for `instance`, running or not.
     pub async fn find(&self, instance: &str) -> Result<Vec<FoundContainer>, ContainerError> {
-        let docker = self.docker().await?;
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{LABEL_INSTANCE}={instance}")],
-        )]);
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
+        let filters = serde_json::json!({ "label": [format!("{LABEL_INSTANCE}={instance}")] });
+        let path = format!(
+            "/containers/json?all=1&filters={}",
+            percent_encode(&filters.to_string())
+        );
+        let list = match self.raw_get(&path).await? {
+            (200, serde_json::Value::Array(list)) => list,
+            (status, value) => {
+                return Err(ContainerError::Api {
+                    what: "list containers".into(),
+                    detail: format!(
+                        "status {status}: {}",
+                        redact(value["message"].as_str().unwrap_or("no list"))
+                    ),
+                })
+            }
         };
-        let list = self
-            .call("list", docker.list_containers(Some(options)))
-            .await?
-            .map_err(|e| api_err("list containers", e))?;
         let mut found = Vec::new();
         for summary in list {
-            let Some(name) = summary
-                .names
-                .as_ref()
-                .and_then(|n| n.first())
+            let Some(name) = summary["Names"][0]
+                .as_str()
                 .map(|n| n.trim_start_matches('/').to_owned())
             else {
                 continue;
             };
             // The summary's state has no exit code: inspect each (as the CLI driver does).
-            let info = match self
-                .call("inspect", docker.inspect_container(&name, None))
-                .await?
-            {
-                Ok(info) => info,
-                Err(_) => continue, // removed between list and inspect
+            let Some(info) = self.inspect_raw(&name).await? else {
+                continue; // removed between list and inspect
             };
-            let labels = info
-                .config
-                .as_ref()
-                .and_then(|c| c.labels.clone())
-                .unwrap_or_default();
+            let label = |key: &str| info["Config"]["Labels"][key].as_str().map(str::to_owned);
             found.push(FoundContainer {
-                run_id: labels.get(LABEL_RUN_ID).and_then(|v| v.parse().ok()),
-                attempt: labels.get(LABEL_ATTEMPT).and_then(|v| v.parse().ok()),
-                state: state_of(info.state),
+                run_id: label(LABEL_RUN_ID).and_then(|v| v.parse().ok()),
+                attempt: label(LABEL_ATTEMPT).and_then(|v| v.parse().ok()),
+                state: state_of(&info["State"]),
                 name,
             });
         }
@@ -627,21 +673,42 @@ impl ApiDriver {
     }
 }
 
-fn state_of(state: Option<bollard::models::ContainerState>) -> ContainerState {
-    use bollard::models::ContainerStateStatusEnum as S;
-    let state = state.unwrap_or_default();
-    let code = state
-        .exit_code
+/// A container's `State` object as the engine reports it (Podman adds `configured` and
+/// `stopped`, which mean what `created` and `exited` mean; the CLI driver maps them the same).
+fn state_of(state: &serde_json::Value) -> ContainerState {
+    let code = state["ExitCode"]
+        .as_i64()
         .and_then(|c| i32::try_from(c).ok())
         .unwrap_or(-1);
-    let oom_killed = state.oom_killed.unwrap_or(false);
-    match state.status {
-        Some(S::CREATED) => ContainerState::Created,
-        Some(S::RUNNING) => ContainerState::Running,
-        Some(S::EXITED) => ContainerState::Exited { code, oom_killed },
-        Some(other) => ContainerState::Other(other.to_string()),
-        None => ContainerState::Other("unknown".into()),
+    let oom_killed = state["OOMKilled"].as_bool().unwrap_or(false);
+    match state["Status"].as_str().unwrap_or("unknown") {
+        "created" | "configured" => ContainerState::Created,
+        "running" => ContainerState::Running,
+        "exited" | "stopped" => ContainerState::Exited { code, oom_killed },
+        other => ContainerState::Other(other.chars().take(32).collect()),
     }
+}
+
+/// A container name as this runner makes them (`[A-Za-z0-9_.-]`): safe in a URL path.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
