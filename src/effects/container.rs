@@ -1,7 +1,9 @@
-//! The container engine, driven through its CLI (`docker`, or rootful `podman`): the hardened
-//! argv of spec 5.1/5.2, the env file of 5.3, the agent network of 4.1 step 4, the image
-//! contract label of 4.8, and the names, labels and lifecycle calls that let a restarted runner
-//! find, re-attach to, kill and remove its containers (docs/containers.md).
+//! The container engine behind one interface ([`Engine`]): its API socket when that answers
+//! (`engine_api.rs`), else its CLI (`docker`, or rootful `podman`), chosen at start
+//! (`WSRUNNER_ENGINE_DRIVER`, docs/containers.md "Engine drivers"). The CLI driver lives
+//! here: the hardened argv of spec 5.1/5.2, the env file of 5.3, the agent network of 4.1
+//! step 4, the image contract label of 4.8, and the names, labels and lifecycle calls that let
+//! a restarted runner find, re-attach to, kill and remove its containers.
 //!
 //! Only CLI features docker and podman share are used. Secrets never reach an argv: job env
 //! goes through a 0600 env file in a private 0700 directory, deleted as soon as `create` read it.
