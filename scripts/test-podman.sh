@@ -59,11 +59,13 @@ tests=(--test container_engine --test container_sandbox --test container_driver
   --test daemon_crash --test daemon_lifecycle --test daemon_verdicts --test daemon_podman
   --test daemon_hostile --test daemon_session)
 # daemon_podman's test is #[ignore]d in the Docker pass; these binaries have no other ignored test.
+# SKIPS: test names left out of a pass (passed after `--`, as libtest's --skip).
+SKIPS=()
 run_tests() {
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run -p windshift-runner --no-fail-fast --run-ignored all "${tests[@]}" "$@"
+    cargo nextest run -p windshift-runner --no-fail-fast --run-ignored all "${tests[@]}" "$@" -- "${SKIPS[@]}"
   else
-    cargo test -p windshift-runner --no-fail-fast "${tests[@]}" "$@" -- --include-ignored
+    cargo test -p windshift-runner --no-fail-fast "${tests[@]}" "$@" -- --include-ignored "${SKIPS[@]}"
   fi
 }
 status=0
@@ -88,5 +90,11 @@ if ! podman --url "unix://$SOCK" version >/dev/null 2>&1; then
   exit 1
 fi
 echo "test-podman: pass 2, the API driver (podman system service on $SOCK)" >&2
+# Podman 4.3's API closes a container's stdin when the attached client goes (StdinOnce=false
+# or not), so an agent cannot outlive the attaching runner there: the three tests of exactly
+# that are left out of this pass (docs/containers.md); `auto` picks the CLI for Podman.
+SKIPS=(--skip reattach_after_the_driver_dies_collects_the_rest
+  --skip crash_while_the_container_runs_reattaches_and_keeps_the_work
+  --skip sigkill_of_the_runner_mid_run_keeps_the_agents_session)
 WSRUNNER_ENGINE_DRIVER=api run_tests "$@" || status=$?
 exit "$status"

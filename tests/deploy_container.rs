@@ -218,13 +218,17 @@ async fn the_runner_image_completes_a_run_and_recovers_one_across_a_restart() {
         "the restarted runner re-attached to run {second}\n{logs}"
     );
     let events = h.events(second);
-    for line in ["sleeping now", "after the restart"] {
-        let count = events
+    let count = |line: &str| {
+        events
             .iter()
             .filter(|e| e.event_type == "stdout" && e.payload_json.contains(line))
-            .count();
-        assert_eq!(count, 1, "{line:?} delivered once\n{logs}");
-    }
+            .count()
+    };
+    // Delivered before the kill; at least once across a crash (the saved progress may lag the
+    // last delivered event), so it may come again.
+    assert!(count("sleeping now") >= 1, "{logs}");
+    // Printed while the restarted runner drove the live session: exactly once.
+    assert_eq!(count("after the restart"), 1, "{logs}");
     let pushed = h
         .remote_branch(&format!("agent-runs/run-{second}"))
         .expect("branch pushed after the restart");

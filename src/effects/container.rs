@@ -873,10 +873,18 @@ impl Engine {
                 enable_hint(&cfg.docker)
             )
         };
+        let podman = cfg.docker.contains("podman");
         let (api, note) = match (cfg.driver, socket) {
             (DriverChoice::Cli, _) => (
                 None,
                 format!("CLI driver ({}): WSRUNNER_ENGINE_DRIVER=cli", cfg.docker),
+            ),
+            // Podman 4.3's compat API closes a container's stdin when the attached client goes,
+            // StdinOnce=false or not (measured): through it a runner's death would end the
+            // session, which the CLI driver's holder survives on a host. `api` forces it.
+            (DriverChoice::Auto, _) if podman => (
+                None,
+                format!("CLI driver ({}): Podman's API closes an agent's stdin when the attached runner goes, its CLI's stdin holder does not (set WSRUNNER_ENGINE_DRIVER=api to use the API anyway)", cfg.docker),
             ),
             (choice, Ok(path)) => {
                 let answers = std::os::unix::net::UnixStream::connect(&path);
