@@ -221,7 +221,11 @@ async fn the_runner_image_completes_a_run_and_recovers_one_across_a_restart() {
     let count = |line: &str| {
         events
             .iter()
-            .filter(|e| e.event_type == "stdout" && e.payload_json.contains(line))
+            .filter(|e| e.event_type == "stdout")
+            .filter(|e| {
+                serde_json::from_str::<serde_json::Value>(&e.payload_json)
+                    .is_ok_and(|v| v["type"] == "content" && v["text"] == line)
+            })
             .count()
     };
     // Delivered before the kill; at least once across a crash (the saved progress may lag the
