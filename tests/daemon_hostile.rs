@@ -291,8 +291,14 @@ async fn cancel_and_drain_end_a_stalled_push_within_seconds() {
         )
         .await;
     assert_ne!(run.status, "succeeded", "{run:?}");
+    // The second run's own push (the first run's state line repeats when its stop is
+    // journaled during the push, so a bare count could reach two without it).
+    let drained_span = format!("run{{run_id={drained}}}");
     h.wait_until(Duration::from_secs(90), "the second push under way", || {
         pushes_started(&h) >= 2
+            && h.log()
+                .lines()
+                .any(|l| l.contains(&drained_span) && l.contains("push of acme/app@"))
     })
     .await;
     assert_eq!(h.run(drained).status, "running");
