@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the container tests (engine, sandbox, JSONL driver, cancel, re-attach) and the daemon's
-# crash-recovery, lifecycle (cancel, drain) and verdict tests a second time with rootful Podman
-# as the engine CLI, plus daemon_podman's own end-to-end check (docs/containers.md).
+# crash-recovery, lifecycle (cancel, drain) and verdict tests again with rootful Podman, plus
+# daemon_podman's own end-to-end check (docs/containers.md), in two passes: through the podman
+# CLI (WSRUNNER_ENGINE_DRIVER=cli), then through Podman's API service, which this script starts
+# itself (`podman system service`, no systemd) and stops at the end.
 # Called by scripts/test.sh when `podman` is installed; `.ci/run` installs it.
 # Extra arguments go to cargo nextest / cargo test.
 set -euo pipefail
@@ -36,7 +38,12 @@ done
 nproc_hard="$(ulimit -Hu)"
 [ "$nproc_hard" = unlimited ] || [ "$nproc_hard" -gt 32000 ] && nproc_hard=32000
 CONF_DIR="$(mktemp -d)"
-trap 'rm -rf "$CONF_DIR"' EXIT
+SERVICE_PID=""
+cleanup() {
+  if [ -n "$SERVICE_PID" ]; then kill "$SERVICE_PID" 2>/dev/null || true; wait "$SERVICE_PID" 2>/dev/null || true; fi
+  rm -rf "$CONF_DIR"
+}
+trap cleanup EXIT
 cat > "$CONF_DIR/containers.conf" <<EOF
 [containers]
 default_ulimits = [
@@ -50,10 +57,44 @@ export WSR_TEST_ENGINE=podman
 export WSRUNNER_DOCKER=podman
 tests=(--test container_engine --test container_sandbox --test container_driver
   --test daemon_crash --test daemon_lifecycle --test daemon_verdicts --test daemon_podman
-  --test daemon_hostile --test container_hardening)
+  --test daemon_hostile --test daemon_session --test container_hardening)
 # daemon_podman's test is #[ignore]d in the Docker pass; these binaries have no other ignored test.
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run -p windshift-runner --no-fail-fast --run-ignored all "${tests[@]}" "$@"
-else
-  cargo test -p windshift-runner --no-fail-fast "${tests[@]}" "$@" -- --include-ignored
+# SKIPS: test names left out of a pass (passed after `--`, as libtest's --skip).
+SKIPS=()
+run_tests() {
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run -p windshift-runner --no-fail-fast --run-ignored all "${tests[@]}" "$@" -- "${SKIPS[@]}"
+  else
+    cargo test -p windshift-runner --no-fail-fast "${tests[@]}" "$@" -- --include-ignored "${SKIPS[@]}"
+  fi
+}
+status=0
+
+echo "test-podman: pass 1, the CLI driver (podman CLI)" >&2
+WSRUNNER_ENGINE_DRIVER=cli run_tests "$@" || status=$?
+
+# Pass 2: the API driver on Podman's own service at its default rootful socket (the runner
+# finds it there for WSRUNNER_DOCKER=podman). A service that already answers is used as is.
+SOCK=/run/podman/podman.sock
+if ! podman --url "unix://$SOCK" version >/dev/null 2>&1; then
+  mkdir -p /run/podman
+  podman system service --time=0 "unix://$SOCK" &
+  SERVICE_PID=$!
+  for _ in $(seq 1 100); do
+    podman --url "unix://$SOCK" version >/dev/null 2>&1 && break
+    sleep 0.1
+  done
 fi
+if ! podman --url "unix://$SOCK" version >/dev/null 2>&1; then
+  echo "test-podman: Podman's API service did not answer on $SOCK" >&2
+  exit 1
+fi
+echo "test-podman: pass 2, the API driver (podman system service on $SOCK)" >&2
+# Podman 4.3's API closes a container's stdin when the attached client goes (StdinOnce=false
+# or not), so an agent cannot outlive the attaching runner there: the three tests of exactly
+# that are left out of this pass (docs/containers.md); `auto` picks the CLI for Podman.
+SKIPS=(--skip reattach_after_the_driver_dies_collects_the_rest
+  --skip crash_while_the_container_runs_reattaches_and_keeps_the_work
+  --skip sigkill_of_the_runner_mid_run_keeps_the_agents_session)
+WSRUNNER_ENGINE_DRIVER=api run_tests "$@" || status=$?
+exit "$status"

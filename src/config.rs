@@ -157,6 +157,10 @@ pub struct RunnerConfig {
     /// Private (0700) directory of the `ctl` socket and the persisted pause [default: ctl beside the journal dir].
     #[arg(long, env = "WSRUNNER_CTL_DIR")]
     pub ctl_dir: Option<PathBuf>,
+    /// Engine driver: api (the engine's API socket), cli (the WSRUNNER_DOCKER binary) or auto
+    /// (the API when its socket answers, else the CLI) [default: auto].
+    #[arg(long, env = "WSRUNNER_ENGINE_DRIVER")]
+    pub engine_driver: Option<String>,
 }
 
 // Raw settings may hold the registration token and the credential: never print them.
@@ -216,6 +220,8 @@ pub struct ValidConfig {
     pub agent_output_limit: u64,
     /// `ctl` socket and pause file (docs/daemon.md, "Pause and resume").
     pub ctl_dir: PathBuf,
+    /// `WSRUNNER_ENGINE_DRIVER` (docs/containers.md, "Engine drivers").
+    pub engine_driver: crate::effects::container::DriverChoice,
 }
 
 impl std::fmt::Debug for ValidConfig {
@@ -342,6 +348,8 @@ impl ValidConfig {
             instance: instance.into(),
             runtime: self.runtime.clone(),
             output_limit: self.agent_output_limit,
+            driver: self.engine_driver,
+            api_socket: None,
         }
     }
 }
@@ -718,6 +726,18 @@ impl RunnerConfig {
             runtime,
             agent_output_limit,
             ctl_dir,
+            engine_driver: match non_empty(&self.engine_driver).as_deref() {
+                None | Some("auto") => crate::effects::container::DriverChoice::Auto,
+                Some("api") => crate::effects::container::DriverChoice::Api,
+                Some("cli") => crate::effects::container::DriverChoice::Cli,
+                Some(other) => {
+                    return Err(invalid(
+                        "WSRUNNER_ENGINE_DRIVER",
+                        other,
+                        "must be auto, api or cli",
+                    ))
+                }
+            },
         })
     }
 

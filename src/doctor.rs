@@ -251,6 +251,7 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
     let docker = docker_check(&engine).await;
     let docker_ok = docker.status == Status::Pass;
     checks.push(docker);
+    checks.push(engine_driver_check(&engine).await);
     if docker_ok {
         checks.push(network_check(&engine).await);
         checks.push(image_check(&engine, &cfg).await);
@@ -711,6 +712,25 @@ async fn docker_check(engine: &Engine) -> Check {
     }
 }
 
+/// Which engine driver runs and why (docs/containers.md, "Engine drivers").
+async fn engine_driver_check(engine: &Engine) -> Check {
+    match engine.api() {
+        Some(api) => match api.ping().await {
+            Ok(()) => Check::pass("engine-driver", engine.driver_note().to_owned()),
+            Err(e) => Check::fail(
+                "engine-driver",
+                format!("{}, which does not answer: {e}", engine.driver_note()),
+                "start the engine (or its API service), or set WSRUNNER_ENGINE_DRIVER=cli",
+            ),
+        },
+        None => Check::warn(
+            "engine-driver",
+            engine.driver_note().to_owned(),
+            "serve the engine's API socket (see the detail) so that agent sessions survive any runner death",
+        ),
+    }
+}
+
 fn first_line(text: &str) -> &str {
     text.lines()
         .find(|l| !l.trim().is_empty())
@@ -763,7 +783,7 @@ async fn image_check(engine: &Engine, cfg: &ValidConfig) -> Check {
         );
     }
     match engine.contract_label(image).await {
-        Err(ContainerError::Cli { detail, .. }) => Check::fail(
+        Err(ContainerError::Cli { detail, .. } | ContainerError::Api { detail, .. }) => Check::fail(
             "image",
             format!("image {image} is not present on the Docker daemon ({})", first_line(&detail)),
             format!("`docker pull {image}` (or load/build it) on the daemon that starts jobs; doctor does not pull"),

@@ -55,6 +55,13 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for RedactingMakeWriter<M> {
 /// Returns quietly if a subscriber is already installed (tests, embedded demo).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The engine API client logs whole request bodies at debug level, and a container's
+    // create body holds the job env (run token, LLM keys): never below warn, whatever
+    // RUST_LOG asks (docs/containers.md).
+    let filter = match "bollard=warn".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let writer = RedactingMakeWriter::new(io::stderr);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -24,7 +24,12 @@ async fn commit_then_completed_lands_a_commit_in_the_checkout() {
         GRACE,
     )
     .await;
-    assert_eq!(driven.result.exit_code, Some(0), "{:?}", driven.outputs);
+    assert_eq!(
+        driven.result.judged_exit_code(),
+        Some(0),
+        "{:?}",
+        driven.outputs
+    );
     let done = driven.of_type("tool_done");
     assert_eq!(done.len(), 1);
     assert_eq!(
@@ -64,7 +69,7 @@ async fn no_change_leaves_head_at_base() {
         GRACE,
     )
     .await;
-    assert_eq!(driven.result.exit_code, Some(0));
+    assert_eq!(driven.result.judged_exit_code(), Some(0));
     assert_eq!(git(&co.path, &["rev-parse", "HEAD"]), base);
     assert_eq!(git(&co.path, &["status", "--porcelain"]), "");
     assert!(driven.signals().contains(&AgentSignal::Finish {
@@ -83,7 +88,7 @@ async fn blocked_and_error_are_signalled() {
         GRACE,
     )
     .await;
-    assert_eq!(driven.result.exit_code, Some(0));
+    assert_eq!(driven.result.judged_exit_code(), Some(0));
     assert!(driven.signals().contains(&AgentSignal::Finish {
         outcome: "blocked".into(),
         summary: "no access to the repo".into()
@@ -96,7 +101,7 @@ async fn blocked_and_error_are_signalled() {
         GRACE,
     )
     .await;
-    assert_eq!(driven.result.exit_code, Some(0));
+    assert_eq!(driven.result.judged_exit_code(), Some(0));
     let signals = driven.signals();
     assert!(signals.contains(&AgentSignal::Error {
         message: "broker down".into()
@@ -159,7 +164,7 @@ async fn a_line_over_one_mib_degrades_the_stream_once() {
     )
     .await;
     assert!(driven.result.stream_degraded);
-    assert_eq!(driven.result.exit_code, Some(0));
+    assert_eq!(driven.result.judged_exit_code(), Some(0));
     let degraded: Vec<_> = driven
         .outputs
         .iter()
@@ -198,7 +203,7 @@ async fn a_flood_of_events_arrives_complete_and_in_order() {
         .collect();
     assert_eq!(seqs, (0..5000).collect::<Vec<u64>>());
     assert!(!driven.result.stream_degraded);
-    assert_eq!(driven.result.exit_code, Some(0));
+    assert_eq!(driven.result.judged_exit_code(), Some(0));
 }
 
 #[tokio::test]
@@ -206,7 +211,7 @@ async fn container_kind_runs_without_stdin() {
     let (engine, _cleanup) = test_engine(&unique_instance("kind"));
     // No stdin: the agent sees EOF at once, prints its lifecycle line and exits 0.
     let driven = run_script(&engine, &spec(109, LaunchKind::Container, None), "", GRACE).await;
-    assert_eq!(driven.result.exit_code, Some(0));
+    assert_eq!(driven.result.judged_exit_code(), Some(0));
     assert_eq!(driven.of_type("lifecycle").len(), 1);
     assert_eq!(driven.of_type("lifecycle")[0]["run_id"], "109");
 }
@@ -286,7 +291,12 @@ async fn cancel_of_a_cooperative_agent_ends_it_by_abort_and_eof() {
     let (tx, mut rx) = mpsc::channel(64);
     let options = DriveOptions {
         prompt: Some("say started; sleep 120000; say never".into()),
-        grace: Duration::from_secs(30),
+        // The API driver cannot close stdin: its end is the stop, which waits the grace.
+        grace: if engine.uses_api() {
+            GRACE
+        } else {
+            Duration::from_secs(30)
+        },
         ..DriveOptions::default()
     };
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
@@ -322,8 +332,17 @@ async fn cancel_of_a_cooperative_agent_ends_it_by_abort_and_eof() {
     }
     let result = driver.await.expect("join").expect("drive");
     assert!(result.cancelled);
-    assert!(!result.killed_after_grace, "the agent honours abort + EOF");
-    assert_eq!(result.exit_code, Some(0));
+    if engine.uses_api() {
+        // No EOF through the API: the abort ended the script, the runner's stop the agent.
+        assert!(result.stopped_by_runner, "{result:?}");
+        assert!(
+            !result.ended_by_runner_at_handshake,
+            "a cancel is not a handshake end"
+        );
+    } else {
+        assert!(!result.killed_after_grace, "the agent honours abort + EOF");
+        assert_eq!(result.exit_code, Some(0));
+    }
     assert!(!rest.iter().any(
         |o| matches!(o, DriverOutput::Event { payload_json, .. } if payload_json.contains("never"))
     ));
@@ -383,7 +402,7 @@ async fn reattach_after_the_driver_dies_collects_the_rest() {
     );
 
     // Second driver: re-opens stdin and skips what was seen.
-    let stdin = StdinChannel::reopen(&name, run_dir.path());
+    let stdin = StdinChannel::reattach(&engine, &name, run_dir.path()).await;
     assert!(stdin.is_some(), "the stdin holder survives the driver");
     let (tx, mut rx) = mpsc::channel(64);
     let collector = tokio::spawn(async move {
@@ -432,7 +451,7 @@ async fn reattach_after_the_driver_dies_collects_the_rest() {
     })));
     assert!(result.saw_session_idle);
     // Abort + EOF through the re-opened stdin let the agent exit by itself.
-    assert_eq!(result.exit_code, Some(0));
+    assert_eq!(result.judged_exit_code(), Some(0));
     assert!(!result.killed_after_grace);
 }
 
@@ -449,7 +468,12 @@ async fn a_replay_resignals_skipped_lines_without_their_events() {
         GRACE,
     )
     .await;
-    assert_eq!(driven.result.exit_code, Some(0), "{:?}", driven.outputs);
+    assert_eq!(
+        driven.result.judged_exit_code(),
+        Some(0),
+        "{:?}",
+        driven.outputs
+    );
     let live = driven.signals();
     assert!(live.len() >= 5, "{live:?}");
     let lines = driven.result.stdout_lines;

@@ -190,6 +190,7 @@ fn label_engine(default_image: &str, allowed: &[&str], allow_unlabeled: bool) ->
         allowed_images: allowed.iter().map(|s| s.to_string()).collect(),
         allow_unlabeled,
         docker: engine_cli(),
+        driver: engine_driver(),
         ..ContainerConfig::default()
     })
 }
@@ -292,6 +293,7 @@ async fn ensure_network_creates_once_and_never_builtins() {
     let engine = Engine::new(ContainerConfig {
         network: name.clone(),
         docker: engine_cli(),
+        driver: engine_driver(),
         ..ContainerConfig::default()
     });
     struct RemoveNet(String);
@@ -318,6 +320,7 @@ async fn ensure_network_creates_once_and_never_builtins() {
         let engine = Engine::new(ContainerConfig {
             network: builtin.into(),
             docker: engine_cli(),
+            driver: engine_driver(),
             ..ContainerConfig::default()
         });
         assert_eq!(

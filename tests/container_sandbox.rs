@@ -135,7 +135,7 @@ async fn fork_bomb_hits_the_pids_limit() {
     assert!(spawned < 64, "pids limit 64, spawned {spawned}");
     assert!(e["error"].is_string());
     // The agent survived its own fork bomb and finished normally.
-    assert_eq!(driven.result.exit_code, Some(0));
+    assert_eq!(driven.result.judged_exit_code(), Some(0));
 }
 
 #[tokio::test]

@@ -284,6 +284,8 @@ async fn cancel_and_drain_end_a_stalled_push_within_seconds() {
         )
         .await;
     assert_ne!(run.status, "succeeded", "{run:?}");
+    // The second run's own push (the first run's state line repeats when its stop is
+    // journaled during the push, so a bare count could reach two without it).
     h.wait_until(Duration::from_secs(90), "the second push under way", || {
         push_started(&h, drained)
     })

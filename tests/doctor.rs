@@ -106,7 +106,9 @@ const MUST_PASS: [&str; 10] = [
     "cred-file",
 ];
 /// `userns` warns on a host whose uid 1000 is a login account (see its own test).
-const MAY_WARN: [&str; 6] = [
+/// `engine-driver` warns where the engine serves no API socket (the CLI driver runs).
+const MAY_WARN: [&str; 7] = [
+    "engine-driver",
     "api-url",
     "reachable",
     "network",
@@ -222,6 +224,13 @@ async fn plain_http_without_allow_insecure_fails_the_url_check() {
     // The rest of the host is still checked.
     d.assert_status("docker", "PASS");
     d.assert_status("image", "PASS");
+    // Which engine driver runs, and why.
+    let driver = d.line("engine-driver");
+    assert!(
+        driver.contains("API driver on unix://") || driver.contains("CLI driver ("),
+        "{}",
+        d.out
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -241,6 +241,7 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
     // 2. Docker: the agent network and the image contract (spec 4.1 steps 4 and 5).
     let instance = instance_name(&cfg);
     let engine = Engine::new(cfg.container_config(instance.clone()));
+    info!(driver = engine.driver_note(), "container engine driver");
     match engine.ensure_network().await {
         Ok(NetworkStatus::Created) => {
             warn!(network = %cfg.network, "created the agent network; its egress is unfiltered: apply your own egress rules")

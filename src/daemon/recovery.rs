@@ -193,6 +193,18 @@ async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observati
             Ok(Some(ContainerState::Other(s))) if s == "paused" || s == "restarting" => {
                 ContainerObservation::Running
             }
+            // The previous process stopped it at the end of the handshake (API driver) and
+            // died before harvesting: judged as the driver would have (docs/containers.md).
+            Ok(Some(ContainerState::Exited {
+                oom_killed: false, ..
+            })) if ctx
+                .containers_dir
+                .join(name)
+                .join(crate::effects::agent_driver::HANDSHAKE_STOP_FILE)
+                .exists() =>
+            {
+                ContainerObservation::Exited { code: Some(0) }
+            }
             Ok(Some(ContainerState::Exited { code, .. })) => {
                 ContainerObservation::Exited { code: Some(code) }
             }

@@ -541,17 +541,20 @@ impl RunTask {
         let mut stdin;
         let mut options = DriveOptions {
             grace: self.ctx.grace,
+            handshake_marker: Some(dir.join(agent_driver::HANDSHAKE_STOP_FILE)),
             ..Default::default()
         };
         if reattach {
-            stdin = StdinChannel::reopen(name, &dir);
+            // API driver: a new attach (the container's stdin never closed); CLI driver: the
+            // stdin holder the previous process left.
+            stdin = StdinChannel::reattach(&self.ctx.engine, name, &dir).await;
             if stdin.is_none() && coding {
                 // The runner died between starting the container and spawning its stdin
                 // holder (or the holder died): attach a new one. The container was created
                 // with stdin open and not closed on detach, so the agent still waits there
                 // for its prompt; without this the run would hang until RUN_TIMEOUT.
                 let _ = create_private_dir(&dir);
-                match StdinChannel::open(&self.ctx.engine, name, &dir) {
+                match StdinChannel::attach(&self.ctx.engine, name, &dir).await {
                     Ok(channel) => stdin = Some(channel),
                     Err(e) => warn!(
                         run_id = self.run_id,
@@ -700,7 +703,9 @@ impl RunTask {
                     );
                 }
                 debug!(run_id = self.run_id, ?r, "container finished");
-                match r.exit_code {
+                // The runner's own stop after session_idle (API driver: no stdin to close)
+                // is judged as the clean exit a closed stdin would have given.
+                match r.judged_exit_code() {
                     Some(code) => Event::ContainerExited { code: Some(code) },
                     None => Event::ContainerVanished,
                 }

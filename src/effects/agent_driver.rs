@@ -3,12 +3,19 @@
 //! (abort, stdin close, grace, kill). It decides no verdict: the caller folds the signals and
 //! the [`DriveResult`] into one with `crate::fsm`.
 //!
-//! Re-attach design (docs/containers.md): the container is created with `create -i` (stdin
-//! open, closed for good when the attached client goes) and started detached. Its stdin is
-//! held by a detached `<docker> attach` process that reads a FIFO in the run's private
-//! directory, so the runner can die and a new runner can open the FIFO again. Output is read
-//! with `<docker> logs --follow`, which replays from the start: a re-attached driver skips the
-//! lines it already saw, counted per stream. Closing stdin = killing the attach process.
+//! Re-attach design (docs/containers.md), two engine drivers behind [`Engine`]:
+//! - API driver: the container is created with stdin open and `StdinOnce=false`, so stdin is
+//!   never closed by a client going away. Stdin is an attach connection in this process; a
+//!   re-attached runner simply attaches again. Output is a logs stream in this process. The
+//!   runner cannot close stdin, so the handshake's "close stdin" is a stop (SIGTERM, SIGKILL
+//!   after the grace), and [`DriveResult::ended_by_runner_at_handshake`] tells the caller when
+//!   that stop ended an agent that had finished its session.
+//! - CLI driver: `create -i` (stdin closed for good when the attached client goes); stdin is
+//!   held by a detached `<docker> attach` process reading a FIFO in the run's private
+//!   directory, so a new runner process can open the FIFO again. Closing stdin = killing it.
+//!
+//! Both read the output from the container's start, so a re-attached driver skips the lines it
+//! already saw, counted per stream.
 
 use std::future::Future;
 use std::io;
@@ -30,6 +37,11 @@ use crate::redact::redact;
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 /// Grace between stdin close (or a stop request) and the kill (spec 6.4).
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// The stop's grace after `session_idle` (API driver), at most [`DriveOptions::grace`]: the
+/// session is over, so an agent that is PID 1 without a SIGTERM handler (deaf to SIGTERM) is
+/// not kept the whole grace for nothing; a contract agent exits on SIGTERM at once, as it
+/// would on the EOF the CLI driver sends. A cancel or a degraded stream keeps the full grace.
+pub const IDLE_STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for the container to leave `created` after start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the output readers may take to finish once the container stopped.
@@ -66,7 +78,15 @@ pub struct DriveOptions {
     /// caller coalesced signals in memory that died with the previous process, and folds the
     /// whole stream again (docs/journal.md, "Agent output budget").
     pub resignal_skipped: bool,
+    /// Written just before the API driver's stop ends the handshake after `session_idle` or a
+    /// degraded stream: a runner that dies before harvesting the exit leaves it for recovery,
+    /// which then judges the stop's exit code as this driver would (see
+    /// [`DriveResult::ended_by_runner_at_handshake`]).
+    pub handshake_marker: Option<PathBuf>,
 }
+
+/// The file name of [`DriveOptions::handshake_marker`] in a run's container directory.
+pub const HANDSHAKE_STOP_FILE: &str = "handshake-stop";
 
 impl Default for DriveOptions {
     fn default() -> Self {
@@ -76,6 +96,7 @@ impl Default for DriveOptions {
             skip_stdout_lines: 0,
             skip_stderr_lines: 0,
             resignal_skipped: false,
+            handshake_marker: None,
         }
     }
 }
@@ -93,7 +114,8 @@ pub struct DriveResult {
     pub saw_contract_event: bool,
     /// `session_idle` arrived.
     pub saw_session_idle: bool,
-    /// The runner killed the container after the grace period.
+    /// The runner (or the engine's stop) killed the container after the grace period: it
+    /// hung. Not set for an end at the handshake (see `ended_by_runner_at_handshake`).
     pub killed_after_grace: bool,
     /// The kernel killed it for memory.
     pub oom_killed: bool,
@@ -104,6 +126,25 @@ pub struct DriveResult {
     pub stderr_lines: u64,
     /// The agent printed more than `WSRUNNER_AGENT_OUTPUT_LIMIT`: the runner stopped it.
     pub output_limit_hit: bool,
+    /// The runner stopped the running container (cancel, or the API driver's end of the
+    /// handshake in place of closing stdin).
+    pub stopped_by_runner: bool,
+    /// The runner's stop ended the agent at the end of the handshake, after `session_idle` or
+    /// a degraded stream (API driver, where the CLI driver closes stdin): the caller judges
+    /// the exit as the clean exit the closed stdin would have given (0). Never after a
+    /// cancel, the output limit or an OOM kill.
+    pub ended_by_runner_at_handshake: bool,
+}
+
+impl DriveResult {
+    /// The exit code the verdict judges: 0 when the runner's stop ended an agent that had
+    /// finished its session ([`DriveResult::ended_by_runner_at_handshake`]), else the real one.
+    pub fn judged_exit_code(&self) -> Option<i32> {
+        match self.exit_code {
+            Some(_) if self.ended_by_runner_at_handshake => Some(0),
+            code => code,
+        }
+    }
 }
 
 /// The output budget of one container, shared by its two stream readers: every byte read
@@ -149,12 +190,20 @@ pub fn output_limit_message(limit: u64) -> String {
     format!("the agent printed more than {limit} bytes of output (WSRUNNER_AGENT_OUTPUT_LIMIT); the runner stopped its container and discarded the rest; raise WSRUNNER_AGENT_OUTPUT_LIMIT if this much output is expected")
 }
 
-/// The container's stdin: a FIFO read by a detached `<docker> attach` process.
+/// The container's stdin: an attach connection of this process (API driver), or a FIFO read
+/// by a detached `<docker> attach` process (CLI driver).
 pub struct StdinChannel {
-    fifo: PathBuf,
-    holder_pid: i32,
-    /// Present when this process spawned the holder (so it can reap it).
-    holder: Option<std::process::Child>,
+    inner: StdinInner,
+}
+
+enum StdinInner {
+    Api(super::engine_api::ApiStdin),
+    Cli {
+        fifo: PathBuf,
+        holder_pid: i32,
+        /// Present when this process spawned the holder (so it can reap it).
+        holder: Option<std::process::Child>,
+    },
 }
 
 const FIFO_NAME: &str = "stdin.fifo";
@@ -198,10 +247,42 @@ impl StdinChannel {
             i32::try_from(child.id()).map_err(|_| io::Error::other("holder pid out of range"))?;
         std::fs::write(run_dir.join(HOLDER_PID_FILE), format!("{holder_pid}\n"))?;
         Ok(StdinChannel {
-            fifo,
-            holder_pid,
-            holder: Some(child),
+            inner: StdinInner::Cli {
+                fifo,
+                holder_pid,
+                holder: Some(child),
+            },
         })
+    }
+
+    /// Attaches to a running container's stdin through the engine's driver: the API driver
+    /// makes a new attach connection; the CLI driver spawns a new holder.
+    pub async fn attach(engine: &Engine, name: &str, run_dir: &Path) -> io::Result<StdinChannel> {
+        match engine.api() {
+            Some(api) => api
+                .attach_stdin(name)
+                .await
+                .map(|stdin| StdinChannel {
+                    inner: StdinInner::Api(stdin),
+                })
+                .map_err(|e| io::Error::other(e.to_string())),
+            None => Self::open(engine, name, run_dir),
+        }
+    }
+
+    /// Stdin again after the runner restarted: the API driver attaches again (the container
+    /// kept stdin open); the CLI driver finds the holder a previous process left.
+    pub async fn reattach(engine: &Engine, name: &str, run_dir: &Path) -> Option<StdinChannel> {
+        match engine.api() {
+            Some(_) => Self::attach(engine, name, run_dir).await.ok(),
+            None => Self::reopen(name, run_dir),
+        }
+    }
+
+    /// Whether closing this channel leaves the container's stdin open (API driver): the
+    /// handshake then stops the container instead.
+    pub fn survives_close(&self) -> bool {
+        matches!(self.inner, StdinInner::Api(_))
     }
 
     /// Finds the stdin holder a previous runner process left for `name`; `None` when it is
@@ -218,15 +299,20 @@ impl StdinChannel {
         let ours = args.iter().any(|a| *a == b"attach") && args.contains(&name.as_bytes());
         let fifo = run_dir.join(FIFO_NAME);
         (ours && fifo.exists()).then_some(StdinChannel {
-            fifo,
-            holder_pid: pid,
-            holder: None,
+            inner: StdinInner::Cli {
+                fifo,
+                holder_pid: pid,
+                holder: None,
+            },
         })
     }
 
     /// Writes one command line. Fails when nobody reads the FIFO any more.
     pub async fn send(&self, line: &str) -> io::Result<()> {
-        let fifo = self.fifo.clone();
+        let fifo = match &self.inner {
+            StdinInner::Api(stdin) => return stdin.send(line).await,
+            StdinInner::Cli { fifo, .. } => fifo.clone(),
+        };
         let mut data = line.as_bytes().to_vec();
         data.push(b'\n');
         let write = tokio::task::spawn_blocking(move || -> io::Result<()> {
@@ -260,20 +346,29 @@ impl StdinChannel {
             .map_err(|e| io::Error::other(format!("stdin writer task failed: {e}")))?
     }
 
-    /// Closes the container's stdin for good (the agent sees EOF) by ending the holder.
-    pub async fn close(mut self) {
+    /// CLI driver: closes the container's stdin for good (the agent sees EOF) by ending the
+    /// holder. API driver: drops the connection only; the container's stdin stays open.
+    pub async fn close(self) {
+        let StdinInner::Cli {
+            fifo,
+            holder_pid,
+            holder,
+        } = self.inner
+        else {
+            return;
+        };
         // SAFETY: plain kill(2) on a pid we verified or spawned.
         unsafe {
-            libc::kill(self.holder_pid, libc::SIGKILL);
+            libc::kill(holder_pid, libc::SIGKILL);
         }
-        if let Some(mut child) = self.holder.take() {
+        if let Some(mut child) = holder {
             let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         }
-        let _ = std::fs::remove_file(&self.fifo);
+        let _ = std::fs::remove_file(&fifo);
     }
 }
 
-/// Starts a created container and, for `coding_agent`, attaches the stdin holder.
+/// Starts a created container and, for `coding_agent`, attaches its stdin.
 pub async fn start(
     engine: &Engine,
     name: &str,
@@ -284,13 +379,89 @@ pub async fn start(
     if !with_stdin {
         return Ok(None);
     }
-    StdinChannel::open(engine, name, run_dir)
+    StdinChannel::attach(engine, name, run_dir)
+        .await
         .map(Some)
-        .map_err(|e| ContainerError::Cli {
-            docker: engine.cfg.docker.clone(),
+        .map_err(|e| ContainerError::Api {
             what: format!("attach {name}"),
-            detail: format!("could not attach the stdin holder: {e}"),
+            detail: format!("could not attach the container's stdin: {e}"),
         })
+}
+
+/// A container's output as two byte streams, from its start, whichever driver reads it.
+struct Logs {
+    stdout: Box<dyn AsyncRead + Unpin + Send>,
+    stderr: Box<dyn AsyncRead + Unpin + Send>,
+    source: LogSource,
+}
+
+enum LogSource {
+    /// An in-process logs connection (API driver).
+    Api(tokio::task::JoinHandle<Result<(), String>>),
+    /// A `<docker> logs` child (CLI driver).
+    Cli(tokio::process::Child),
+}
+
+impl LogSource {
+    /// Ends the reading early.
+    async fn kill(&mut self) {
+        match self {
+            LogSource::Api(task) => task.abort(),
+            LogSource::Cli(child) => {
+                let _ = child.kill().await;
+            }
+        }
+    }
+    /// Waits for the source to end; the error says why it failed.
+    async fn finish(self) -> Result<(), String> {
+        match self {
+            LogSource::Api(task) => match task.await {
+                Ok(result) => result,
+                Err(e) if e.is_cancelled() => Ok(()),
+                Err(e) => Err(format!("logs task failed: {e}")),
+            },
+            LogSource::Cli(mut child) => match child.wait().await {
+                Ok(status) if status.success() => Ok(()),
+                Ok(status) => Err(format!("exited with {status}")),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+/// Opens the container's output from its start (`follow`: until it stops).
+async fn open_logs(engine: &Engine, name: &str, follow: bool) -> Result<Logs, ContainerError> {
+    if let Some(api) = engine.api() {
+        let logs = api.logs(name, follow).await?;
+        return Ok(Logs {
+            stdout: Box::new(logs.stdout),
+            stderr: Box::new(logs.stderr),
+            source: LogSource::Api(logs.task),
+        });
+    }
+    let args: &[&str] = if follow {
+        &["logs", "--follow", name]
+    } else {
+        &["logs", name]
+    };
+    let mut child = engine
+        .command(args)
+        .spawn()
+        .map_err(|source| ContainerError::Spawn {
+            docker: engine.cfg.docker.clone(),
+            source,
+        })?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(ContainerError::Spawn {
+            docker: engine.cfg.docker.clone(),
+            source: io::Error::other("logs pipes missing"),
+        });
+    };
+    Ok(Logs {
+        stdout: Box::new(stdout),
+        stderr: Box::new(stderr),
+        source: LogSource::Cli(child),
+    })
 }
 
 /// What a stream reader found.
@@ -313,7 +484,7 @@ async fn pump(
     skip: u64,
     resignal: bool,
     out: mpsc::Sender<DriverOutput>,
-    mut idle: Option<oneshot::Sender<()>>,
+    mut idle: Option<oneshot::Sender<bool>>,
     budget: Arc<OutputBudget>,
 ) -> StreamStats {
     let resignal = resignal && stream == "stdout";
@@ -363,7 +534,7 @@ async fn pump(
                 }
             }
             if let Some(tx) = idle.take() {
-                let _ = tx.send(());
+                let _ = tx.send(false);
             }
         }
         if !overflowing && !stats.degraded && !stats.limited {
@@ -388,7 +559,7 @@ async fn pump(
                     // would be missed: the run is failed anyway (verdict row 3), so the
                     // handshake starts now instead of waiting for an idle that never comes.
                     if let Some(tx) = idle.take() {
-                        let _ = tx.send(());
+                        let _ = tx.send(false);
                     }
                 }
             }
@@ -442,7 +613,7 @@ async fn handle_line<F, Fut>(
     number: u64,
     stats: &mut StreamStats,
     send: &F,
-    idle: &mut Option<oneshot::Sender<()>>,
+    idle: &mut Option<oneshot::Sender<bool>>,
 ) where
     F: Fn(DriverOutput) -> Fut,
     Fut: Future<Output = ()>,
@@ -473,7 +644,7 @@ async fn handle_line<F, Fut>(
             if signal == AgentSignal::SessionIdle {
                 stats.saw_session_idle = true;
                 if let Some(tx) = idle.take() {
-                    let _ = tx.send(());
+                    let _ = tx.send(true);
                 }
             }
             send(DriverOutput::Signal(signal)).await;
@@ -481,7 +652,7 @@ async fn handle_line<F, Fut>(
     }
 }
 
-/// Counts a running container's whole output (`<docker> logs --follow`, both streams, the
+/// Counts a running container's whole output (a second follow of its logs, both streams, the
 /// same cost as the readers: bytes plus [`LINE_OVERHEAD`] a line) and, once past
 /// `WSRUNNER_AGENT_OUTPUT_LIMIT`, kills the container and reports the limit as the agent's
 /// error and a degraded stream. Returns whether the limit was passed.
@@ -491,17 +662,11 @@ async fn meter(
     out: mpsc::Sender<DriverOutput>,
 ) -> Result<bool, ContainerError> {
     use tokio::io::AsyncReadExt;
-    let mut logs = engine.command(&["logs", "--follow", &name]);
-    let mut logs = logs.spawn().map_err(|source| ContainerError::Spawn {
-        docker: engine.cfg.docker.clone(),
+    let Logs {
+        stdout,
+        stderr,
         source,
-    })?;
-    let (Some(stdout), Some(stderr)) = (logs.stdout.take(), logs.stderr.take()) else {
-        return Err(ContainerError::Spawn {
-            docker: engine.cfg.docker.clone(),
-            source: io::Error::other("logs pipes missing"),
-        });
-    };
+    } = open_logs(&engine, &name, true).await?;
     let (hit_tx, hit_rx) = oneshot::channel();
     let budget = OutputBudget::new(engine.cfg.output_limit, Some(hit_tx), false);
     let count = |mut reader: Box<dyn AsyncRead + Unpin + Send>, budget: Arc<OutputBudget>| async move {
@@ -513,10 +678,7 @@ async fn meter(
     };
     // The readers own the budget: when both end without a hit, its sender drops.
     let readers = tokio::spawn(async move {
-        tokio::join!(
-            count(Box::new(stdout), budget.clone()),
-            count(Box::new(stderr), budget)
-        );
+        tokio::join!(count(stdout, budget.clone()), count(stderr, budget));
     });
     let hit = hit_rx.await.is_ok();
     if hit {
@@ -539,7 +701,7 @@ async fn meter(
     // Both pipes are at EOF when the sender is dropped without a hit; after a kill they end
     // once the engine's `logs` notices the stop.
     let _ = readers.await;
-    let _ = logs.wait().await;
+    let _ = source.finish().await;
     Ok(hit)
 }
 
@@ -559,17 +721,11 @@ pub async fn replay(
     resignal_skipped: bool,
     out: mpsc::Sender<DriverOutput>,
 ) -> Result<(u64, u64), ContainerError> {
-    let mut logs = engine.command(&["logs", name]);
-    let mut logs = logs.spawn().map_err(|source| ContainerError::Spawn {
-        docker: engine.cfg.docker.clone(),
-        source,
-    })?;
-    let (Some(stdout), Some(stderr)) = (logs.stdout.take(), logs.stderr.take()) else {
-        return Err(ContainerError::Spawn {
-            docker: engine.cfg.docker.clone(),
-            source: io::Error::other("logs pipes missing"),
-        });
-    };
+    let Logs {
+        stdout,
+        stderr,
+        mut source,
+    } = open_logs(engine, name, false).await?;
     // The container is stopped already: an exceeded budget only reports.
     let budget = OutputBudget::new(engine.cfg.output_limit, None, true);
     let stdout_task = tokio::spawn(pump(
@@ -596,22 +752,17 @@ pub async fn replay(
         (stdout.lines, stderr.lines)
     };
     let Ok(lines) = tokio::time::timeout(DRAIN_TIMEOUT, read).await else {
-        let _ = logs.kill().await;
+        source.kill().await;
         return Err(ContainerError::Timeout {
             docker: engine.cfg.docker.clone(),
             what: format!("logs {name}"),
             secs: DRAIN_TIMEOUT.as_secs(),
         });
     };
-    let status = logs.wait().await.map_err(|source| ContainerError::Spawn {
-        docker: engine.cfg.docker.clone(),
-        source,
-    })?;
-    if !status.success() {
-        return Err(ContainerError::Cli {
-            docker: engine.cfg.docker.clone(),
+    if let Err(detail) = source.finish().await {
+        return Err(ContainerError::Api {
             what: format!("logs {name}"),
-            detail: format!("exited with {status}"),
+            detail,
         });
     }
     Ok((lines.0.max(skip_stdout), lines.1.max(skip_stderr)))
@@ -654,17 +805,11 @@ pub async fn drive(
             Some(_) => break,
         }
     }
-    let mut logs = engine.command(&["logs", "--follow", name]);
-    let mut logs = logs.spawn().map_err(|source| ContainerError::Spawn {
-        docker: engine.cfg.docker.clone(),
-        source,
-    })?;
-    let (Some(stdout), Some(stderr)) = (logs.stdout.take(), logs.stderr.take()) else {
-        return Err(ContainerError::Spawn {
-            docker: engine.cfg.docker.clone(),
-            source: io::Error::other("logs pipes missing"),
-        });
-    };
+    let Logs {
+        stdout,
+        stderr,
+        source: mut logs,
+    } = open_logs(engine, name, true).await?;
     let (idle_tx, idle_rx) = oneshot::channel();
     // The forwarding readers go at the pace the server takes events; the meter reads the
     // same output at full speed, so the limit holds on what the agent writes.
@@ -708,37 +853,67 @@ pub async fn drive(
 
     // Wait for session_idle, cancellation or stdout EOF (spec 6.4 step 1).
     let mut stdout_stats = None;
+    // The handshake started on the agent's session_idle (true) or on a degraded stream.
+    let mut idle_fired = false;
+    let mut session_idle = false;
     if !prompt_failed {
         tokio::pin!(cancel);
         let idle = async {
             // A dropped sender (stdout ended without idle) must not count as idle.
-            if idle_rx.await.is_err() {
-                std::future::pending::<()>().await;
+            match idle_rx.await {
+                Ok(real) => real,
+                Err(_) => std::future::pending::<bool>().await,
             }
         };
         tokio::select! {
             _ = &mut cancel => result.cancelled = true,
-            _ = idle => {}
+            real = idle => {
+                idle_fired = true;
+                session_idle = real;
+            }
             joined = &mut stdout_task => stdout_stats = Some(joined.unwrap_or_default()),
         }
     }
 
-    // Step 2: abort if cancelled or stdout still open, then close stdin.
+    // Step 2: abort if cancelled or stdout still open, then close stdin. A stdin that no
+    // client can close (API driver) is replaced by a stop: SIGTERM, SIGKILL after the grace.
     let stdout_open = stdout_stats.is_none() && !prompt_failed;
+    let mut stop = result.cancelled;
     if let Some(channel) = stdin {
         if result.cancelled || stdout_open {
             let _ = channel.send(r#"{"type":"abort"}"#).await;
         }
+        stop |= channel.survives_close() && !prompt_failed;
         channel.close().await;
-    } else if result.cancelled {
-        // No stdin (container kinds): ask politely, the engine kills after the grace.
-        let secs = options.grace.as_secs().to_string();
-        let _ = engine
-            .cli(
-                &["stop", "--time", &secs, name],
-                options.grace + Duration::from_secs(60),
-            )
-            .await;
+    }
+    if stop {
+        let running = matches!(
+            engine.state(name).await?,
+            Some(ContainerState::Running) | Some(ContainerState::Other(_))
+        );
+        if running {
+            if idle_fired && !result.cancelled {
+                if let Some(marker) = &options.handshake_marker {
+                    let _ = std::fs::write(marker, b"1\n");
+                }
+            }
+            let grace = if session_idle && !result.cancelled {
+                options.grace.min(IDLE_STOP_GRACE)
+            } else {
+                options.grace
+            };
+            let asked = tokio::time::Instant::now();
+            if let Err(e) = engine.stop(name, grace).await {
+                tracing::warn!(container = name, "stopping the container failed: {e}");
+            }
+            result.stopped_by_runner = true;
+            // The engine's SIGKILL after the grace (the agent ignored the SIGTERM).
+            result.killed_after_grace = asked.elapsed() >= grace
+                && matches!(
+                    engine.state(name).await?,
+                    Some(ContainerState::Exited { code: 137, .. })
+                );
+        }
     }
 
     // Step 3: grace, then kill the container itself.
@@ -764,7 +939,7 @@ pub async fn drive(
     let (stdout, stderr) = match tokio::time::timeout(DRAIN_TIMEOUT, drain).await {
         Ok(both) => both,
         Err(_) => {
-            let _ = logs.kill().await;
+            logs.kill().await;
             tracing::warn!(
                 container = name,
                 "output drain did not finish in 60 s after the container stopped"
@@ -773,7 +948,7 @@ pub async fn drive(
             (StreamStats::default(), StreamStats::default())
         }
     };
-    let _ = logs.wait().await;
+    let _ = logs.finish().await;
     // The meter's kill must be done before the exit code is read.
     let metered = match tokio::time::timeout(DRAIN_TIMEOUT, meter_task).await {
         Ok(Ok(Ok(hit))) => hit,
@@ -797,5 +972,18 @@ pub async fn drive(
         }
         _ => result.exit_code = engine.wait_exit(name).await?,
     }
+    // The runner ended an agent whose session was over (spec 6.4: where the CLI driver closes
+    // stdin, the API driver stops): its exit code is the stop's, not the agent's, and is
+    // judged as 0 (docs/containers.md). An agent that is PID 1 without a SIGTERM handler
+    // ignores the SIGTERM and gets the SIGKILL after the grace: that too is such an end. A
+    // cancel, the output limit or an OOM kill is not. Giving an agent exit 0 here grants it
+    // nothing: it could print session_idle and exit 0 itself.
+    result.ended_by_runner_at_handshake = result.stopped_by_runner
+        && (result.saw_session_idle || result.stream_degraded)
+        && !result.cancelled
+        && !result.output_limit_hit
+        && !result.oom_killed;
+    // Such an end is no hang: an agent deaf to SIGTERM (PID 1) always gets the stop's SIGKILL.
+    result.killed_after_grace &= !result.ended_by_runner_at_handshake;
     Ok(result)
 }

@@ -1,7 +1,9 @@
-//! The container engine, driven through its CLI (`docker`, or rootful `podman`): the hardened
-//! argv of spec 5.1/5.2, the env file of 5.3, the agent network of 4.1 step 4, the image
-//! contract label of 4.8, and the names, labels and lifecycle calls that let a restarted runner
-//! find, re-attach to, kill and remove its containers (docs/containers.md).
+//! The container engine behind one interface ([`Engine`]): its API socket when that answers
+//! (`engine_api.rs`), else its CLI (`docker`, or rootful `podman`), chosen at start
+//! (`WSRUNNER_ENGINE_DRIVER`, docs/containers.md "Engine drivers"). The CLI driver lives
+//! here: the hardened argv of spec 5.1/5.2, the env file of 5.3, the agent network of 4.1
+//! step 4, the image contract label of 4.8, and the names, labels and lifecycle calls that let
+//! a restarted runner find, re-attach to, kill and remove its containers.
 //!
 //! Only CLI features docker and podman share are used. Secrets never reach an argv: job env
 //! goes through a 0600 env file in a private 0700 directory, deleted as soon as `create` read it.
@@ -90,6 +92,8 @@ pub enum ContainerError {
     },
     #[error("container runtime {runtime:?} (WSRUNNER_RUNTIME) is not known to the engine, which has: {available}; install and register it with the engine, or unset WSRUNNER_RUNTIME")]
     UnknownRuntime { runtime: String, available: String },
+    #[error("engine API call {what} failed: {detail}")]
+    Api { what: String, detail: String },
     #[error("invalid {name}={value:?}: {why}")]
     Config {
         name: &'static str,
@@ -123,6 +127,20 @@ pub struct ContainerConfig {
     pub runtime: Option<String>,
     /// `WSRUNNER_AGENT_OUTPUT_LIMIT`: bytes one container may print before it is stopped.
     pub output_limit: u64,
+    /// `WSRUNNER_ENGINE_DRIVER`: the engine API, the CLI, or the API when its socket answers.
+    pub driver: DriverChoice,
+    /// The API socket; `None`: from `DOCKER_HOST`/`CONTAINER_HOST` or the engine's default.
+    pub api_socket: Option<String>,
+}
+
+/// Which engine driver runs (`WSRUNNER_ENGINE_DRIVER`, docs/containers.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DriverChoice {
+    /// The API when its socket answers at start, else the CLI (with a warning).
+    #[default]
+    Auto,
+    Api,
+    Cli,
 }
 
 impl Default for ContainerConfig {
@@ -139,6 +157,8 @@ impl Default for ContainerConfig {
             instance: "default".into(),
             runtime: None,
             output_limit: DEFAULT_OUTPUT_LIMIT,
+            driver: DriverChoice::Auto,
+            api_socket: None,
         }
     }
 }
@@ -160,6 +180,20 @@ impl ContainerConfig {
         };
         if let Some(v) = get("WSRUNNER_DOCKER") {
             cfg.docker = v;
+        }
+        if let Some(v) = get("WSRUNNER_ENGINE_DRIVER") {
+            cfg.driver = match v.as_str() {
+                "auto" => DriverChoice::Auto,
+                "api" => DriverChoice::Api,
+                "cli" => DriverChoice::Cli,
+                _ => {
+                    return Err(ContainerError::Config {
+                        name: "WSRUNNER_ENGINE_DRIVER",
+                        value: v,
+                        why: "must be auto, api or cli",
+                    })
+                }
+            };
         }
         if let Some(v) = get("WSRUNNER_NETWORK") {
             if v == "host" && get("WSRUNNER_ALLOW_HOST_NETWORK").as_deref() != Some("1") {
@@ -758,12 +792,61 @@ pub enum BootImageCheck {
     NoDefaultImage,
 }
 
-/// The engine CLI.
+/// The container engine, behind one interface for the daemon and the tests: its API over a
+/// unix socket when that answers (`api`), else its CLI (docs/containers.md, "Engine drivers").
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub cfg: ContainerConfig,
     /// The engine's default log driver, asked once (`""` when it could not be learned).
     log_driver: std::sync::Arc<tokio::sync::OnceCell<String>>,
+    /// The API driver; `None`: the CLI driver (`cfg.docker`) runs.
+    api: Option<std::sync::Arc<super::engine_api::ApiDriver>>,
+    /// Which driver runs and why, for the start-up log and `doctor`.
+    driver_note: std::sync::Arc<String>,
+}
+
+/// The API socket path for an engine CLI flavour, from a variable lookup: `DOCKER_HOST`
+/// (`CONTAINER_HOST` first for podman) when it is a `unix://` address, else the engine's
+/// default socket. `Err` says why there is none (a tcp:// or ssh:// host).
+pub fn api_socket_from(
+    docker: &str,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    let podman = Path::new(docker)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().contains("podman"));
+    let order: &[&str] = if podman {
+        &["CONTAINER_HOST", "DOCKER_HOST"]
+    } else {
+        &["DOCKER_HOST"]
+    };
+    for name in order {
+        if let Some(value) = get(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+        {
+            return match value.strip_prefix("unix://") {
+                Some(path) if !path.is_empty() => Ok(path.to_owned()),
+                _ => Err(format!(
+                    "{name} is not a unix:// socket, which is all the API driver speaks"
+                )),
+            };
+        }
+    }
+    Ok(if podman {
+        "/run/podman/podman.sock".into()
+    } else {
+        "/var/run/docker.sock".into()
+    })
+}
+
+/// What to enable so that the engine serves its API socket.
+fn enable_hint(docker: &str) -> &'static str {
+    if docker.contains("podman") {
+        "start Podman's API service: `systemctl enable --now podman.socket`, or `podman system service --time=0 unix:///run/podman/podman.sock &`"
+    } else {
+        "enable Docker's API socket: `systemctl enable --now docker.socket` (or set DOCKER_HOST=unix:///path/to/docker.sock)"
+    }
 }
 
 /// Output of one CLI call.
@@ -775,10 +858,107 @@ pub struct CliOutput {
 }
 
 impl Engine {
+    /// The engine with the driver `cfg.driver` selects: for `auto`, the API when its socket
+    /// accepts a connection now, else the CLI with a warning saying what to enable.
     pub fn new(cfg: ContainerConfig) -> Self {
+        use super::engine_api::ApiDriver;
+        let socket = match &cfg.api_socket {
+            Some(path) => Ok(path.trim_start_matches("unix://").to_owned()),
+            None => api_socket_from(&cfg.docker, |n| std::env::var(n).ok()),
+        };
+        let cli_note = |why: String| {
+            format!(
+                "CLI driver ({}): {why}; without the API a hard kill of a runner container ends its agents' sessions; {}",
+                cfg.docker,
+                enable_hint(&cfg.docker)
+            )
+        };
+        let podman = cfg.docker.contains("podman");
+        let (api, note) = match (cfg.driver, socket) {
+            (DriverChoice::Cli, _) => (
+                None,
+                format!("CLI driver ({}): WSRUNNER_ENGINE_DRIVER=cli", cfg.docker),
+            ),
+            // Podman 4.3's compat API closes a container's stdin when the attached client goes,
+            // StdinOnce=false or not (measured): through it a runner's death would end the
+            // session, which the CLI driver's holder survives on a host. `api` forces it.
+            (DriverChoice::Auto, _) if podman => (
+                None,
+                format!("CLI driver ({}): Podman's API closes an agent's stdin when the attached runner goes, its CLI's stdin holder does not (set WSRUNNER_ENGINE_DRIVER=api to use the API anyway)", cfg.docker),
+            ),
+            (choice, Ok(path)) => {
+                let answers = std::os::unix::net::UnixStream::connect(&path);
+                match (choice, answers) {
+                    (DriverChoice::Auto, Err(e)) => {
+                        let note =
+                            cli_note(format!("no engine API socket answers at {path} ({e})"));
+                        tracing::warn!("{note}");
+                        (None, note)
+                    }
+                    _ => match ApiDriver::connect(&path) {
+                        Ok(driver) => (
+                            Some(std::sync::Arc::new(driver)),
+                            format!("API driver on unix://{path}"),
+                        ),
+                        Err(e) => {
+                            let note = cli_note(format!("cannot use the API socket {path}: {e}"));
+                            tracing::warn!("{note}");
+                            (None, note)
+                        }
+                    },
+                }
+            }
+            (_, Err(why)) => {
+                let note = cli_note(why);
+                tracing::warn!("{note}");
+                (None, note)
+            }
+        };
         Engine {
             cfg,
             log_driver: Default::default(),
+            api,
+            driver_note: std::sync::Arc::new(note),
+        }
+    }
+
+    /// Whether the API driver runs (else the CLI driver).
+    pub fn uses_api(&self) -> bool {
+        self.api.is_some()
+    }
+
+    /// Which driver runs and why (start-up log, `doctor`).
+    pub fn driver_note(&self) -> &str {
+        &self.driver_note
+    }
+
+    /// The API driver, when it runs.
+    pub fn api(&self) -> Option<&super::engine_api::ApiDriver> {
+        self.api.as_deref()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; a stopped or missing container is fine.
+    pub async fn stop(&self, name: &str, grace: Duration) -> Result<(), ContainerError> {
+        if let Some(api) = &self.api {
+            return api.stop(name, grace).await;
+        }
+        let secs = grace.as_secs().to_string();
+        let out = self
+            .cli(
+                &["stop", "--time", &secs, name],
+                grace + Duration::from_secs(60),
+            )
+            .await?;
+        if out.success {
+            return Ok(());
+        }
+        match self.state(name).await? {
+            None | Some(ContainerState::Exited { .. }) | Some(ContainerState::Created) => Ok(()),
+            Some(_) => Err(ContainerError::Cli {
+                docker: self.cfg.docker.clone(),
+                what: "stop".into(),
+                detail: out.stderr,
+            }),
         }
     }
 
@@ -852,6 +1032,9 @@ impl Engine {
             tracing::warn!(network = name, "agent network is a built-in network; it is used as is, and egress is not filtered by the runner");
             return Ok(NetworkStatus::Builtin);
         }
+        if let Some(api) = &self.api {
+            return self.ensure_network_api(api, name).await;
+        }
         let work = async {
             let inspect = self
                 .cli(&["network", "inspect", name], NETWORK_TIMEOUT)
@@ -906,9 +1089,56 @@ impl Engine {
         }
     }
 
+    /// [`Engine::ensure_network`] through the API: the same steps and messages.
+    async fn ensure_network_api(
+        &self,
+        api: &super::engine_api::ApiDriver,
+        name: &str,
+    ) -> Result<NetworkStatus, ContainerError> {
+        if let Some((driver, options)) = api.network(name).await? {
+            if icc_allowed(&driver, options.get(ICC_OPTION).map(String::as_str)) {
+                tracing::warn!(network = name, "{}", icc_warning(name));
+            }
+            return Ok(NetworkStatus::Present);
+        }
+        tracing::warn!(network = name, "agent network missing: creating it as a bridge without inter-container traffic; EGRESS IS UNFILTERED, restrict it with host firewall rules");
+        let mut created = api.create_network(name, true).await;
+        if let Err(detail) = &created {
+            let refused =
+                detail.contains("enable_icc") || detail.to_lowercase().contains("unsupported");
+            if refused && !detail.contains("already exists") {
+                let plain = api.create_network(name, false).await;
+                if plain.is_ok() {
+                    tracing::warn!(network = name, refused = %detail, "the engine cannot turn inter-container traffic off: created a plain bridge, agents of different runs can reach each other");
+                }
+                created = plain;
+            }
+        }
+        match created {
+            Ok(()) => Ok(NetworkStatus::Created),
+            Err(detail) if detail.contains("already exists") => Ok(NetworkStatus::Created),
+            Err(detail) => Err(ContainerError::Api {
+                what: "network create".into(),
+                detail,
+            }),
+        }
+    }
+
     /// Whether containers on network `name` can reach each other: true unless it is a bridge
     /// with docker's `enable_icc=false` (podman has no such option, so always true there).
     pub async fn network_allows_icc(&self, name: &str) -> Result<bool, ContainerError> {
+        if let Some(api) = &self.api {
+            return match api.network(name).await? {
+                Some((driver, options)) => Ok(icc_allowed(
+                    &driver,
+                    options.get(ICC_OPTION).map(String::as_str),
+                )),
+                None => Err(ContainerError::Api {
+                    what: format!("network inspect {name}"),
+                    detail: "no such network".into(),
+                }),
+            };
+        }
         let format = format!("{{{{.Driver}}}}|{{{{index .Options \"{ICC_OPTION}\"}}}}");
         let out = self
             .cli_ok(
@@ -917,11 +1147,14 @@ impl Engine {
             )
             .await?;
         let (driver, icc) = out.trim().split_once('|').unwrap_or((out.trim(), ""));
-        Ok(!matches!(driver, "null" | "none") && icc.trim() != "false")
+        Ok(icc_allowed(driver, Some(icc.trim())))
     }
 
     /// The runtimes the engine knows (`docker info` Runtimes; podman: its OCI runtime).
     pub async fn runtimes(&self) -> Result<Vec<String>, ContainerError> {
+        if let Some(api) = &self.api {
+            return api.info().await.map(|(runtimes, _)| runtimes);
+        }
         let docker = self
             .cli(&["info", "--format", "{{json .Runtimes}}"], CLI_TIMEOUT)
             .await?;
@@ -965,6 +1198,9 @@ impl Engine {
     pub async fn log_driver(&self) -> String {
         self.log_driver
             .get_or_init(|| async {
+                if let Some(api) = &self.api {
+                    return api.info().await.map(|(_, d)| d).unwrap_or_default();
+                }
                 for format in ["{{.LoggingDriver}}", "{{.Host.LogDriver}}"] {
                     if let Ok(out) = self.cli(&["info", "--format", format], CLI_TIMEOUT).await {
                         let driver = out.stdout.trim();
@@ -981,6 +1217,9 @@ impl Engine {
 
     /// The image's contract label (`""` when absent); an error when the image is not local.
     pub async fn contract_label(&self, image: &str) -> Result<String, ContainerError> {
+        if let Some(api) = &self.api {
+            return api.contract_label(image).await;
+        }
         let format = format!("{{{{index .Config.Labels \"{CONTRACT_LABEL}\"}}}}");
         let out = self
             .cli_ok(
@@ -1002,12 +1241,21 @@ impl Engine {
         if let Ok(label) = self.contract_label(image).await {
             return Ok(label);
         }
-        let pull = self.cli(&["pull", image], CLI_TIMEOUT * 5).await?;
-        if !pull.success {
-            return Err(ContainerError::ImageUnavailable {
-                image: image.to_owned(),
-                detail: pull.stderr,
-            });
+        if let Some(api) = &self.api {
+            api.pull(image)
+                .await
+                .map_err(|detail| ContainerError::ImageUnavailable {
+                    image: image.to_owned(),
+                    detail,
+                })?;
+        } else {
+            let pull = self.cli(&["pull", image], CLI_TIMEOUT * 5).await?;
+            if !pull.success {
+                return Err(ContainerError::ImageUnavailable {
+                    image: image.to_owned(),
+                    detail: pull.stderr,
+                });
+            }
         }
         self.contract_label(image)
             .await
@@ -1116,6 +1364,11 @@ impl Engine {
         if self.state(&name).await?.is_some() {
             return Ok(name);
         }
+        if let Some(api) = &self.api {
+            // The env goes in the create body: no file ever holds it.
+            let driver = self.log_driver().await;
+            return api.create(&self.cfg, spec, &driver).await.map(|()| name);
+        }
         let log_args = log_backstop_args(&self.log_driver().await, self.cfg.output_limit);
         let env_file = write_env_file(env_dir, &spec.env, spec.run_id)?;
         let argv = create_argv_with_logs(&self.cfg, spec, env_file.path(), &log_args);
@@ -1128,11 +1381,17 @@ impl Engine {
 
     /// Starts a created container (no-op when it already runs).
     pub async fn start(&self, name: &str) -> Result<(), ContainerError> {
+        if let Some(api) = &self.api {
+            return api.start(name).await;
+        }
         self.cli_ok(&["start", name], CLI_TIMEOUT).await.map(|_| ())
     }
 
     /// The container's state, `None` when no such container exists.
     pub async fn state(&self, name: &str) -> Result<Option<ContainerState>, ContainerError> {
+        if let Some(api) = &self.api {
+            return api.state(name).await;
+        }
         let out = self
             .cli(
                 &[
@@ -1161,6 +1420,9 @@ impl Engine {
 
     /// Waits until the container stopped and returns its exit code (`None` if it is gone).
     pub async fn wait_exit(&self, name: &str) -> Result<Option<i32>, ContainerError> {
+        if let Some(api) = &self.api {
+            return api.wait_exit(name).await;
+        }
         let out = self
             .cli(&["wait", name], Duration::from_secs(24 * 3600))
             .await?;
@@ -1177,6 +1439,9 @@ impl Engine {
 
     /// Kills the container itself (SIGKILL); a container that is not running is fine.
     pub async fn kill(&self, name: &str) -> Result<(), ContainerError> {
+        if let Some(api) = &self.api {
+            return api.kill(name).await;
+        }
         let out = self.cli(&["kill", name], CLI_TIMEOUT).await?;
         if out.success {
             return Ok(());
@@ -1193,6 +1458,9 @@ impl Engine {
 
     /// Removes the container, killing it first if needed; a missing container is fine.
     pub async fn remove(&self, name: &str) -> Result<(), ContainerError> {
+        if let Some(api) = &self.api {
+            return api.remove(name).await;
+        }
         let out = self.cli(&["rm", "-f", name], CLI_TIMEOUT).await?;
         if out.success || self.state(name).await?.is_none() {
             Ok(())
@@ -1207,6 +1475,9 @@ impl Engine {
 
     /// Every container labelled for this runner instance, running or not.
     pub async fn find_instance_containers(&self) -> Result<Vec<FoundContainer>, ContainerError> {
+        if let Some(api) = &self.api {
+            return api.find(&self.cfg.instance).await;
+        }
         let filter = format!("label={LABEL_INSTANCE}={}", self.cfg.instance);
         let names = self
             .cli_ok(
@@ -1241,6 +1512,11 @@ impl Engine {
         }
         Ok(found)
     }
+}
+
+/// Whether a network with this driver and `enable_icc` option value lets containers talk.
+fn icc_allowed(driver: &str, icc: Option<&str>) -> bool {
+    !matches!(driver, "null" | "none") && icc.map(str::trim) != Some("false")
 }
 
 /// Parses `"<status> <exit code> <oom killed>"` from inspect.

@@ -2,4 +2,5 @@
 //! the JSONL agent driver). They return outcomes; they never write the journal.
 pub mod agent_driver;
 pub mod container;
+pub mod engine_api;
 pub mod git;

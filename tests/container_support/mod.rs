@@ -26,6 +26,17 @@ pub fn engine_cli() -> String {
         .unwrap_or_else(|| "docker".into())
 }
 
+/// The engine driver of this test pass: `WSRUNNER_ENGINE_DRIVER=cli` (or `api`) forces one,
+/// else the API when its socket answers.
+pub fn engine_driver() -> windshift_runner::effects::container::DriverChoice {
+    use windshift_runner::effects::container::DriverChoice;
+    match std::env::var("WSRUNNER_ENGINE_DRIVER").as_deref() {
+        Ok("cli") => DriverChoice::Cli,
+        Ok("api") => DriverChoice::Api,
+        _ => DriverChoice::Auto,
+    }
+}
+
 /// A command for the tests' own calls to the engine CLI (inspect, ps, rm, diff).
 pub fn engine_command() -> std::process::Command {
     std::process::Command::new(engine_cli())
@@ -74,6 +85,7 @@ pub fn test_engine(instance: &str) -> (Engine, Cleanup) {
         default_image: IMAGE.into(),
         instance: instance.to_owned(),
         docker: engine_cli(),
+        driver: engine_driver(),
         ..ContainerConfig::default()
     };
     (

@@ -168,6 +168,13 @@ impl Harness {
         if let Ok(conf) = std::env::var("CONTAINERS_CONF") {
             cmd.env("CONTAINERS_CONF", conf);
         }
+        // The engine driver and socket a test pass selects (WSRUNNER_ENGINE_DRIVER=cli tests
+        // the CLI driver; scripts/test-podman.sh points CONTAINER_HOST at podman's service).
+        for name in ["WSRUNNER_ENGINE_DRIVER", "DOCKER_HOST", "CONTAINER_HOST"] {
+            if let Ok(value) = std::env::var(name) {
+                cmd.env(name, value);
+            }
+        }
         for (k, v) in extra {
             cmd.env(k, v);
         }
