@@ -654,22 +654,11 @@ pub fn valid_runtime_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Parses `WSRUNNER_AGENT_OUTPUT_LIMIT`: bytes, or a number with k, m or g (KiB, MiB, GiB).
+/// Parses `WSRUNNER_AGENT_OUTPUT_LIMIT`: bytes, or a number with k, m or g (KiB, MiB, GiB),
+/// the same byte grammar as `WSRUNNER_MEMORY`.
 pub fn parse_output_limit(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let (digits, shift) = match text.as_bytes().last()? {
-        b'k' | b'K' => (&text[..text.len() - 1], 10),
-        b'm' | b'M' => (&text[..text.len() - 1], 20),
-        b'g' | b'G' => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits
-        .parse::<u64>()
-        .ok()?
-        .checked_mul(1 << shift)
+    super::engine_api::parse_bytes(text)
+        .and_then(|n| u64::try_from(n).ok())
         .filter(|n| *n >= MIN_OUTPUT_LIMIT && *n <= 1 << 50)
 }
 
@@ -949,17 +938,7 @@ impl Engine {
                 grace + Duration::from_secs(60),
             )
             .await?;
-        if out.success {
-            return Ok(());
-        }
-        match self.state(name).await? {
-            None | Some(ContainerState::Exited { .. }) | Some(ContainerState::Created) => Ok(()),
-            Some(_) => Err(ContainerError::Cli {
-                docker: self.cfg.docker.clone(),
-                what: "stop".into(),
-                detail: out.stderr,
-            }),
-        }
+        self.unless_still_running("stop", name, out).await
     }
 
     /// A command for the engine CLI with the given arguments (stdin closed), with only the
@@ -1443,6 +1422,17 @@ impl Engine {
             return api.kill(name).await;
         }
         let out = self.cli(&["kill", name], CLI_TIMEOUT).await?;
+        self.unless_still_running("kill", name, out).await
+    }
+
+    /// A failed `stop`/`kill` is fine when the container is no longer running (gone, exited
+    /// or never started); otherwise it is the CLI's error.
+    async fn unless_still_running(
+        &self,
+        what: &str,
+        name: &str,
+        out: CliOutput,
+    ) -> Result<(), ContainerError> {
         if out.success {
             return Ok(());
         }
@@ -1450,7 +1440,7 @@ impl Engine {
             None | Some(ContainerState::Exited { .. }) | Some(ContainerState::Created) => Ok(()),
             Some(_) => Err(ContainerError::Cli {
                 docker: self.cfg.docker.clone(),
-                what: "kill".into(),
+                what: what.into(),
                 detail: out.stderr,
             }),
         }
