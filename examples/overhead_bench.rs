@@ -164,6 +164,11 @@ async fn main() {
         .env("WSRUNNER_CACHE_ROOT", dir.join("cache"))
         .env("WSRUNNER_JOURNAL_DIR", dir.join("journal"))
         .env("WSRUNNER_POLL_INTERVAL", "200ms")
+        // `cli` or `api` (default auto: the API when the socket answers), to compare drivers.
+        .env(
+            "WSRUNNER_ENGINE_DRIVER",
+            std::env::var("WSRUNNER_ENGINE_DRIVER").unwrap_or_default(),
+        )
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -856,7 +856,18 @@ pub async fn drive(
     // The handshake started on the agent's session_idle (true) or on a degraded stream.
     let mut idle_fired = false;
     let mut session_idle = false;
-    if !prompt_failed {
+    // A previous process reached the end of the handshake (its marker is written before the
+    // stop) and died: the lines that said so are skipped now, so the end goes on from here
+    // instead of waiting for an idle that will not come again.
+    let marked_before = options
+        .handshake_marker
+        .as_ref()
+        .is_some_and(|m| m.exists());
+    if marked_before {
+        idle_fired = true;
+        session_idle = true;
+    }
+    if !prompt_failed && !marked_before {
         tokio::pin!(cancel);
         let idle = async {
             // A dropped sender (stdout ended without idle) must not count as idle.
@@ -978,8 +989,9 @@ pub async fn drive(
     // ignores the SIGTERM and gets the SIGKILL after the grace: that too is such an end. A
     // cancel, the output limit or an OOM kill is not. Giving an agent exit 0 here grants it
     // nothing: it could print session_idle and exit 0 itself.
-    result.ended_by_runner_at_handshake = result.stopped_by_runner
-        && (result.saw_session_idle || result.stream_degraded)
+    result.ended_by_runner_at_handshake = ((result.stopped_by_runner
+        && (result.saw_session_idle || result.stream_degraded))
+        || marked_before)
         && !result.cancelled
         && !result.output_limit_hit
         && !result.oom_killed;

@@ -247,6 +247,15 @@ impl GitRetry {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
+            if matches!(err, GitError::Stopped { .. }) {
+                // The cancel killed the attempt itself rather than a wait between attempts.
+                tracing::info!(
+                    step,
+                    attempts,
+                    "git retry stopped: the operation was cancelled"
+                );
+                return Err(err);
+            }
             if !err.is_transient() || self.policy.max_elapsed.is_zero() {
                 return Err(err);
             }
