@@ -323,7 +323,18 @@ impl ApiDriver {
         if !valid_name(name) {
             return Ok(None);
         }
-        match self.raw_get(&format!("/containers/{name}/json")).await? {
+        let path = format!("/containers/{name}/json");
+        let mut answer = self.raw_get(&path).await?;
+        // Podman answers 500 ("read /proc/<pid>/cgroup: no such process") while a container
+        // is exiting: asked again a moment later, it reports the exit.
+        for _ in 0..5 {
+            if answer.0 < 500 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            answer = self.raw_get(&path).await?;
+        }
+        match answer {
             (200, value) => Ok(Some(value)),
             (404, _) => Ok(None),
             (status, value) => Err(ContainerError::Api {
