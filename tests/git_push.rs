@@ -591,3 +591,46 @@ fn an_agent_that_repacked_still_pushes_its_commit() {
         );
     }
 }
+
+/// Crafted ref text and an absurdly deep `.git`: the runner's own parser refuses a symbolic
+/// run branch, a ref that is no object id and an oversized ref file, and the walk refuses
+/// nesting past its depth limit; none of the agent's text reaches the server's summary.
+#[test]
+fn crafted_refs_and_deep_nesting_are_refused_in_the_runners_words() {
+    let fx = Fixture::new();
+    let crafted = "CRAFTED-REF-TEXT-51ab";
+    let big = format!("{}\n", "a".repeat(8192));
+    let bad_refs: [(&str, String); 3] = [
+        ("symbolic ref", format!("ref: refs/heads/{crafted}\n")),
+        ("not an object id", format!("{crafted}\n")),
+        ("oversized ref file", big),
+    ];
+    for (i, (what, text)) in bad_refs.iter().enumerate() {
+        let run = 80 + i as i64;
+        let out = fx.prepare(run);
+        agent_commit(&out.checkout_path, "x.txt");
+        let loose = out.checkout_path.join(".git/refs/heads").join(&out.branch);
+        std::fs::write(&loose, text).expect("write ref");
+        let err = push(&fx.push_request(&out)).expect_err(what);
+        assert!(
+            matches!(err, GitError::UnsafeCheckout { .. }),
+            "{what}: {err}"
+        );
+        assert!(!err.public_summary().contains(crafted), "{what}");
+        assert!(
+            branch_head(&out.checkout_path, &out.branch).is_err(),
+            "{what}"
+        );
+        assert_eq!(fx.origin.sha(&format!("refs/heads/{}", out.branch)), None);
+    }
+
+    let out = fx.prepare(90);
+    agent_commit(&out.checkout_path, "x.txt");
+    let mut deep = out.checkout_path.join(".git/deep");
+    for _ in 0..30 {
+        deep.push("d");
+    }
+    std::fs::create_dir_all(&deep).expect("deep dirs");
+    let err = push(&fx.push_request(&out)).expect_err("too deep");
+    assert!(err.to_string().contains("nested deeper"), "{err}");
+}
