@@ -73,8 +73,11 @@ ELFS+=("$DOCKER_BIN")
 
 # Rust binaries (the runner, triage) link libgcc_s and libm besides libc.
 for lib in libgcc_s.so.1 libm.so.6; do
-  path="$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64|x86_64|64bit/ {print $NF; exit}')"
-  [ -n "$path" ] || path="$(ldconfig -p | awk -v l="$lib" '$1 == l {print $NF; exit}')"
+  # awk reads all of ldconfig's output (no early exit): an early exit makes ldconfig die of
+  # SIGPIPE, which pipefail turns into a failed build (CI saw exit code 141).
+  cache="$(ldconfig -p)"
+  path="$(awk -v l="$lib" '$1 == l && /x86-64|x86_64|64bit/ && !found {print $NF; found=1}' <<<"$cache")"
+  [ -n "$path" ] || path="$(awk -v l="$lib" '$1 == l && !found {print $NF; found=1}' <<<"$cache")"
   [ -n "$path" ] || { echo "build-base-image: $lib not found (ldconfig -p)" >&2; exit 1; }
   copy_file "$path"
 done
