@@ -239,7 +239,8 @@ async fn cancel_of_an_agent_ignoring_abort_kills_the_container() {
     let (tx, mut rx) = mpsc::channel(64);
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let options = DriveOptions {
-        prompt: Some("say started; hang".into()),
+        // Deaf to the stop's SIGTERM too (it is not PID 1 under the engine's init).
+        prompt: Some("ignore-term; say started; hang".into()),
         grace: GRACE,
         ..DriveOptions::default()
     };
@@ -514,4 +515,29 @@ async fn a_replay_resignals_skipped_lines_without_their_events() {
         !outputs.iter().any(|o| matches!(o, DriverOutput::Signal(_))),
         "{outputs:?}"
     );
+}
+
+/// Through the API driver stdin stays open across clients (StdinOnce=false), so a finished
+/// session is ended by a stop. The test agent is deaf to SIGTERM as PID 1; with the engine's
+/// init as PID 1 it gets the SIGTERM and ends with 143 at once, instead of the SIGKILL (137)
+/// after the stop's grace.
+#[tokio::test]
+async fn the_stop_ending_a_session_reaches_the_agent_through_the_engines_init() {
+    let (engine, _cleanup) = test_engine(&unique_instance("init"));
+    if !engine.uses_api() || !engine.runs_init().await {
+        eprintln!("skipped: only the API driver on an engine with an init (Docker) runs one");
+        return;
+    }
+    let driven = run_script(
+        &engine,
+        &spec(120, LaunchKind::CodingAgent, None),
+        r#"finish completed "done""#,
+        Duration::from_secs(30),
+    )
+    .await;
+    let r = &driven.result;
+    assert!(r.saw_session_idle && r.stopped_by_runner, "{r:?}");
+    assert_eq!(r.exit_code, Some(143), "SIGTERM, not the SIGKILL: {r:?}");
+    assert!(r.ended_by_runner_at_handshake && !r.killed_after_grace, "{r:?}");
+    assert_eq!(r.judged_exit_code(), Some(0));
 }

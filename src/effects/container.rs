@@ -786,8 +786,8 @@ pub enum BootImageCheck {
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub cfg: ContainerConfig,
-    /// The engine's default log driver, asked once (`""` when it could not be learned).
-    log_driver: std::sync::Arc<tokio::sync::OnceCell<String>>,
+    /// What shapes every create (log driver, init), asked once.
+    facts: std::sync::Arc<tokio::sync::OnceCell<super::engine_api::CreateFacts>>,
     /// The API driver; `None`: the CLI driver (`cfg.docker`) runs.
     api: Option<std::sync::Arc<super::engine_api::ApiDriver>>,
     /// Which driver runs and why, for the start-up log and `doctor`.
@@ -905,7 +905,7 @@ impl Engine {
         };
         Engine {
             cfg,
-            log_driver: Default::default(),
+            facts: Default::default(),
             api,
             driver_note: std::sync::Arc::new(note),
         }
@@ -1132,7 +1132,7 @@ impl Engine {
     /// The runtimes the engine knows (`docker info` Runtimes; podman: its OCI runtime).
     pub async fn runtimes(&self) -> Result<Vec<String>, ContainerError> {
         if let Some(api) = &self.api {
-            return api.info().await.map(|(runtimes, _)| runtimes);
+            return api.info().await.map(|info| info.runtimes);
         }
         let docker = self
             .cli(&["info", "--format", "{{json .Runtimes}}"], CLI_TIMEOUT)
@@ -1175,20 +1175,38 @@ impl Engine {
 
     /// The engine's default log driver, asked once; `""` when `info` does not say.
     pub async fn log_driver(&self) -> String {
-        self.log_driver
+        self.create_facts().await.log_driver
+    }
+
+    /// Whether containers get the engine's init as PID 1 (API driver on an engine with one).
+    pub async fn runs_init(&self) -> bool {
+        self.create_facts().await.init
+    }
+
+    /// What shapes every create, asked once: the default log driver, and (API driver) whether
+    /// the engine has an init. The CLI driver closes stdin to end a session and needs no init.
+    async fn create_facts(&self) -> super::engine_api::CreateFacts {
+        self.facts
             .get_or_init(|| async {
                 if let Some(api) = &self.api {
-                    return api.info().await.map(|(_, d)| d).unwrap_or_default();
+                    let info = api.info().await.unwrap_or_default();
+                    return super::engine_api::CreateFacts {
+                        log_driver: info.log_driver,
+                        init: info.has_init,
+                    };
                 }
                 for format in ["{{.LoggingDriver}}", "{{.Host.LogDriver}}"] {
                     if let Ok(out) = self.cli(&["info", "--format", format], CLI_TIMEOUT).await {
                         let driver = out.stdout.trim();
                         if out.success && !driver.is_empty() && !driver.contains('<') {
-                            return driver.to_owned();
+                            return super::engine_api::CreateFacts {
+                                log_driver: driver.to_owned(),
+                                init: false,
+                            };
                         }
                     }
                 }
-                String::new()
+                super::engine_api::CreateFacts::default()
             })
             .await
             .clone()
@@ -1345,8 +1363,8 @@ impl Engine {
         }
         if let Some(api) = &self.api {
             // The env goes in the create body: no file ever holds it.
-            let driver = self.log_driver().await;
-            return api.create(&self.cfg, spec, &driver).await.map(|()| name);
+            let facts = self.create_facts().await;
+            return api.create(&self.cfg, spec, &facts).await.map(|()| name);
         }
         let log_args = log_backstop_args(&self.log_driver().await, self.cfg.output_limit);
         let env_file = write_env_file(env_dir, &spec.env, spec.run_id)?;

@@ -111,7 +111,7 @@ pub fn log_config(driver: &str, limit: u64) -> Option<HostConfigLogConfig> {
 pub fn create_body(
     cfg: &ContainerConfig,
     spec: &ContainerSpec,
-    log_driver: &str,
+    facts: &CreateFacts,
 ) -> Result<ContainerCreateBody, ContainerError> {
     if !spec.extra_args.is_empty() {
         return Err(ContainerError::Api {
@@ -168,7 +168,11 @@ pub fn create_body(
             .checkout
             .as_ref()
             .map(|c| vec![format!("{}:/workspace:Z", c.display())]),
-        log_config: log_config(log_driver, cfg.output_limit),
+        log_config: log_config(&facts.log_driver, cfg.output_limit),
+        // The engine's init as PID 1 (docker-init, i.e. tini) when it has one: the agent then
+        // gets the SIGTERM of a stop instead of ignoring it as PID 1 does, so the stop that
+        // ends a finished session (stdin stays open, StdinOnce=false) takes no grace.
+        init: facts.init.then_some(true),
         ..Default::default()
     };
     Ok(ContainerCreateBody {
@@ -187,6 +191,26 @@ pub fn create_body(
         host_config: Some(host_config),
         ..Default::default()
     })
+}
+
+/// What the engine's `info` says that the driver uses.
+#[derive(Debug, Clone, Default)]
+pub struct ApiInfo {
+    /// The runtimes it lists (sorted).
+    pub runtimes: Vec<String>,
+    /// Its default log driver (`""` when it does not say).
+    pub log_driver: String,
+    /// Whether it has an init binary it injects on request (`HostConfig.Init`).
+    pub has_init: bool,
+}
+
+/// Facts about the engine that shape every create, learned once per engine.
+#[derive(Debug, Clone, Default)]
+pub struct CreateFacts {
+    /// The engine's default log driver (`""` when it could not be learned).
+    pub log_driver: String,
+    /// Run the engine's init as PID 1 (API driver on an engine that has one).
+    pub init: bool,
 }
 
 /// The (unused) output side of an attach connection.
@@ -360,9 +384,9 @@ impl ApiDriver {
         &self,
         cfg: &ContainerConfig,
         spec: &ContainerSpec,
-        log_driver: &str,
+        facts: &CreateFacts,
     ) -> Result<(), ContainerError> {
-        let body = create_body(cfg, spec, log_driver)?;
+        let body = create_body(cfg, spec, facts)?;
         let name = container_name(&cfg.instance, spec.run_id, spec.attempt);
         let docker = self.docker().await?;
         let options = CreateContainerOptions {
@@ -600,8 +624,8 @@ impl ApiDriver {
         }
     }
 
-    /// The runtimes the engine lists, and its default log driver.
-    pub async fn info(&self) -> Result<(Vec<String>, String), ContainerError> {
+    /// What the engine's `info` says that the driver uses.
+    pub async fn info(&self) -> Result<ApiInfo, ContainerError> {
         let docker = self.docker().await?;
         let info = self
             .call("info", docker.info())
@@ -609,7 +633,13 @@ impl ApiDriver {
             .map_err(|e| api_err("info", e))?;
         let mut runtimes: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
         runtimes.sort();
-        Ok((runtimes, info.logging_driver.unwrap_or_default()))
+        Ok(ApiInfo {
+            runtimes,
+            log_driver: info.logging_driver.unwrap_or_default(),
+            // Docker names its init (`docker-init`); Podman's compat API says "" (its
+            // catatonit is optional and often not installed), so Podman runs without one.
+            has_init: info.init_binary.is_some_and(|b| !b.trim().is_empty()),
+        })
     }
 
     /// The image's contract label (`""` when absent); an error when the image is not local.
@@ -755,7 +785,11 @@ mod tests {
             Path::new("/e"),
             &log_backstop_args("json-file", cfg.output_limit),
         );
-        let body = create_body(&cfg, &spec, "json-file").expect("body");
+        let facts = CreateFacts {
+            log_driver: "json-file".into(),
+            init: true,
+        };
+        let body = create_body(&cfg, &spec, &facts).expect("body");
         let host = body.host_config.clone().expect("host config");
         let mut seen = 0;
         let mut args = argv.iter().skip(1).peekable();
@@ -812,16 +846,23 @@ mod tests {
         assert_eq!(body.open_stdin, Some(true));
         assert_eq!(body.stdin_once, Some(false));
         assert_eq!(body.attach_stdin, Some(false));
+        // The engine's init when it has one (the stop at a session's end then takes no grace).
+        assert_eq!(host.init, Some(true));
         // Container kinds: no stdin, no home tmpfs.
         let spec = ContainerSpec {
             kind: LaunchKind::Container,
             ..spec
         };
-        let body = create_body(&cfg, &spec, "journald").expect("body");
+        let facts = CreateFacts {
+            log_driver: "journald".into(),
+            init: false,
+        };
+        let body = create_body(&cfg, &spec, &facts).expect("body");
         assert_eq!(body.open_stdin, Some(false));
         let host = body.host_config.expect("host");
         assert_eq!(host.tmpfs.unwrap().len(), 1);
         assert!(host.log_config.is_none());
+        assert_eq!(host.init, None, "no init unless the engine has one");
     }
 
     #[test]
@@ -836,11 +877,11 @@ mod tests {
             checkout: None,
             extra_args: vec!["--init".into()],
         };
-        assert!(create_body(&cfg, &spec, "").is_err());
+        assert!(create_body(&cfg, &spec, &CreateFacts::default()).is_err());
         spec.extra_args.clear();
         spec.env.insert("A".into(), "x\ny".into());
         assert!(matches!(
-            create_body(&cfg, &spec, ""),
+            create_body(&cfg, &spec, &CreateFacts::default()),
             Err(ContainerError::EnvNewline { .. })
         ));
         assert_eq!(parse_bytes("4g"), Some(4 << 30));

@@ -22,6 +22,7 @@ group words (\\\" and \\\\ escape inside them); key=value words are options.
   exit CODE                 exit at once with CODE (no session_idle)
   sleep MS                  sleep (an abort or stdin EOF interrupts it)
   hang                      ignore abort and stdin EOF, never exit
+  ignore-term               ignore SIGTERM from now on (only SIGKILL ends a later hang)
   flood N                   N content events with seq 0..N-1
   bigline BYTES             one content event line of at least BYTES bytes
   raw TEXT                  TEXT verbatim on stdout (not JSON)
@@ -231,6 +232,17 @@ impl Run {
                 while Instant::now() < until && !self.interrupted() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
+            }
+            "ignore-term" => {
+                // As PID 1 SIGTERM is ignored anyway; under the engine's init it is not, so a
+                // test of the kill after the grace needs an agent that ignores it itself.
+                extern "C" {
+                    fn signal(signum: i32, handler: usize) -> usize;
+                }
+                const SIGTERM: i32 = 15;
+                const SIG_IGN: usize = 1;
+                // SAFETY: installs the ignore disposition; no handler code runs.
+                unsafe { signal(SIGTERM, SIG_IGN) };
             }
             "hang" => {
                 self.hang = true;
