@@ -8,7 +8,7 @@ use strum::{Display, EnumDiscriminants, EnumIter};
 use super::contract::{AgentSignal, STARTING};
 use super::plan::RunPlan;
 use super::verdict::{decide_on_exit, with_push, Status, Verdict};
-use crate::control::wire::ReportRequest;
+use crate::protocol::ReportRequest;
 
 /// One prepared repo checkout (the output of `windshift-triage prepare`, spec 4.10).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
