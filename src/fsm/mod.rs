@@ -3,6 +3,7 @@
 //! - [`plan`]: what a claimed job becomes (secrets split off).
 //! - [`machine`]: states, events, effects, [`transition`].
 //! - [`phase`]: the work in flight inside each state, and the accessors read from outside.
+//! - [`stop`]: what a stop does in each phase (the one place that decides it).
 //! - [`verdict`]: spec 6.5 / 5.4 / 4.9 verdict rules.
 //! - [`recover`](mod@recover): the start-up recovery table.
 //! - [`signals`]: the journal budget of agent output and the coalescing past it.
@@ -12,6 +13,7 @@ pub mod phase;
 pub mod plan;
 pub mod recover;
 pub mod signals;
+pub mod stop;
 pub mod verdict;
 
 pub use contract::AgentSignal;
