@@ -1,5 +1,5 @@
 //! What a stop (a cancel, the drain deadline, the run timeout) does, phase by phase: the one
-//! place that decides it. [`transition`](super::transition) asks [`decide`] before the
+//! place that decides it. [`transition`](super::transition) asks `decide` before the
 //! per-state rules, which then only ever see runs that are not stopping. Pure.
 
 use super::machine::{to_report, Effect, Event, Rejected, RunState, StopReason, Transition};
