@@ -19,7 +19,9 @@ use crate::effects::git::validate::{
 use crate::fsm::contract::{classify_stdout_line, AgentSignal};
 use crate::fsm::machine::{
     claim, transition, AgentFacts, Checkout, CheckoutRepo, Event, Rejected, RepoHead, RunState,
+    StateKind,
 };
+use crate::fsm::phase::Phase;
 use crate::fsm::plan::RunPlan;
 use crate::fsm::verdict::{Status, Verdict};
 use crate::triage_cli::{parse_command, Flags, Kind, TriageCommand, PREPARE_FLAGS, PUSH_FLAGS};
@@ -246,7 +248,7 @@ pub fn agent_verdict(data: &[u8]) -> VerdictOutcome {
     }
     run.step(&Event::ContainerStarted);
     assert!(
-        matches!(run.state, RunState::Running { .. }),
+        run.state.kind() == StateKind::Running,
         "setup reaches Running, got {}",
         run.state.describe()
     );
@@ -272,24 +274,20 @@ pub fn agent_verdict(data: &[u8]) -> VerdictOutcome {
 
     // Drive the run to its end the way the daemon would.
     for _ in 0..8 {
-        let next = match &run.state {
-            RunState::Claimed { .. } => Event::CheckoutFailed {
+        let next = match run.state.phase() {
+            Phase::PreparingCheckout => Event::CheckoutFailed {
                 error: "fuzz".into(),
             },
-            RunState::Prepared { .. } => Event::ContainerStarted,
-            RunState::Running { after: None, .. } => Event::ContainerExited { code: exit_code },
-            RunState::Running {
-                after: Some(after), ..
-            } => match &after.push {
-                None => Event::HeadsInspected {
-                    heads: changed_heads(&checkout),
-                },
-                Some(push) => Event::PushDone {
-                    heads: push.heads.clone(),
-                },
+            Phase::StartingContainer => Event::ContainerStarted,
+            Phase::AgentRunning => Event::ContainerExited { code: exit_code },
+            Phase::InspectingHeads => Event::HeadsInspected {
+                heads: changed_heads(&checkout),
             },
-            RunState::Pushed { .. } => Event::ReportAccepted,
-            RunState::Reported { .. } | RunState::Failed { .. } => break,
+            Phase::Pushing => Event::PushDone {
+                heads: run.state.pushing_heads().unwrap_or_default().to_vec(),
+            },
+            Phase::Reporting => Event::ReportAccepted,
+            Phase::Ended => break,
         };
         run.step(&next);
     }

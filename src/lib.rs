@@ -14,5 +14,6 @@ pub mod fuzzing;
 pub mod journal;
 pub mod logging;
 pub mod metrics;
+pub mod protocol;
 pub mod redact;
 pub mod triage_cli;

@@ -1115,3 +1115,289 @@ fn the_last_finish_or_error_decides_after_thousands_of_signals() {
         Some("agent blocked: no access")
     );
 }
+
+// ---------- phases and the accessors the daemon reads ----------
+
+/// One state per phase (both terminal states for `Ended`), reached through `transition`.
+fn phase_samples() -> Vec<RunState> {
+    let p = plan();
+    let mut to_push = vec![ready(&p)];
+    to_push.extend(finished_ok());
+    let inspecting = run(p.clone(), &to_push).0;
+    to_push.push(sample_event(EventKind::HeadsInspected));
+    let pushing = run(p.clone(), &to_push).0;
+    vec![
+        sample_state(StateKind::Claimed),
+        sample_state(StateKind::Prepared),
+        sample_state(StateKind::Running),
+        inspecting,
+        pushing,
+        sample_state(StateKind::Pushed),
+        sample_state(StateKind::Reported),
+        sample_state(StateKind::Failed),
+    ]
+}
+
+#[test]
+fn every_phase_is_reached_and_belongs_to_its_milestone() {
+    let samples = phase_samples();
+    let reached: Vec<Phase> = samples.iter().map(RunState::phase).collect();
+    for phase in Phase::iter() {
+        assert!(reached.contains(&phase), "phase {phase} not reached");
+    }
+    for state in &samples {
+        let phase = state.phase();
+        if state.is_terminal() {
+            assert_eq!(phase, Phase::Ended, "{}", state.describe());
+        } else {
+            assert_eq!(phase.milestone(), state.kind(), "{}", state.describe());
+        }
+        check_accessors(state).unwrap();
+    }
+    let phases: Vec<String> = reached.iter().map(Phase::to_string).collect();
+    assert_eq!(
+        phases,
+        [
+            "preparing_checkout",
+            "starting_container",
+            "agent_running",
+            "inspecting_heads",
+            "pushing",
+            "reporting",
+            "ended",
+            "ended"
+        ]
+    );
+}
+
+#[test]
+fn a_stop_is_recorded_in_every_open_phase_and_kills_only_a_container_that_may_run() {
+    // Each phase × each stop: a stop is recorded (and read back) exactly while the verdict is
+    // still open, and the phase does not move.
+    let stops = [
+        (
+            Event::CancelRequested { force: true },
+            StopReason::Canceled { force: true },
+        ),
+        (Event::DrainDeadlinePassed, StopReason::Drain),
+        (Event::RunTimeoutPassed, StopReason::Timeout),
+    ];
+    for state in phase_samples() {
+        assert_eq!(state.stop_pending(), None);
+        for (event, reason) in &stops {
+            match (state.phase(), transition(&state, event)) {
+                (Phase::Reporting | Phase::Ended, Err(_)) => {}
+                (phase, Ok((next, effects))) => {
+                    assert_eq!(next.phase(), phase);
+                    assert_eq!(next.stop_pending(), Some(*reason));
+                    // Only a container that may run is killed, and it is the state's own.
+                    let kills: Vec<&Effect> = effects
+                        .iter()
+                        .filter(|e| matches!(e, Effect::KillContainer { .. }))
+                        .collect();
+                    match phase {
+                        Phase::StartingContainer | Phase::AgentRunning => {
+                            assert_eq!(
+                                kills,
+                                [&Effect::KillContainer {
+                                    name: state.container().unwrap().name.clone()
+                                }]
+                            )
+                        }
+                        _ => assert!(kills.is_empty(), "{phase}: {effects:?}"),
+                    }
+                    assert!(matches!(
+                        transition(&next, event),
+                        Err(Rejected::AlreadyStopping { .. })
+                    ));
+                }
+                (phase, Err(r)) => panic!("{phase} refused a stop: {r}"),
+            }
+        }
+    }
+}
+
+/// The accessors agree with the state and with what `transition` accepts.
+fn check_accessors(state: &RunState) -> Result<(), String> {
+    let phase = state.phase();
+    let kind = state.kind();
+    let ok = |cond: bool, what: &str| {
+        if cond {
+            Ok(())
+        } else {
+            Err(format!("{what} in {phase} ({})", state.describe()))
+        }
+    };
+    ok(
+        phase == Phase::Ended || phase.milestone() == kind,
+        "phase in another milestone",
+    )?;
+    ok(state.is_terminal() == (phase == Phase::Ended), "terminal")?;
+    ok(
+        state.effect_in_flight().is_none() == state.is_terminal(),
+        "effect in flight",
+    )?;
+    ok(
+        state.checkout().is_some() == matches!(kind, StateKind::Prepared | StateKind::Running),
+        "checkout",
+    )?;
+    ok(
+        state.container().is_some() == matches!(kind, StateKind::Prepared | StateKind::Running),
+        "container",
+    )?;
+    ok(
+        state.current_container().is_some() == (phase == Phase::AgentRunning),
+        "current container",
+    )?;
+    ok(
+        state.current_container().is_none()
+            || state.current_container() == state.container().map(|c| c.name.as_str()),
+        "current container is the state's container",
+    )?;
+    ok(
+        state.pushing_heads().is_some() == (phase == Phase::Pushing),
+        "pushing heads",
+    )?;
+    ok(
+        state.accepted_verdict().is_some() == (kind == StateKind::Reported),
+        "accepted verdict",
+    )?;
+    ok(
+        state.stop_pending().is_none() || !matches!(phase, Phase::Reporting | Phase::Ended),
+        "a stop after the verdict",
+    )?;
+    // Agent signals count exactly while the agent runs.
+    let signal = sig(r#"{"type":"error","message":"m"}"#);
+    ok(
+        transition(state, &signal).is_ok() == (phase == Phase::AgentRunning),
+        "agent signal accepted",
+    )?;
+    match (phase, state.effect_in_flight()) {
+        (Phase::PreparingCheckout, Some(Effect::Prepare { .. }))
+        | (Phase::StartingContainer | Phase::AgentRunning, Some(Effect::StartContainer { .. }))
+        | (Phase::InspectingHeads, Some(Effect::InspectHeads))
+        | (Phase::Reporting, Some(Effect::Report(_)))
+        | (Phase::Ended, None) => Ok(()),
+        (Phase::Pushing, Some(Effect::Push { heads })) => ok(
+            Some(heads.as_slice()) == state.pushing_heads(),
+            "push effect names the pushing heads",
+        ),
+        (_, effect) => Err(format!("{phase} has effect {effect:?} in flight")),
+    }
+}
+
+/// Every kind of event (`sample_event`) plus the variants that steer a run elsewhere.
+fn any_events(p: &RunPlan) -> Vec<Event> {
+    let heads = |head: &str| -> Vec<RepoHead> {
+        p.repos
+            .iter()
+            .map(|r| RepoHead {
+                slug: r.slug.clone(),
+                head: head.into(),
+            })
+            .collect()
+    };
+    let mut events: Vec<Event> = EventKind::iter().map(sample_event).collect();
+    events.extend([
+        ready(p),
+        exited(1),
+        Event::ContainerExited { code: None },
+        Event::HeadsInspected { heads: heads(BASE) },
+        Event::HeadsInspected { heads: heads(HEAD) },
+        Event::PushDone { heads: heads(HEAD) },
+        Event::ReportFailed {
+            error: "no".into(),
+            retryable: false,
+        },
+    ]);
+    events
+}
+
+/// The event that moves `state` on as a healthy run would (`n` picks among the choices), so
+/// that random sequences reach the late phases too.
+fn onward(state: &RunState, p: &RunPlan, n: u8) -> Event {
+    let heads = |head: &str| -> Vec<RepoHead> {
+        p.repos
+            .iter()
+            .map(|r| RepoHead {
+                slug: r.slug.clone(),
+                head: head.into(),
+            })
+            .collect()
+    };
+    match state.phase() {
+        Phase::PreparingCheckout => ready(p),
+        Phase::StartingContainer => Event::ContainerStarted,
+        Phase::AgentRunning if n % 3 == 0 => exited(0),
+        Phase::AgentRunning => sig(r#"{"type":"finish","outcome":"completed","summary":"ok"}"#),
+        Phase::InspectingHeads if n % 4 == 0 => Event::HeadsInspected { heads: heads(BASE) },
+        Phase::InspectingHeads => Event::HeadsInspected { heads: heads(HEAD) },
+        Phase::Pushing => Event::PushDone {
+            heads: state.pushing_heads().unwrap_or_default().to_vec(),
+        },
+        Phase::Reporting if n % 2 == 0 => Event::ReportFailed {
+            error: "503".into(),
+            retryable: true,
+        },
+        Phase::Reporting | Phase::Ended => Event::ReportAccepted,
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Along any event sequence from a claim, the accessors agree with the state, a new
+    /// effect in flight is one `transition` handed out, the journaled recovery redo is that
+    /// effect, and a stop is read back where it was recorded.
+    #[test]
+    fn accessors_agree_with_the_transition_function(
+        repos in 0usize..3,
+        steps in proptest::collection::vec((0u8..10, proptest::prelude::any::<u8>()), 0..40),
+    ) {
+        let p = plan_with(&["acme/app", "acme/lib"][..repos], "");
+        let others = any_events(&p);
+        let (mut state, effects) = claim(p.clone());
+        proptest::prop_assert!(
+            state.effect_in_flight().is_none_or(|e| effects.contains(&e)),
+            "claim hands out {:?}", state.effect_in_flight()
+        );
+        check_accessors(&state).map_err(proptest::test_runner::TestCaseError::fail)?;
+        for (pick, n) in steps {
+            let event = &match pick {
+                0..6 => onward(&state, &p, n),
+                _ => others[usize::from(n) % others.len()].clone(),
+            };
+            let Ok((next, effects)) = transition(&state, event) else {
+                continue;
+            };
+            check_accessors(&next).map_err(proptest::test_runner::TestCaseError::fail)?;
+            let in_flight = next.effect_in_flight();
+            if in_flight != state.effect_in_flight() || next.phase() != state.phase() {
+                // Entering a phase (or a fresh attempt) hands out its effect, except the
+                // agent's start, which is the same container start still under way.
+                let same_start = state.phase() == Phase::StartingContainer
+                    && next.phase() == Phase::AgentRunning
+                    && in_flight == state.effect_in_flight();
+                proptest::prop_assert!(
+                    same_start || in_flight.as_ref().is_none_or(|e| effects.contains(e)),
+                    "{} → {}: {:?} not handed out ({:?})",
+                    state.describe(), next.describe(), in_flight, effects
+                );
+            }
+            if let Some(reason) = match event {
+                Event::CancelRequested { force } => Some(StopReason::Canceled { force: *force }),
+                Event::DrainDeadlinePassed => Some(StopReason::Drain),
+                Event::RunTimeoutPassed => Some(StopReason::Timeout),
+                _ => None,
+            } {
+                proptest::prop_assert_eq!(next.stop_pending(), Some(reason));
+                proptest::prop_assert_eq!(state.stop_pending(), None);
+            }
+            // What recovery redoes is the effect the state has in flight.
+            if let RecoveryDecision::Redo(redo) = recover(&next, &obs(ContainerObservation::Gone)) {
+                proptest::prop_assert_eq!(redo, in_flight.into_iter().collect::<Vec<_>>());
+            }
+            state = next;
+        }
+    }
+}

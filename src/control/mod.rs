@@ -1,5 +1,5 @@
-//! The Windshift runner protocol: wire types, client, credential lifecycle, event sender.
-//! See docs/control-plane.md.
+//! The Windshift runner protocol client: credential lifecycle, event sender; the wire types
+//! are re-exported as `wire` from [`crate::protocol`]. See docs/control-plane.md.
 pub mod client;
 pub mod credential;
 pub mod events;

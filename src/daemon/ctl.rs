@@ -29,7 +29,6 @@ use tracing::{info, warn};
 
 use super::{Ctx, Runs};
 use crate::config::CTL_SOCKET;
-use crate::fsm::RunState;
 use crate::journal::{now_ms, Slot};
 use crate::metrics::Health;
 
@@ -419,7 +418,7 @@ async fn status(ctx: &Arc<Ctx>, runs: &Runs) -> Status {
                     id,
                     state: r.state.kind().to_string(),
                     since_ms: r.at_ms,
-                    container: container_of(&r.state),
+                    container: r.state.container().map(|c| c.name.clone()),
                 },
                 None => RunRow {
                     id,
@@ -442,15 +441,6 @@ async fn status(ctx: &Arc<Ctx>, runs: &Runs) -> Status {
         draining: ctx.shutting_down(),
         slots: ctx.cfg.concurrency,
         runs: rows,
-    }
-}
-
-fn container_of(state: &RunState) -> Option<String> {
-    match state {
-        RunState::Prepared { container, .. } | RunState::Running { container, .. } => {
-            Some(container.name.clone())
-        }
-        _ => None,
     }
 }
 

@@ -14,7 +14,7 @@ use crate::control::wire::EventRequest;
 use crate::effects::container::{ContainerState, FoundContainer};
 use crate::effects::git;
 use crate::fsm::{
-    recover, ContainerObservation, Observations, RecoveryDecision, RunSecrets, RunState,
+    recover, ContainerObservation, Observations, Phase, RecoveryDecision, RunSecrets, RunState,
 };
 use crate::journal::{Record, Slot};
 
@@ -84,7 +84,7 @@ pub(crate) async fn recover_runs(ctx: &Ctx) -> Result<Recovered, String> {
         for secret in secrets.env.values() {
             crate::redact::register_secret(secret);
         }
-        if let Some(name) = container_of(&last.state) {
+        if let Some(name) = last.state.container().map(|c| c.name.as_str()) {
             recovered.owned_containers.insert(name.to_owned());
         }
         let observations = observe(ctx, &last.state, &secrets).await;
@@ -170,15 +170,6 @@ fn replay_sources(containers: &[FoundContainer], run_id: i64) -> Vec<String> {
     found.into_iter().map(|c| c.name.clone()).collect()
 }
 
-fn container_of(state: &RunState) -> Option<&str> {
-    match state {
-        RunState::Prepared { container, .. } | RunState::Running { container, .. } => {
-            Some(&container.name)
-        }
-        _ => None,
-    }
-}
-
 /// Gathers the facts the recovery table needs.
 async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observations {
     let mut obs = Observations {
@@ -187,7 +178,7 @@ async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observati
         remote_heads: Vec::new(),
         server_says_final: false,
     };
-    if let Some(name) = container_of(state) {
+    if let Some(name) = state.container().map(|c| c.name.as_str()) {
         obs.container = match ctx.engine.state(name).await {
             Ok(Some(ContainerState::Running)) => ContainerObservation::Running,
             Ok(Some(ContainerState::Other(s))) if s == "paused" || s == "restarting" => {
@@ -218,43 +209,36 @@ async fn observe(ctx: &Ctx, state: &RunState, secrets: &RunSecrets) -> Observati
             }
         };
     }
-    if let RunState::Prepared { checkout, .. } | RunState::Running { checkout, .. } = state {
+    if let Some(checkout) = state.checkout() {
         obs.checkout_present = !checkout.root.is_empty() && Path::new(&checkout.root).exists();
     }
     let token = secrets.env.get("WS_TOKEN").cloned().unwrap_or_default();
-    if let RunState::Running {
-        after: Some(after),
-        checkout,
-        plan,
-        ..
-    } = state
-    {
-        if let Some(push) = &after.push {
-            for head in &push.heads {
-                let Some(repo) = checkout.repos.iter().find(|r| r.slug == head.slug) else {
-                    continue;
-                };
-                let Some(remote) = repo_proxy_url(&ctx.cfg.api_url, plan, &repo.slug) else {
-                    continue;
-                };
-                let branch = repo.branch.clone();
-                let token = token.clone();
-                let policy = ctx.git_policy;
-                let sha = tokio::task::spawn_blocking(move || {
-                    git::remote_ref_sha(&remote, &branch, &token, policy)
-                })
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten();
-                obs.remote_heads.push((head.slug.clone(), sha));
-            }
+    if let (Some(heads), Some(checkout)) = (state.pushing_heads(), state.checkout()) {
+        let plan = state.plan();
+        for head in heads {
+            let Some(repo) = checkout.repos.iter().find(|r| r.slug == head.slug) else {
+                continue;
+            };
+            let Some(remote) = repo_proxy_url(&ctx.cfg.api_url, plan, &repo.slug) else {
+                continue;
+            };
+            let branch = repo.branch.clone();
+            let token = token.clone();
+            let policy = ctx.git_policy;
+            let sha = tokio::task::spawn_blocking(move || {
+                git::remote_ref_sha(&remote, &branch, &token, policy)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+            obs.remote_heads.push((head.slug.clone(), sha));
         }
     }
     // Is the run still running on the server? There is no status endpoint (spec 2.8); an
     // informational event answers it: 409/403/404 mean the run is final or no longer ours.
     // A report phase needs no probe: the report itself learns it.
-    if !matches!(state, RunState::Pushed { .. }) {
+    if state.phase() != Phase::Reporting {
         let probe = EventRequest {
             event_type: "lifecycle".into(),
             payload_json:

@@ -21,8 +21,7 @@ use crate::effects::git::{
     self, git_proxy_url, validate_slug, RepoCache, RunRepo, RunWorkspaceRequest, WsToml,
 };
 use crate::fsm::{
-    AgentBudget, Checkout, CheckoutRepo, Effect, Event, RepoHead, RunSecrets, RunState,
-    AGENT_RECORD_BUDGET,
+    AgentBudget, Checkout, CheckoutRepo, Effect, Event, RepoHead, RunSecrets, AGENT_RECORD_BUDGET,
 };
 use crate::journal::{agent_records, commit_event_async, now_ms, CommitError, Record};
 use crate::redact::redact;
@@ -149,9 +148,9 @@ impl RunTask {
         match outcome {
             Ok(()) => {
                 self.finish_terminal().await;
-                let status = match &self.last.state {
-                    RunState::Reported { verdict, .. } => verdict.status.as_wire().to_owned(),
-                    _ => "abandoned".to_owned(),
+                let status = match self.last.state.accepted_verdict() {
+                    Some(verdict) => verdict.status.as_wire().to_owned(),
+                    None => "abandoned".to_owned(),
                 };
                 info!(
                     run_id = self.run_id,
@@ -220,23 +219,15 @@ impl RunTask {
                 // A stop journaled before the restart hands out a kill here; the re-attached
                 // driver performs it (abort, grace, kill) instead, see `stop_pending`.
                 queue.retain(|e| !matches!(e, Effect::KillContainer { .. }));
-                match &self.last.state {
-                    RunState::Running {
-                        container,
-                        after: None,
-                        ..
-                    } if container.name == name => {
-                        queue.extend(self.run_container(&name, true).await?);
-                    }
-                    other => {
-                        // Recovery decided from a state the feed did not lead to (a
-                        // concurrent transition): let the next start-up decide again.
-                        return Err(Interrupted::Journal(format!(
-                            "cannot re-attach to {name} in state {}",
-                            other.describe()
-                        )));
-                    }
+                if self.last.state.current_container() != Some(name.as_str()) {
+                    // Recovery decided from a state the feed did not lead to (a concurrent
+                    // transition): let the next start-up decide again.
+                    return Err(Interrupted::Journal(format!(
+                        "cannot re-attach to {name} in state {}",
+                        self.last.state.describe()
+                    )));
                 }
+                queue.extend(self.run_container(&name, true).await?);
             }
             Start::Replay { .. } => {
                 return Err(Interrupted::Journal(
@@ -642,7 +633,7 @@ impl RunTask {
             .await
         });
         // A stop journaled before the container started (or before a restart) applies now.
-        if stop_pending(&self.last.state) {
+        if self.last.state.stop_pending().is_some() {
             if let Some(tx) = cancel_tx.take() {
                 let _ = tx.send(());
             }
@@ -854,16 +845,13 @@ impl RunTask {
             .check_job_image(kind, Some(&plan.image))
             .await
             .map_err(|e| redact(&e.to_string()).into_owned())?;
-        let checkout = match &self.last.state {
-            RunState::Prepared { checkout, .. } if !checkout.root.is_empty() => {
-                Some(PathBuf::from(&checkout.root))
-            }
-            _ => None,
-        };
-        let attempt = match &self.last.state {
-            RunState::Prepared { container, .. } => container.attempt,
-            _ => 1,
-        };
+        let checkout = self
+            .last
+            .state
+            .checkout()
+            .filter(|c| !c.root.is_empty())
+            .map(|c| PathBuf::from(&c.root));
+        let attempt = self.last.state.container().map_or(1, |c| c.attempt);
         let spec = ContainerSpec {
             run_id: self.run_id,
             attempt,
@@ -893,10 +881,7 @@ impl RunTask {
     /// Whether `name` is the run's current container and its exit is not yet judged, so its
     /// agent signals still count toward the verdict.
     fn judges_container(&self, name: &str) -> bool {
-        matches!(
-            &self.last.state,
-            RunState::Running { container, after: None, .. } if container.name == name
-        )
+        self.last.state.current_container() == Some(name)
     }
 
     /// One driver output: events go to the server (ordered, paced), signals to the journal.
@@ -939,7 +924,7 @@ impl RunTask {
     /// or folds it in memory once the budget is spent: the agent decides how many it prints,
     /// and each record carries the whole state.
     async fn commit_agent(&mut self, event: Event) -> Result<(), Interrupted> {
-        let Some(name) = current_container(&self.last.state) else {
+        let Some(name) = self.last.state.current_container().map(str::to_owned) else {
             // Not in the container phase: the state machine refuses it; nothing is written.
             self.commit_record(event).await?;
             return Ok(());
@@ -970,7 +955,7 @@ impl RunTask {
     /// Journals the signals coalesced past the current container's budget (at most one per
     /// fact kind) so that the exit that follows is judged on them.
     async fn commit_coalesced(&mut self) -> Result<(), Interrupted> {
-        let Some(name) = current_container(&self.last.state) else {
+        let Some(name) = self.last.state.current_container().map(str::to_owned) else {
             return Ok(());
         };
         let Some(budget) = self
@@ -1033,10 +1018,7 @@ impl RunTask {
     }
 
     async fn inspect_heads(&mut self) -> Result<Vec<Effect>, Interrupted> {
-        let checkout = match &self.last.state {
-            RunState::Running { checkout, .. } => checkout.clone(),
-            _ => Checkout::default(),
-        };
+        let checkout = self.last.state.checkout().cloned().unwrap_or_default();
         let work = tokio::task::spawn_blocking(move || {
             let mut heads = Vec::new();
             for repo in &checkout.repos {
@@ -1068,10 +1050,7 @@ impl RunTask {
 
     async fn push(&mut self, heads: Vec<RepoHead>) -> Result<Vec<Effect>, Interrupted> {
         let plan = self.last.state.plan().clone();
-        let checkout = match &self.last.state {
-            RunState::Running { checkout, .. } => checkout.clone(),
-            _ => Checkout::default(),
-        };
+        let checkout = self.last.state.checkout().cloned().unwrap_or_default();
         let token = self.token().unwrap_or_default();
         // One budget and cancel switch for the run's pushes; dropping this future cancels it
         // (and kills the git call under way).
@@ -1325,25 +1304,6 @@ fn failpoint_matches(point: &str, event: &Event) -> bool {
         }
         _ => false,
     }
-}
-
-/// The container whose exit is still to be judged, if the run is in its container phase.
-fn current_container(state: &RunState) -> Option<String> {
-    match state {
-        RunState::Running {
-            container,
-            after: None,
-            ..
-        } => Some(container.name.clone()),
-        _ => None,
-    }
-}
-
-fn stop_pending(state: &RunState) -> bool {
-    matches!(
-        state,
-        RunState::Prepared { stop: Some(_), .. } | RunState::Running { stop: Some(_), .. }
-    )
 }
 
 /// The git-proxy URL of one of the plan's repos (spec 4.9 step 3); `None` for a bad slug.

@@ -7,8 +7,9 @@ use strum::{Display, EnumDiscriminants, EnumIter};
 
 use super::contract::{AgentSignal, STARTING};
 use super::plan::RunPlan;
+use super::stop;
 use super::verdict::{decide_on_exit, with_push, Status, Verdict};
-use crate::control::wire::ReportRequest;
+use crate::protocol::ReportRequest;
 
 /// One prepared repo checkout (the output of `windshift-triage prepare`, spec 4.10).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -460,10 +461,6 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
         state: state.kind(),
         event: event.kind(),
     };
-    let stopping = || Rejected::AlreadyStopping {
-        state: state.kind(),
-        event: event.kind(),
-    };
     if state.is_terminal() {
         return Err(Rejected::Terminal {
             state: state.kind(),
@@ -478,34 +475,14 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
     if let Event::RunNoLongerRunning = event {
         return Ok(abandon(state));
     }
-    // A stop (cancel, drain deadline, run timeout) is the same in every state that can still
-    // be stopped: the first one is recorded and, while a container may run, kills it; a
-    // later one is refused. Once the verdict is decided there is nothing to stop.
-    if let Some(reason) = stop_reason(event) {
-        let mut next = state.clone();
-        let Some((stop, kill)) = stop_slot(&mut next) else {
-            return Err(na());
-        };
-        if stop.is_some() {
-            return Err(stopping());
-        }
-        *stop = Some(reason);
-        let effects = kill
-            .map(|name| Effect::KillContainer { name })
-            .into_iter()
-            .collect();
-        return Ok((next, effects));
+    // What a stop does, and what the outcome of a stopping run's phase does, is decided in one
+    // place; the rules below only see runs that are not stopping.
+    if let Some(decided) = stop::decide(state, event) {
+        return decided;
     }
     match state {
-        RunState::Claimed {
-            plan,
-            prepare,
-            stop,
-        } => match event {
+        RunState::Claimed { plan, prepare, .. } => match event {
             Event::PrepareStarted => {
-                if stop.is_some() {
-                    return Err(stopping());
-                }
                 let attempt = prepare.attempt + 1;
                 Ok((
                     RunState::Claimed {
@@ -516,26 +493,21 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                     vec![Effect::RemoveCheckout, Effect::Prepare { attempt }],
                 ))
             }
-            Event::CheckoutReady { checkout } => match stop {
-                Some(reason) => Ok(to_report(plan.clone(), Verdict::stopped(*reason), true)),
-                None => {
-                    let events = worktree_ready_events(plan, checkout);
-                    Ok(start_container(
-                        plan.clone(),
-                        checkout.clone(),
-                        1,
-                        None,
-                        events,
-                    ))
-                }
-            },
-            Event::CheckoutFailed { error } => {
-                let verdict = match stop {
-                    Some(reason) => Verdict::stopped(*reason),
-                    None => Verdict::failed(format!("triage prepare: {error}")),
-                };
-                Ok(to_report(plan.clone(), verdict, true))
+            Event::CheckoutReady { checkout } => {
+                let events = worktree_ready_events(plan, checkout);
+                Ok(start_container(
+                    plan.clone(),
+                    checkout.clone(),
+                    1,
+                    None,
+                    events,
+                ))
             }
+            Event::CheckoutFailed { error } => Ok(to_report(
+                plan.clone(),
+                Verdict::failed(format!("triage prepare: {error}")),
+                true,
+            )),
             _ => Err(na()),
         },
         RunState::Prepared {
@@ -545,9 +517,6 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
             stop,
         } => match event {
             Event::ContainerStarting => {
-                if stop.is_some() {
-                    return Err(stopping());
-                }
                 let (next, mut effects) = start_container(
                     plan.clone(),
                     checkout.clone(),
@@ -564,12 +533,7 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 Ok((next, effects))
             }
             Event::ContainerStarted => {
-                let effects = match stop {
-                    Some(_) => vec![Effect::KillContainer {
-                        name: container.name.clone(),
-                    }],
-                    None => Vec::new(),
-                };
+                let effects = stop::on_container_started(*stop, &container.name);
                 Ok((
                     RunState::Running {
                         plan: plan.clone(),
@@ -590,14 +554,12 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 container,
                 *code,
             )),
-            Event::ContainerVanished => Ok(on_vanished(plan, container, *stop)),
-            Event::ContainerStartFailed { error } => {
-                let verdict = match stop {
-                    Some(reason) => Verdict::stopped(*reason),
-                    None => Verdict::failed(error.clone()),
-                };
-                Ok(to_report(plan.clone(), verdict, true))
-            }
+            Event::ContainerVanished => Ok(on_vanished(plan, container)),
+            Event::ContainerStartFailed { error } => Ok(to_report(
+                plan.clone(),
+                Verdict::failed(error.clone()),
+                true,
+            )),
             _ => Err(na()),
         },
         RunState::Running {
@@ -643,7 +605,7 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 Event::ContainerExited { code } => {
                     Ok(on_exit(plan, checkout, agent, *stop, container, *code))
                 }
-                Event::ContainerVanished => Ok(on_vanished(plan, container, *stop)),
+                Event::ContainerVanished => Ok(on_vanished(plan, container)),
                 _ => Err(na()),
             }
         }
@@ -652,15 +614,12 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
             checkout,
             container,
             agent,
-            stop,
+            stop: _,
             after: Some(after),
         } => match event {
             Event::HeadsInspected { heads } => {
                 if after.push.is_some() {
                     return Err(na());
-                }
-                if let Some(reason) = stop {
-                    return Ok(to_report(plan.clone(), Verdict::stopped(*reason), true));
                 }
                 let changed: Vec<RepoHead> = heads
                     .iter()
@@ -696,25 +655,12 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
                 if after.push.is_none() {
                     return Err(na());
                 }
-                if let Some(reason) = stop {
-                    // The push went through, but the user asked to cancel: report canceled
-                    // (no branch, so the server opens no pull request). Documented choice.
-                    return Ok(to_report(plan.clone(), Verdict::stopped(*reason), true));
-                }
                 Ok(on_pushed(plan, checkout, &after.verdict, heads))
             }
-            Event::PushSkipped => {
-                if let Some(reason) = stop {
-                    return Ok(to_report(plan.clone(), Verdict::stopped(*reason), true));
-                }
-                Ok(on_pushed(plan, checkout, &after.verdict, &[]))
-            }
+            Event::PushSkipped => Ok(on_pushed(plan, checkout, &after.verdict, &[])),
             // Also accepted before the push intent: reading the heads can fail too (the agent
             // deleted its branch or broke `.git`), and that is a push failure (spec 4.9).
             Event::PushFailed { error } => {
-                if let Some(reason) = stop {
-                    return Ok(to_report(plan.clone(), Verdict::stopped(*reason), true));
-                }
                 let mut effects = vec![lifecycle(
                     plan,
                     None,
@@ -780,40 +726,6 @@ pub fn transition(state: &RunState, event: &Event) -> Transition {
     }
 }
 
-fn stop_reason(event: &Event) -> Option<StopReason> {
-    match event {
-        Event::CancelRequested { force } => Some(StopReason::Canceled { force: *force }),
-        Event::DrainDeadlinePassed => Some(StopReason::Drain),
-        Event::RunTimeoutPassed => Some(StopReason::Timeout),
-        _ => None,
-    }
-}
-
-/// Where a state records a stop, and the container a stop must kill (`None` once the
-/// verdict is decided).
-fn stop_slot(state: &mut RunState) -> Option<(&mut Option<StopReason>, Option<String>)> {
-    match state {
-        // The in-flight prepare is cut short by the daemon; its outcome still arrives.
-        RunState::Claimed { stop, .. } => Some((stop, None)),
-        RunState::Prepared {
-            stop, container, ..
-        }
-        | RunState::Running {
-            stop,
-            container,
-            after: None,
-            ..
-        } => Some((stop, Some(container.name.clone()))),
-        // The container has exited: the stop only decides the verdict from here on.
-        RunState::Running {
-            stop,
-            after: Some(_),
-            ..
-        } => Some((stop, None)),
-        RunState::Pushed { .. } | RunState::Reported { .. } | RunState::Failed { .. } => None,
-    }
-}
-
 /// Enter Prepared with a container intent and hand out its start.
 fn start_container(
     plan: RunPlan,
@@ -839,7 +751,11 @@ fn start_container(
 }
 
 /// Enter the report phase with `verdict`. `checkout` says whether a checkout may exist.
-fn to_report(plan: RunPlan, verdict: Verdict, checkout: bool) -> (RunState, Vec<Effect>) {
+pub(super) fn to_report(
+    plan: RunPlan,
+    verdict: Verdict,
+    checkout: bool,
+) -> (RunState, Vec<Effect>) {
     let mut effects = Vec::new();
     if checkout && !plan.repos.is_empty() {
         effects.push(Effect::RemoveCheckout);
@@ -886,18 +802,11 @@ fn on_exit(
     to_report(plan.clone(), verdict, true)
 }
 
-fn on_vanished(
-    plan: &RunPlan,
-    container: &ContainerStarting,
-    stop: Option<StopReason>,
-) -> (RunState, Vec<Effect>) {
-    let verdict = match stop {
-        Some(reason) => Verdict::stopped(reason),
-        None => Verdict::failed(format!(
-            "runner interrupted: container {} disappeared before its exit code could be read",
-            container.name
-        )),
-    };
+fn on_vanished(plan: &RunPlan, container: &ContainerStarting) -> (RunState, Vec<Effect>) {
+    let verdict = Verdict::failed(format!(
+        "runner interrupted: container {} disappeared before its exit code could be read",
+        container.name
+    ));
     to_report(plan.clone(), verdict, true)
 }
 

@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::wire::{JobSpec, RepoSpec, KIND_CODING_AGENT};
+use crate::protocol::{JobSpec, RepoSpec, KIND_CODING_AGENT};
 
 /// Env keys that always hold a secret (spec 3: `WS_TOKEN` is the run token, `LLM_API_KEY` is
 /// the run token again when the binding has an LLM grant).

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::machine::{AgentFacts, Checkout, RepoHead, StopReason};
 use super::plan::{RunPlan, LLM_MODEL};
-use crate::control::wire::{
+use crate::protocol::{
     RepoResult, ReportRequest, STATUS_CANCELED, STATUS_FAILED, STATUS_SUCCEEDED,
 };
 
