@@ -255,8 +255,21 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
     if docker_ok {
         checks.push(network_check(&engine).await);
         checks.push(image_check(&engine, &cfg).await);
-        checks.push(userns_check(&engine, opts).await);
+        let host = engine.engine_host().await;
+        checks.push(rootless_check(host));
+        checks.push(if host.userns_mode().is_some() {
+            Check::pass(
+                "userns",
+                "rootless Podman maps the agent's uid 1000 to the runner's own uid: no other host account owns the agents' processes",
+            )
+        } else {
+            userns_check(&engine, opts).await
+        });
     } else {
+        checks.push(Check::skip(
+            "rootless",
+            "the container engine is not usable",
+        ));
         checks.push(Check::skip("network", "the container engine is not usable"));
         checks.push(Check::skip("image", "the container engine is not usable"));
         checks.push(Check::skip("userns", "the container engine is not usable"));
@@ -699,6 +712,23 @@ async fn docker_check(engine: &Engine) -> Check {
             let server = v.next().unwrap_or("?").to_owned();
             Check::pass("docker", format!("{docker} client {client}, daemon {server} reachable"))
         }
+        // Podman without a service to talk to (rootless, local engine) has no Client/Server.
+        Ok(out) if out.stderr.contains("can't evaluate field Client") => {
+            match engine
+                .cli(&["version", "--format", "{{.Version}}"], CALL_TIMEOUT)
+                .await
+            {
+                Ok(local) if local.success => Check::pass(
+                    "docker",
+                    format!("{docker} {} (local engine, no daemon) works", local.stdout.trim()),
+                ),
+                _ => Check::fail(
+                    "docker",
+                    format!("the engine does not answer: {}", first_line(&out.stderr)),
+                    "check that `podman info` works as the runner's user",
+                ),
+            }
+        }
         Ok(out) if out.stderr.to_ascii_lowercase().contains("permission denied") => Check::fail(
             "docker",
             format!("permission denied talking to the Docker daemon: {}", first_line(&out.stderr)),
@@ -853,6 +883,23 @@ pub fn userns_decision(passwd: &str, security_options: &str) -> Check {
     }
 }
 
+/// The `rootless` line: what the runner does about a rootless engine (docs/containers.md,
+/// "Rootless Podman").
+pub fn rootless_check(host: crate::effects::container::EngineHost) -> Check {
+    match host.note() {
+        None => Check::pass(
+            "rootless",
+            "the engine runs rootful: the agent's uid 1000 is host uid 1000 (or the engine's userns-remap), the runner hands it the checkout",
+        ),
+        Some((false, note)) => Check::pass("rootless", note),
+        Some((true, note)) => Check::warn(
+            "rootless",
+            note,
+            "see docs/containers.md, \"Rootless Podman\"",
+        ),
+    }
+}
+
 async fn userns_check(engine: &Engine, opts: &DoctorOptions) -> Check {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let security = match engine
@@ -975,6 +1022,37 @@ mod tests {
             assert_eq!(uid1000_login_account(quiet), None, "{quiet}");
             assert_eq!(userns_decision(quiet, "[]").status, Status::Pass);
         }
+    }
+
+    #[test]
+    fn rootless_engines_are_named_with_what_the_runner_does() {
+        use crate::effects::container::EngineHost;
+        let rootful = rootless_check(EngineHost::default());
+        assert_eq!(rootful.status, Status::Pass);
+        let podman = rootless_check(EngineHost {
+            podman: true,
+            rootless: true,
+            cgroups_v1: false,
+        });
+        assert_eq!(podman.status, Status::Pass);
+        assert!(
+            podman.detail.contains("--userns=keep-id:uid=1000,gid=1000"),
+            "{podman:?}"
+        );
+        let v1 = rootless_check(EngineHost {
+            podman: true,
+            rootless: true,
+            cgroups_v1: true,
+        });
+        assert_eq!(v1.status, Status::Warn);
+        assert!(v1.detail.contains("cgroups v1"), "{v1:?}");
+        let docker = rootless_check(EngineHost {
+            podman: false,
+            rootless: true,
+            cgroups_v1: false,
+        });
+        assert_eq!(docker.status, Status::Warn);
+        assert!(docker.detail.contains("rootless Docker"), "{docker:?}");
     }
 
     #[test]

@@ -422,19 +422,20 @@ pub fn create_argv(cfg: &ContainerConfig, spec: &ContainerSpec, env_file: &Path)
     create_argv_with_logs(cfg, spec, env_file, &[])
 }
 
-/// [`create_argv`] with the engine-side log cap ([`log_backstop_args`]) after the identity.
+/// [`create_argv`] with engine-specific arguments after the identity: the engine-side log
+/// cap ([`log_backstop_args`]) and rootless Podman's user namespace ([`userns_args`]).
 pub fn create_argv_with_logs(
     cfg: &ContainerConfig,
     spec: &ContainerSpec,
     env_file: &Path,
-    log_args: &[String],
+    engine_args: &[String],
 ) -> Vec<String> {
     let mut argv = vec!["create".to_owned()];
     if spec.kind == LaunchKind::CodingAgent {
         argv.push("-i".into());
     }
     argv.extend(identity_args(cfg, spec));
-    argv.extend(log_args.iter().cloned());
+    argv.extend(engine_args.iter().cloned());
     argv.extend(sandbox_args(cfg, spec, env_file));
     argv
 }
@@ -733,6 +734,89 @@ pub fn log_backstop_args(driver: &str, limit: u64) -> Vec<String> {
     }
 }
 
+/// The user namespace rootless Podman gives every agent container: the runner's own uid and
+/// gid appear as 1000:1000 inside, the uid the agent runs as (spec 5.1), so the checkout the
+/// runner made (owned by the runner) is the agent's to write, and what the agent writes is the
+/// runner's to read and remove. Without it, rootless Podman maps uid 1000 to a subordinate uid
+/// that owns nothing in the checkout (docs/containers.md, "Rootless Podman").
+pub const ROOTLESS_PODMAN_USERNS: &str = "keep-id:uid=1000,gid=1000";
+
+/// What the engine reports about how it runs: whether it is Podman, rootless, and on cgroups
+/// v1 (where rootless engines cannot apply memory, pids or CPU limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineHost {
+    pub podman: bool,
+    pub rootless: bool,
+    pub cgroups_v1: bool,
+}
+
+impl EngineHost {
+    /// The `--userns` value agent containers get: keep-id for rootless Podman, else none
+    /// (rootful engines map uid 1000 to host uid 1000, or remap it by their own settings).
+    pub fn userns_mode(&self) -> Option<&'static str> {
+        (self.podman && self.rootless).then_some(ROOTLESS_PODMAN_USERNS)
+    }
+
+    /// What the operator should know about this engine (`None`: nothing special), with its
+    /// severity: `true` when it is a warning.
+    pub fn note(&self) -> Option<(bool, String)> {
+        let limits = if self.cgroups_v1 {
+            "; this host has cgroups v1, where a rootless engine cannot apply the memory, pids and CPU limits (WSRUNNER_MEMORY, WSRUNNER_PIDS_LIMIT, WSRUNNER_CPUS are ignored by the engine): move the host to cgroups v2 with controller delegation, or run the engine rootful"
+        } else {
+            ""
+        };
+        match (self.rootless, self.podman) {
+            (false, _) => None,
+            (true, true) => Some((
+                self.cgroups_v1,
+                format!("rootless Podman: agent containers run with --userns={ROOTLESS_PODMAN_USERNS}, so the runner's uid is the agent's uid 1000 and the checkout is writable{limits}"),
+            )),
+            (true, false) => Some((
+                true,
+                format!("rootless Docker: the agent's uid 1000 maps to a subordinate uid that cannot write the checkout, and Docker has no keep-id mapping; run Docker rootful or use rootless Podman (docs/containers.md){limits}"),
+            )),
+        }
+    }
+}
+
+/// Reads [`EngineHost`] from `info --format '{{json .}}'` of either CLI: Podman's
+/// (`host.security.rootless`, `host.cgroupVersion` "v1"/"v2") or Docker's (`SecurityOptions`
+/// listing `name=rootless`, `CgroupVersion` "1"/"2"). `None` when it is neither.
+pub fn parse_engine_info(json: &str) -> Option<EngineHost> {
+    let info: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+    if let Some(host) = info.get("host").filter(|h| h.is_object()) {
+        return Some(EngineHost {
+            podman: true,
+            rootless: host
+                .pointer("/security/rootless")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+            cgroups_v1: host.get("cgroupVersion").and_then(|v| v.as_str()) == Some("v1"),
+        });
+    }
+    let options = info.get("SecurityOptions")?.as_array()?;
+    Some(EngineHost {
+        podman: false,
+        rootless: options
+            .iter()
+            .filter_map(|o| o.as_str())
+            .any(security_option_is_rootless),
+        cgroups_v1: info.get("CgroupVersion").and_then(|v| v.as_str()) == Some("1"),
+    })
+}
+
+/// Whether one `SecurityOptions` entry (`name=rootless` or `name=rootless,...`) says rootless.
+pub fn security_option_is_rootless(option: &str) -> bool {
+    option.split(',').next() == Some("name=rootless")
+}
+
+/// The `create` arguments of the engine's user namespace ([`EngineHost::userns_mode`]).
+pub fn userns_args(host: EngineHost) -> Vec<String> {
+    host.userns_mode()
+        .map(|mode| vec![format!("--userns={mode}")])
+        .unwrap_or_default()
+}
+
 /// A container's state as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerState {
@@ -788,6 +872,8 @@ pub struct Engine {
     pub cfg: ContainerConfig,
     /// The engine's default log driver, asked once (`""` when it could not be learned).
     log_driver: std::sync::Arc<tokio::sync::OnceCell<String>>,
+    /// Rootless or not, and cgroups v1, asked once the engine answers.
+    host: std::sync::Arc<tokio::sync::OnceCell<EngineHost>>,
     /// The API driver; `None`: the CLI driver (`cfg.docker`) runs.
     api: Option<std::sync::Arc<super::engine_api::ApiDriver>>,
     /// Which driver runs and why, for the start-up log and `doctor`.
@@ -822,8 +908,15 @@ pub fn api_socket_from(
             };
         }
     }
+    // SAFETY: geteuid has no preconditions.
+    let rootless = unsafe { libc::geteuid() } != 0;
+    let runtime_dir = get("XDG_RUNTIME_DIR").filter(|d| d.starts_with('/'));
     Ok(if podman {
-        "/run/podman/podman.sock".into()
+        match runtime_dir {
+            // Rootless Podman serves its API in the user's runtime dir.
+            Some(dir) if rootless => format!("{}/podman/podman.sock", dir.trim_end_matches('/')),
+            _ => "/run/podman/podman.sock".into(),
+        }
     } else {
         "/var/run/docker.sock".into()
     })
@@ -906,6 +999,7 @@ impl Engine {
         Engine {
             cfg,
             log_driver: Default::default(),
+            host: Default::default(),
             api,
             driver_note: std::sync::Arc::new(note),
         }
@@ -1194,6 +1288,48 @@ impl Engine {
             .clone()
     }
 
+    /// Whether the engine is (rootless) Podman and on cgroups v1, asked once it answers; the
+    /// first answer is logged when it needs the operator's attention. An engine that does not
+    /// answer counts as rootful Docker this time and is asked again next time.
+    pub async fn engine_host(&self) -> EngineHost {
+        let found = self
+            .host
+            .get_or_try_init(|| async {
+                let host = self.probe_engine_host().await?;
+                match host.note() {
+                    Some((true, note)) => tracing::warn!("{note}"),
+                    Some((false, note)) => tracing::info!("{note}"),
+                    None => {}
+                }
+                Ok::<_, ContainerError>(host)
+            })
+            .await;
+        found.copied().unwrap_or_default()
+    }
+
+    async fn probe_engine_host(&self) -> Result<EngineHost, ContainerError> {
+        let podman_cli = Path::new(&self.cfg.docker)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("podman"));
+        if let Some(api) = &self.api {
+            let (rootless, cgroups_v1, podman) = api.host_facts().await?;
+            return Ok(EngineHost {
+                podman: podman || podman_cli,
+                rootless,
+                cgroups_v1,
+            });
+        }
+        let out = self
+            .cli_ok(&["info", "--format", "{{json .}}"], CLI_TIMEOUT)
+            .await?;
+        parse_engine_info(&out).ok_or_else(|| ContainerError::Cli {
+            docker: self.cfg.docker.clone(),
+            what: "info".into(),
+            detail: "its JSON names neither Podman's host.security nor Docker's SecurityOptions"
+                .into(),
+        })
+    }
+
     /// The image's contract label (`""` when absent); an error when the image is not local.
     pub async fn contract_label(&self, image: &str) -> Result<String, ContainerError> {
         if let Some(api) = &self.api {
@@ -1269,6 +1405,8 @@ impl Engine {
 
     /// Boot check of the default image (spec 4.8). An `Err` is fatal for the daemon.
     pub async fn boot_check_image(&self) -> Result<BootImageCheck, ContainerError> {
+        // Asked here so that a rootless engine is reported at start, not at the first run.
+        self.engine_host().await;
         let image = self.cfg.default_image.as_str();
         if image.is_empty() {
             tracing::warn!("WSRUNNER_IMAGE is empty: coding jobs without an image will fail");
@@ -1343,14 +1481,19 @@ impl Engine {
         if self.state(&name).await?.is_some() {
             return Ok(name);
         }
+        let host = self.engine_host().await;
         if let Some(api) = &self.api {
             // The env goes in the create body: no file ever holds it.
             let driver = self.log_driver().await;
-            return api.create(&self.cfg, spec, &driver).await.map(|()| name);
+            return api
+                .create(&self.cfg, spec, &driver, host.userns_mode())
+                .await
+                .map(|()| name);
         }
-        let log_args = log_backstop_args(&self.log_driver().await, self.cfg.output_limit);
+        let mut engine_args = log_backstop_args(&self.log_driver().await, self.cfg.output_limit);
+        engine_args.extend(userns_args(host));
         let env_file = write_env_file(env_dir, &spec.env, spec.run_id)?;
-        let argv = create_argv_with_logs(&self.cfg, spec, env_file.path(), &log_args);
+        let argv = create_argv_with_logs(&self.cfg, spec, env_file.path(), &engine_args);
         let args: Vec<&str> = argv.iter().map(String::as_str).collect();
         let result = self.cli_ok(&args, CLI_TIMEOUT).await;
         // The engine copied the env at create time: the secrets leave the disk now.
@@ -1727,6 +1870,73 @@ mod tests {
         )
         .expect("opted in");
         assert_eq!(host.network, "host");
+    }
+
+    #[test]
+    fn rootless_podman_maps_the_runner_to_the_agent_uid() {
+        // `podman info --format '{{json .}}'` (trimmed) as a rootless user on cgroups v1.
+        let podman = r#"{"host":{"cgroupVersion":"v1","security":{"rootless":true,"seccompEnabled":true}},"store":{}}"#;
+        let host = parse_engine_info(podman).expect("podman info");
+        assert_eq!(
+            host,
+            EngineHost {
+                podman: true,
+                rootless: true,
+                cgroups_v1: true
+            }
+        );
+        assert_eq!(userns_args(host), ["--userns=keep-id:uid=1000,gid=1000"]);
+        let (warn, note) = host.note().expect("noted");
+        assert!(warn, "cgroups v1 ignores the limits: {note}");
+        assert!(
+            note.contains("keep-id") && note.contains("WSRUNNER_MEMORY"),
+            "{note}"
+        );
+        let v2 = r#"{"host":{"cgroupVersion":"v2","security":{"rootless":true}}}"#;
+        let (warn, _) = parse_engine_info(v2).unwrap().note().unwrap();
+        assert!(!warn);
+        // Rootful Podman and rootful Docker: no user namespace flag, nothing to note.
+        let rootful = r#"{"host":{"cgroupVersion":"v2","security":{"rootless":false}}}"#;
+        let docker = r#"{"SecurityOptions":["name=seccomp,profile=default"],"CgroupVersion":"2"}"#;
+        for json in [rootful, docker] {
+            let host = parse_engine_info(json).expect("parsed");
+            assert!(userns_args(host).is_empty(), "{json}");
+            assert_eq!(host.note(), None);
+        }
+        // Rootless Docker has no keep-id: no flag, and a warning saying what to do.
+        let rootless_docker = r#"{"SecurityOptions":["name=seccomp,profile=default","name=rootless"],"CgroupVersion":"2"}"#;
+        let host = parse_engine_info(rootless_docker).expect("docker info");
+        assert!(host.rootless && !host.podman);
+        assert!(userns_args(host).is_empty());
+        assert!(host
+            .note()
+            .is_some_and(|(warn, n)| warn && n.contains("rootless Docker")));
+        assert_eq!(parse_engine_info("not json"), None);
+        assert_eq!(parse_engine_info("{}"), None);
+        // The flag sits before the sandbox flags and the image, like the log options.
+        let spec = ContainerSpec {
+            run_id: 7,
+            attempt: 1,
+            kind: LaunchKind::CodingAgent,
+            image: "agent:1".into(),
+            env: BTreeMap::new(),
+            checkout: Some(PathBuf::from("/cache/runs/7")),
+            extra_args: Vec::new(),
+        };
+        let argv = create_argv_with_logs(
+            &ContainerConfig::default(),
+            &spec,
+            Path::new("/e"),
+            &userns_args(parse_engine_info(podman).unwrap()),
+        );
+        let userns = argv
+            .iter()
+            .position(|a| a.starts_with("--userns="))
+            .unwrap();
+        let image = argv.iter().position(|a| a == "--").unwrap();
+        assert!(userns < image, "{argv:?}");
+        assert!(argv.contains(&"/cache/runs/7:/workspace:Z".to_owned()));
+        assert!(argv.contains(&"--user=1000:1000".to_owned()));
     }
 
     #[test]

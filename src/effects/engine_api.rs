@@ -108,10 +108,13 @@ pub fn log_config(driver: &str, limit: u64) -> Option<HostConfigLogConfig> {
 /// The create body of one container: the same hardening as `container::create_argv` (spec 5.1
 /// items 2–7, 5.2), flag by flag, plus our name labels; stdin open and never closed by a client
 /// for `coding_agent`. The env goes in the body (no env file); it is checked like the env file.
+/// `userns`: the user namespace mode (`container::EngineHost::userns_mode`, rootless Podman's
+/// keep-id), the API form of the CLI's `--userns`.
 pub fn create_body(
     cfg: &ContainerConfig,
     spec: &ContainerSpec,
     log_driver: &str,
+    userns: Option<&str>,
 ) -> Result<ContainerCreateBody, ContainerError> {
     if !spec.extra_args.is_empty() {
         return Err(ContainerError::Api {
@@ -169,6 +172,7 @@ pub fn create_body(
             .as_ref()
             .map(|c| vec![format!("{}:/workspace:Z", c.display())]),
         log_config: log_config(log_driver, cfg.output_limit),
+        userns_mode: userns.map(str::to_owned),
         ..Default::default()
     };
     Ok(ContainerCreateBody {
@@ -361,8 +365,9 @@ impl ApiDriver {
         cfg: &ContainerConfig,
         spec: &ContainerSpec,
         log_driver: &str,
+        userns: Option<&str>,
     ) -> Result<(), ContainerError> {
-        let body = create_body(cfg, spec, log_driver)?;
+        let body = create_body(cfg, spec, log_driver, userns)?;
         let name = container_name(&cfg.instance, spec.run_id, spec.attempt);
         let docker = self.docker().await?;
         let options = CreateContainerOptions {
@@ -612,6 +617,33 @@ impl ApiDriver {
         Ok((runtimes, info.logging_driver.unwrap_or_default()))
     }
 
+    /// (rootless, cgroups v1, Podman) from the engine's info: `SecurityOptions` lists
+    /// `name=rootless` on rootless Docker and on Podman's compat API alike.
+    pub async fn host_facts(&self) -> Result<(bool, bool, bool), ContainerError> {
+        use bollard::models::SystemInfoCgroupVersionEnum;
+        let docker = self.docker().await?;
+        let info = self
+            .call("info", docker.info())
+            .await?
+            .map_err(|e| api_err("info", e))?;
+        let rootless = info
+            .security_options
+            .unwrap_or_default()
+            .iter()
+            .any(|o| super::container::security_option_is_rootless(o));
+        let cgroups_v1 = info.cgroup_version == Some(SystemInfoCgroupVersionEnum::_1);
+        // Podman's compat `/version` lists a "Podman Engine" component; Docker's an "Engine".
+        let podman = match self.call("version", docker.version()).await? {
+            Ok(version) => version
+                .components
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.name.contains("Podman")),
+            Err(_) => false,
+        };
+        Ok((rootless, cgroups_v1, podman))
+    }
+
     /// The image's contract label (`""` when absent); an error when the image is not local.
     pub async fn contract_label(&self, image: &str) -> Result<String, ContainerError> {
         let docker = self.docker().await?;
@@ -755,7 +787,7 @@ mod tests {
             Path::new("/e"),
             &log_backstop_args("json-file", cfg.output_limit),
         );
-        let body = create_body(&cfg, &spec, "json-file").expect("body");
+        let body = create_body(&cfg, &spec, "json-file", None).expect("body");
         let host = body.host_config.clone().expect("host config");
         let mut seen = 0;
         let mut args = argv.iter().skip(1).peekable();
@@ -817,11 +849,25 @@ mod tests {
             kind: LaunchKind::Container,
             ..spec
         };
-        let body = create_body(&cfg, &spec, "journald").expect("body");
+        let body = create_body(&cfg, &spec, "journald", None).expect("body");
         assert_eq!(body.open_stdin, Some(false));
         let host = body.host_config.expect("host");
         assert_eq!(host.tmpfs.unwrap().len(), 1);
         assert!(host.log_config.is_none());
+        assert_eq!(host.userns_mode, None);
+        // Rootless Podman: the CLI's --userns is the body's UsernsMode.
+        let podman = crate::effects::container::EngineHost {
+            podman: true,
+            rootless: true,
+            cgroups_v1: false,
+        };
+        let flags = crate::effects::container::userns_args(podman);
+        assert_eq!(flags, ["--userns=keep-id:uid=1000,gid=1000"]);
+        let body = create_body(&cfg, &spec, "journald", podman.userns_mode()).expect("body");
+        assert_eq!(
+            body.host_config.and_then(|h| h.userns_mode).as_deref(),
+            flags[0].strip_prefix("--userns=")
+        );
     }
 
     #[test]
@@ -836,11 +882,11 @@ mod tests {
             checkout: None,
             extra_args: vec!["--init".into()],
         };
-        assert!(create_body(&cfg, &spec, "").is_err());
+        assert!(create_body(&cfg, &spec, "", None).is_err());
         spec.extra_args.clear();
         spec.env.insert("A".into(), "x\ny".into());
         assert!(matches!(
-            create_body(&cfg, &spec, ""),
+            create_body(&cfg, &spec, "", None),
             Err(ContainerError::EnvNewline { .. })
         ));
         assert_eq!(parse_bytes("4g"), Some(4 << 30));
