@@ -131,6 +131,9 @@ pub struct ContainerConfig {
     pub driver: DriverChoice,
     /// The API socket; `None`: from `DOCKER_HOST`/`CONTAINER_HOST` or the engine's default.
     pub api_socket: Option<String>,
+    /// Where the use of per-run override images is recorded ([`ImageUse`]); `None`: nowhere,
+    /// and nothing is ever pruned.
+    pub image_use_file: Option<PathBuf>,
 }
 
 /// Which engine driver runs (`WSRUNNER_ENGINE_DRIVER`, docs/containers.md).
@@ -159,6 +162,7 @@ impl Default for ContainerConfig {
             output_limit: DEFAULT_OUTPUT_LIMIT,
             driver: DriverChoice::Auto,
             api_socket: None,
+            image_use_file: None,
         }
     }
 }
@@ -817,6 +821,94 @@ pub fn userns_args(host: EngineHost) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The file in the cache root recording the override images' use ([`ImageUse`]).
+pub const IMAGE_USE_FILE: &str = ".agent-images.json";
+
+/// One per-run override image as [`ImageUse`] records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageUseEntry {
+    /// Whether this runner pulled it (it was not in the engine's store at its first use).
+    /// Only those are pruned: an image the operator put there stays.
+    pub pulled: bool,
+    /// Last run that used it, ms since the epoch.
+    pub last_used_ms: u64,
+}
+
+/// The use of per-run override images (`WSRUNNER_ALLOWED_IMAGES`; never `WSRUNNER_IMAGE`):
+/// which ones this runner pulled and when a run last used each, in a small JSON file beside
+/// the caches, so that `WSRUNNER_IMAGE_PRUNE_AFTER` can remove the idle ones across restarts
+/// (docs/containers.md, "Override images").
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageUse {
+    pub images: BTreeMap<String, ImageUseEntry>,
+}
+
+impl ImageUse {
+    /// Reads the file; a missing or unreadable one is empty (it only ever delays a prune).
+    pub fn load(path: &Path) -> ImageUse {
+        std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Writes the file atomically (temp file, rename), 0600.
+    pub fn store(&self, path: &Path) -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".agent-images-")
+            .tempfile_in(dir)?;
+        tmp.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    /// Records a run's use of `image`; `pulled` sticks once true.
+    pub fn note(&mut self, image: &str, pulled: bool, now_ms: u64) {
+        let entry = self
+            .images
+            .entry(image.to_owned())
+            .or_insert(ImageUseEntry {
+                pulled,
+                last_used_ms: now_ms,
+            });
+        entry.pulled |= pulled;
+        entry.last_used_ms = entry.last_used_ms.max(now_ms);
+    }
+
+    /// The images to prune at `now_ms`: pulled by the runner, unused for `after`, and not
+    /// `default_image` (whatever the file says).
+    pub fn idle(&self, default_image: &str, after: Duration, now_ms: u64) -> Vec<String> {
+        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.images
+            .iter()
+            .filter(|(image, e)| {
+                e.pulled
+                    && image.as_str() != default_image
+                    && now_ms.saturating_sub(e.last_used_ms) >= after_ms
+            })
+            .map(|(image, _)| image.clone())
+            .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// What [`Engine::prune_idle_images`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ImagePrune {
+    pub removed: Vec<String>,
+    /// Images the engine refused to remove (a container still uses them), with its words.
+    pub kept: Vec<(String, String)>,
+}
+
 /// A container's state as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerState {
@@ -878,6 +970,8 @@ pub struct Engine {
     api: Option<std::sync::Arc<super::engine_api::ApiDriver>>,
     /// Which driver runs and why, for the start-up log and `doctor`.
     driver_note: std::sync::Arc<String>,
+    /// Serialises the read-modify-write of the image use file between concurrent runs.
+    image_use_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The API socket path for an engine CLI flavour, from a variable lookup: `DOCKER_HOST`
@@ -1000,6 +1094,7 @@ impl Engine {
             cfg,
             log_driver: Default::default(),
             host: Default::default(),
+            image_use_lock: Default::default(),
             api,
             driver_note: std::sync::Arc::new(note),
         }
@@ -1353,8 +1448,15 @@ impl Engine {
 
     /// Inspect; when that fails, pull and inspect again (spec 4.8).
     async fn label_with_pull(&self, image: &str) -> Result<String, ContainerError> {
+        self.label_with_pull_noting(image)
+            .await
+            .map(|(label, _)| label)
+    }
+
+    /// [`Engine::label_with_pull`], and whether it pulled.
+    async fn label_with_pull_noting(&self, image: &str) -> Result<(String, bool), ContainerError> {
         if let Ok(label) = self.contract_label(image).await {
-            return Ok(label);
+            return Ok((label, false));
         }
         if let Some(api) = &self.api {
             api.pull(image)
@@ -1374,10 +1476,99 @@ impl Engine {
         }
         self.contract_label(image)
             .await
+            .map(|label| (label, true))
             .map_err(|e| ContainerError::ImageUnavailable {
                 image: image.to_owned(),
                 detail: e.to_string(),
             })
+    }
+
+    /// Records a run's use of an override image ([`ImageUse`]); a file that cannot be written
+    /// is logged, never a run's failure.
+    async fn note_image_use(&self, image: &str, pulled: bool) {
+        let Some(path) = self.cfg.image_use_file.clone() else {
+            return;
+        };
+        let _guard = self.image_use_lock.lock().await;
+        let image = image.to_owned();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut uses = ImageUse::load(&path);
+            uses.note(&image, pulled, now_ms());
+            uses.store(&path)
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+            tracing::warn!("cannot record the agent image's use (WSRUNNER_IMAGE_PRUNE_AFTER): {e}");
+        }
+    }
+
+    /// Removes the override images this runner pulled that no run used for `after`
+    /// (`WSRUNNER_IMAGE_PRUNE_AFTER`), never the default image; an image a container still
+    /// uses is left to the engine's refusal and tried again next time.
+    pub async fn prune_idle_images(&self, after: Duration) -> ImagePrune {
+        let mut report = ImagePrune::default();
+        let Some(path) = self.cfg.image_use_file.clone() else {
+            return report;
+        };
+        let _guard = self.image_use_lock.lock().await;
+        let mut uses = ImageUse::load(&path);
+        let idle = uses.idle(&self.cfg.default_image, after, now_ms());
+        if idle.is_empty() {
+            return report;
+        }
+        for image in idle {
+            match self.remove_image(&image).await {
+                Ok(()) => {
+                    tracing::info!(
+                        image,
+                        "pruned an override agent image unused for WSRUNNER_IMAGE_PRUNE_AFTER"
+                    );
+                    uses.images.remove(&image);
+                    report.removed.push(image);
+                }
+                Err(e) => report.kept.push((image, e.to_string())),
+            }
+        }
+        if let Err(e) = uses.store(&path) {
+            tracing::warn!("cannot record the pruned agent images: {e}");
+        }
+        report
+    }
+
+    /// Removes an image (not forced: one a container uses stays); a missing one is fine.
+    pub async fn remove_image(&self, image: &str) -> Result<(), ContainerError> {
+        check_image_ref("the image to prune", image)?;
+        if let Some(api) = &self.api {
+            return api.remove_image(image).await;
+        }
+        let out = self.cli(&["image", "rm", "--", image], CLI_TIMEOUT).await?;
+        let lower = out.stderr.to_lowercase();
+        if out.success || lower.contains("no such image") || lower.contains("image not known") {
+            Ok(())
+        } else {
+            Err(ContainerError::Cli {
+                docker: self.cfg.docker.clone(),
+                what: "image rm".into(),
+                detail: out.stderr,
+            })
+        }
+    }
+
+    /// Bytes an image takes in the engine's store (`None`: not there, or not said).
+    pub async fn image_size(&self, image: &str) -> Option<u64> {
+        if let Some(api) = &self.api {
+            return api.image_size(image).await;
+        }
+        let out = self
+            .cli(
+                &["image", "inspect", "--format", "{{.Size}}", image],
+                CLI_TIMEOUT,
+            )
+            .await
+            .ok()?;
+        out.success
+            .then(|| out.stdout.trim().parse().ok())
+            .flatten()
     }
 
     fn judge_label(&self, image: &str, label: String) -> Result<bool, ContainerError> {
@@ -1456,9 +1647,16 @@ impl Engine {
         }
         // The contract label names the JSONL agent contract (spec 4.8); container kinds do not
         // speak it, so for them the allowlist is the control (and `create` pulls if needed).
-        if kind == LaunchKind::CodingAgent {
-            let label = self.label_with_pull(&image).await?;
+        let pulled = if kind == LaunchKind::CodingAgent {
+            let (label, pulled) = self.label_with_pull_noting(&image).await?;
             self.judge_label(&image, label)?;
+            pulled
+        } else {
+            // `create` pulls what is missing.
+            self.contract_label(&image).await.is_err()
+        };
+        if image != self.cfg.default_image {
+            self.note_image_use(&image, pulled).await;
         }
         Ok(image)
     }

@@ -644,6 +644,39 @@ impl ApiDriver {
         Ok((rootless, cgroups_v1, podman))
     }
 
+    /// Removes an image, not forced; a missing one is fine.
+    pub async fn remove_image(&self, image: &str) -> Result<(), ContainerError> {
+        let docker = self.docker().await?;
+        match self
+            .call(
+                "image remove",
+                docker.remove_image(
+                    image,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                ),
+            )
+            .await?
+        {
+            Ok(_) => Ok(()),
+            Err(ApiError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(api_err(format!("image remove {image}"), e)),
+        }
+    }
+
+    /// Bytes the image takes in the engine's store (`None`: not there).
+    pub async fn image_size(&self, image: &str) -> Option<u64> {
+        let docker = self.docker().await.ok()?;
+        let info = self
+            .call("image inspect", docker.inspect_image(image))
+            .await
+            .ok()?
+            .ok()?;
+        info.size.and_then(|s| u64::try_from(s).ok())
+    }
+
     /// The image's contract label (`""` when absent); an error when the image is not local.
     pub async fn contract_label(&self, image: &str) -> Result<String, ContainerError> {
         let docker = self.docker().await?;
