@@ -1040,6 +1040,16 @@ mod tests {
     fn defaults_match_upstream() {
         let c = base().validate(Some("host-1")).unwrap();
         assert_eq!(c.poll_interval, Duration::from_secs(2));
+        // Ours: no cache size cap, no image pruning, doctor warns below 10 GiB free.
+        assert_eq!(c.cache_max_bytes, None);
+        assert_eq!(c.image_prune_after, None);
+        assert_eq!(c.disk_free_warn, 10 << 30);
+        let mut set = base();
+        set.cache_max_bytes = Some("50g".into());
+        set.image_prune_after = Some("72h".into());
+        let c2 = set.validate(None).unwrap();
+        assert_eq!(c2.cache_max_bytes, Some(50 << 30));
+        assert_eq!(c2.image_prune_after, Some(Duration::from_secs(72 * 3600)));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
         assert_eq!(c.cache_root, PathBuf::from(DEFAULT_CACHE_ROOT));
         assert_eq!(
@@ -1111,7 +1121,16 @@ mod tests {
     #[test]
     fn invalid_values_are_fatal_and_name_the_variable() {
         type Mutation = fn(&mut RunnerConfig);
-        let cases: [(&str, Mutation); 7] = [
+        let cases: [(&str, Mutation); 10] = [
+            ("WSRUNNER_CACHE_MAX_BYTES", |c| {
+                c.cache_max_bytes = Some("50 gigs".into())
+            }),
+            ("WSRUNNER_IMAGE_PRUNE_AFTER", |c| {
+                c.image_prune_after = Some("a week".into())
+            }),
+            ("WSRUNNER_DISK_FREE_WARN", |c| {
+                c.disk_free_warn = Some("-1".into())
+            }),
             ("WSRUNNER_POLL_INTERVAL", |c| {
                 c.poll_interval = Some("10".into())
             }),

@@ -2138,6 +2138,32 @@ mod tests {
     }
 
     #[test]
+    fn image_use_prunes_only_idle_pulled_overrides() {
+        let hour = Duration::from_secs(3600);
+        let mut uses = ImageUse::default();
+        uses.note("agent:default", true, 0);
+        uses.note("agent:pulled", true, 0);
+        uses.note("agent:placed", false, 0);
+        uses.note("agent:recent", true, 0);
+        uses.note("agent:recent", false, 3_000_000);
+        // `pulled` sticks, the last use only moves forwards.
+        uses.note("agent:placed", false, 0);
+        assert!(uses.images["agent:recent"].pulled);
+        uses.note("agent:recent", false, 1);
+        assert_eq!(uses.images["agent:recent"].last_used_ms, 3_000_000);
+        let idle = uses.idle("agent:default", hour, 3_700_000);
+        assert_eq!(idle, ["agent:pulled"]);
+        assert!(uses.idle("agent:default", hour, 3_599_999).is_empty());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(IMAGE_USE_FILE);
+        assert_eq!(ImageUse::load(&file), ImageUse::default(), "missing: empty");
+        uses.store(&file).expect("store");
+        assert_eq!(ImageUse::load(&file), uses);
+        std::fs::write(&file, "{not json").expect("write");
+        assert_eq!(ImageUse::load(&file), ImageUse::default(), "garbage: empty");
+    }
+
+    #[test]
     fn names_are_deterministic_and_safe() {
         assert_eq!(container_name("a b/c", 42, 3), "wsr-a-b-c-run-42-3");
         assert_eq!(sanitize_name_part("///"), "default");
