@@ -395,7 +395,7 @@ pub fn evict(
             if total <= cap {
                 break;
             }
-            let removed = remove_if(dir, &mut report, |dir| runs_empty(dir))?;
+            let removed = remove_if(dir, &mut report, runs_empty)?;
             if removed {
                 total = total.saturating_sub(*bytes);
                 tracing::info!(cache = %dir.display(), bytes, cap, "evicted repo cache: the caches were over WSRUNNER_CACHE_MAX_BYTES");
