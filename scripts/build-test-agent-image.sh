@@ -24,6 +24,10 @@ GIT_EXEC_PATH="$("$GIT_BIN" --exec-path)"
 
 ROOTFS="$(mktemp -d)"
 trap 'rm -rf "$ROOTFS"' EXIT
+# mktemp makes the dir 0700 and the tar's "./" entry carries that mode: Docker's and rootful
+# Podman's overlay roots ignore it, but rootless Podman's store keeps it, and uid 1000 could
+# then not reach /usr/local/bin ("stat ...: permission denied").
+chmod 0755 "$ROOTFS"
 mkdir -p "$ROOTFS"/{usr/local/bin,etc,workspace,home/agent,tmp,proc,sys,dev}
 chmod 1777 "$ROOTFS/tmp"
 install -m 0755 "$AGENT_BIN" "$ROOTFS/usr/local/bin/windshift-test-agent"

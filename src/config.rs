@@ -32,6 +32,8 @@ pub const DEFAULT_RUN_TIMEOUT: &str = "7h30m";
 pub const DEFAULT_LEASE_YIELD: &str = "160s";
 /// Ours: idle bare caches older than this are evicted (upstream never evicts).
 pub const DEFAULT_CACHE_MAX_AGE: &str = "168h";
+/// Ours: `doctor` warns below this much free space on the cache or journal filesystem.
+pub const DEFAULT_DISK_FREE_WARN: &str = "10g";
 /// Ours: terminal runs older than this are archived out of the journal.
 pub const DEFAULT_JOURNAL_RETENTION: &str = "336h";
 /// Ours: how long a git network step (cache fetch/clone, ls-remote, push) keeps retrying
@@ -128,6 +130,17 @@ pub struct RunnerConfig {
     /// Idle bare caches older than this are evicted [default: 168h].
     #[arg(long, env = "WSRUNNER_CACHE_MAX_AGE")]
     pub cache_max_age: Option<String>,
+    /// Total disk use of the bare caches above which idle ones are evicted, oldest-used first
+    /// (k/m/g suffixes; 0 = no cap) [default: 0].
+    #[arg(long, env = "WSRUNNER_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<String>,
+    /// Agent images pulled for per-run overrides (WSRUNNER_ALLOWED_IMAGES, never WSRUNNER_IMAGE)
+    /// are removed after this long unused; 0 = never [default: 0].
+    #[arg(long, env = "WSRUNNER_IMAGE_PRUNE_AFTER")]
+    pub image_prune_after: Option<String>,
+    /// `doctor` warns when the cache or journal filesystem has less free space (k/m/g) [default: 10g].
+    #[arg(long, env = "WSRUNNER_DISK_FREE_WARN")]
+    pub disk_free_warn: Option<String>,
     /// How long a git network step retries HTTP 5xx/429 and connection errors, 0 = never [default: 3m].
     #[arg(long, env = "WSRUNNER_GIT_RETRY_TIMEOUT")]
     pub git_retry_timeout: Option<String>,
@@ -207,6 +220,12 @@ pub struct ValidConfig {
     pub journal_dir: PathBuf,
     pub journal_retention: Duration,
     pub cache_max_age: Duration,
+    /// `WSRUNNER_CACHE_MAX_BYTES` (none: no total-size cap).
+    pub cache_max_bytes: Option<u64>,
+    /// `WSRUNNER_IMAGE_PRUNE_AFTER` (none: override images are never pruned).
+    pub image_prune_after: Option<Duration>,
+    /// `WSRUNNER_DISK_FREE_WARN`: doctor's free-space warning threshold.
+    pub disk_free_warn: u64,
     /// Budget of git's network steps across transient failures (zero: one attempt).
     pub git_retry_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
@@ -258,6 +277,9 @@ impl std::fmt::Debug for ValidConfig {
             .field("llm_model", &self.llm_model)
             .field("runtime", &self.runtime)
             .field("agent_output_limit", &self.agent_output_limit)
+            .field("cache_max_bytes", &self.cache_max_bytes)
+            .field("image_prune_after", &self.image_prune_after)
+            .field("disk_free_warn", &self.disk_free_warn)
             .field("ctl_dir", &self.ctl_dir)
             .finish()
     }
@@ -321,6 +343,13 @@ fn go_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> 
     })
 }
 
+/// A byte count: digits, optionally with k, m or g (KiB, MiB, GiB), like `WSRUNNER_MEMORY`.
+fn byte_count(var: &'static str, value: &str) -> Result<u64, ConfigError> {
+    crate::effects::engine_api::parse_bytes(value.trim())
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| invalid(var, value, "must be a byte count like 50g, 512m or 0"))
+}
+
 fn positive_duration(var: &'static str, value: &str) -> Result<Duration, ConfigError> {
     let d = go_duration(var, value)?;
     if d.is_zero() {
@@ -344,6 +373,10 @@ impl ValidConfig {
             cpus: self.cpus.clone(),
             default_image: self.image.clone(),
             allowed_images: self.allowed_images.clone(),
+            image_use_file: Some(
+                self.cache_root
+                    .join(crate::effects::container::IMAGE_USE_FILE),
+            ),
             allow_unlabeled: self.allow_unlabeled_image,
             instance: instance.into(),
             runtime: self.runtime.clone(),
@@ -715,6 +748,22 @@ impl RunnerConfig {
                 "WSRUNNER_CACHE_MAX_AGE",
                 &non_empty_or(&self.cache_max_age, DEFAULT_CACHE_MAX_AGE),
             )?,
+            cache_max_bytes: match byte_count(
+                "WSRUNNER_CACHE_MAX_BYTES",
+                &non_empty_or(&self.cache_max_bytes, "0"),
+            )? {
+                0 => None,
+                n => Some(n),
+            },
+            image_prune_after: Some(go_duration(
+                "WSRUNNER_IMAGE_PRUNE_AFTER",
+                &non_empty_or(&self.image_prune_after, "0"),
+            )?)
+            .filter(|d| !d.is_zero()),
+            disk_free_warn: byte_count(
+                "WSRUNNER_DISK_FREE_WARN",
+                &non_empty_or(&self.disk_free_warn, DEFAULT_DISK_FREE_WARN),
+            )?,
             git_retry_timeout: go_duration(
                 "WSRUNNER_GIT_RETRY_TIMEOUT",
                 &non_empty_or(&self.git_retry_timeout, DEFAULT_GIT_RETRY_TIMEOUT),
@@ -991,6 +1040,16 @@ mod tests {
     fn defaults_match_upstream() {
         let c = base().validate(Some("host-1")).unwrap();
         assert_eq!(c.poll_interval, Duration::from_secs(2));
+        // Ours: no cache size cap, no image pruning, doctor warns below 10 GiB free.
+        assert_eq!(c.cache_max_bytes, None);
+        assert_eq!(c.image_prune_after, None);
+        assert_eq!(c.disk_free_warn, 10 << 30);
+        let mut set = base();
+        set.cache_max_bytes = Some("50g".into());
+        set.image_prune_after = Some("72h".into());
+        let c2 = set.validate(None).unwrap();
+        assert_eq!(c2.cache_max_bytes, Some(50 << 30));
+        assert_eq!(c2.image_prune_after, Some(Duration::from_secs(72 * 3600)));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
         assert_eq!(c.cache_root, PathBuf::from(DEFAULT_CACHE_ROOT));
         assert_eq!(
@@ -1062,7 +1121,16 @@ mod tests {
     #[test]
     fn invalid_values_are_fatal_and_name_the_variable() {
         type Mutation = fn(&mut RunnerConfig);
-        let cases: [(&str, Mutation); 7] = [
+        let cases: [(&str, Mutation); 10] = [
+            ("WSRUNNER_CACHE_MAX_BYTES", |c| {
+                c.cache_max_bytes = Some("50 gigs".into())
+            }),
+            ("WSRUNNER_IMAGE_PRUNE_AFTER", |c| {
+                c.image_prune_after = Some("a week".into())
+            }),
+            ("WSRUNNER_DISK_FREE_WARN", |c| {
+                c.disk_free_warn = Some("-1".into())
+            }),
             ("WSRUNNER_POLL_INTERVAL", |c| {
                 c.poll_interval = Some("10".into())
             }),

@@ -255,8 +255,21 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
     if docker_ok {
         checks.push(network_check(&engine).await);
         checks.push(image_check(&engine, &cfg).await);
-        checks.push(userns_check(&engine, opts).await);
+        let host = engine.engine_host().await;
+        checks.push(rootless_check(host));
+        checks.push(if host.userns_mode().is_some() {
+            Check::pass(
+                "userns",
+                "rootless Podman maps the agent's uid 1000 to the runner's own uid: no other host account owns the agents' processes",
+            )
+        } else {
+            userns_check(&engine, opts).await
+        });
     } else {
+        checks.push(Check::skip(
+            "rootless",
+            "the container engine is not usable",
+        ));
         checks.push(Check::skip("network", "the container engine is not usable"));
         checks.push(Check::skip("image", "the container engine is not usable"));
         checks.push(Check::skip("userns", "the container engine is not usable"));
@@ -267,6 +280,7 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
         &cfg.cache_root,
         "WSRUNNER_CACHE_ROOT",
         opts,
+        cfg.disk_free_warn,
     ));
     checks.push(cache_perms_check(&cfg.cache_root));
     checks.push(dir_check(
@@ -274,8 +288,23 @@ pub async fn run(raw: &RunnerConfig, hostname: Option<&str>, opts: &DoctorOption
         &cfg.journal_dir,
         "WSRUNNER_JOURNAL_DIR",
         opts,
+        cfg.disk_free_warn,
     ));
     checks.push(journal_check(&cfg.journal_dir));
+    checks.extend(disk_use_checks(&cfg));
+    if docker_ok {
+        checks.push(container_logs_check(&engine).await);
+        checks.push(images_check(&engine, &cfg).await);
+    } else {
+        checks.push(Check::skip(
+            "disk-logs",
+            "the container engine is not usable",
+        ));
+        checks.push(Check::skip(
+            "disk-images",
+            "the container engine is not usable",
+        ));
+    }
     checks.push(pause_check(&cfg.ctl_dir));
     checks.push(git_check().await);
     checks.push(triage_check(&cfg.triage_bin));
@@ -560,7 +589,13 @@ fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
 }
 
-fn dir_check(name: &'static str, dir: &Path, var: &str, opts: &DoctorOptions) -> Check {
+fn dir_check(
+    name: &'static str,
+    dir: &Path,
+    var: &str,
+    opts: &DoctorOptions,
+    warn_below: u64,
+) -> Check {
     if let Err(why) = probe_dir_writable(dir) {
         return Check::fail(
             name,
@@ -591,6 +626,16 @@ fn dir_check(name: &'static str, dir: &Path, var: &str, opts: &DoctorOptions) ->
             ),
             "free disk space (old checkouts, docker images: `docker system prune`) or move it to a larger disk",
         ),
+        Some(free) if free < warn_below => Check::warn(
+            name,
+            format!(
+                "{} {state}, but only {} free, below WSRUNNER_DISK_FREE_WARN ({})",
+                dir.display(),
+                gib(free),
+                gib(warn_below)
+            ),
+            "free disk space (lower WSRUNNER_CACHE_MAX_AGE or set WSRUNNER_CACHE_MAX_BYTES, WSRUNNER_IMAGE_PRUNE_AFTER, `docker image prune`) or grow the disk; the `disk-*` lines say what uses it",
+        ),
         Some(free) => Check::pass(name, format!("{} {state}, {} free", dir.display(), gib(free))),
         None => Check::warn(
             name,
@@ -598,6 +643,208 @@ fn dir_check(name: &'static str, dir: &Path, var: &str, opts: &DoctorOptions) ->
             "check free space by hand (df)",
         ),
     }
+}
+
+/// Bytes for people: B, KiB, MiB or GiB.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// What the runner keeps on disk besides the engine's store: the bare caches (against
+/// `WSRUNNER_CACHE_MAX_BYTES`), the run checkouts, the journal (docs/deploy.md, "Disk").
+fn disk_use_checks(cfg: &ValidConfig) -> Vec<Check> {
+    let (caches, checkouts) = crate::effects::git::disk_use(&cfg.cache_root);
+    let age = go_duration_text(cfg.cache_max_age);
+    let caches_check = match cfg.cache_max_bytes {
+        Some(cap) if caches > cap => Check::warn(
+            "disk-caches",
+            format!(
+                "bare caches in {} use {}, above WSRUNNER_CACHE_MAX_BYTES ({}); idle ones are evicted between runs, the rest are in use",
+                cfg.cache_root.display(),
+                human_bytes(caches),
+                human_bytes(cap)
+            ),
+            "if it stays so, raise WSRUNNER_CACHE_MAX_BYTES or check for runs that do not end",
+        ),
+        Some(cap) => Check::pass(
+            "disk-caches",
+            format!(
+                "bare caches in {} use {} (cap WSRUNNER_CACHE_MAX_BYTES {}, idle ones evicted after {age})",
+                cfg.cache_root.display(),
+                human_bytes(caches),
+                human_bytes(cap)
+            ),
+        ),
+        None => Check::pass(
+            "disk-caches",
+            format!(
+                "bare caches in {} use {} (no total cap: WSRUNNER_CACHE_MAX_BYTES is off; idle ones evicted after {age})",
+                cfg.cache_root.display(),
+                human_bytes(caches)
+            ),
+        ),
+    };
+    let journal = crate::effects::git::tree_bytes(&cfg.journal_dir);
+    vec![
+        caches_check,
+        Check::pass(
+            "disk-checkouts",
+            format!(
+                "run checkouts use {} (removed when their run ends, and at start after a crash)",
+                human_bytes(checkouts)
+            ),
+        ),
+        Check::pass(
+            "disk-journal",
+            format!(
+                "the journal in {} uses {} (terminal runs archived after {})",
+                cfg.journal_dir.display(),
+                human_bytes(journal),
+                go_duration_text(cfg.journal_retention)
+            ),
+        ),
+    ]
+}
+
+/// A duration as hours, minutes or seconds (for the disk lines).
+fn go_duration_text(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 3600 && secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else if secs >= 60 && secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+/// The engine's log files of the runner's containers (any instance), where the engine says
+/// where they are (Docker's json-file/local `LogPath`; rotated files `<path>.N` included).
+async fn container_logs_check(engine: &Engine) -> Check {
+    let filter = format!("label={}", crate::effects::container::LABEL_INSTANCE);
+    let names = match engine
+        .cli(
+            &["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"],
+            CALL_TIMEOUT,
+        )
+        .await
+    {
+        Ok(out) if out.success => out.stdout,
+        _ => {
+            return Check::skip(
+                "disk-logs",
+                "the engine did not list the runner's containers",
+            );
+        }
+    };
+    let names: Vec<&str> = names
+        .lines()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    let (mut bytes, mut known, mut unknown) = (0u64, 0usize, 0usize);
+    for name in &names {
+        let path = match engine
+            .cli(
+                &["container", "inspect", "--format", "{{.LogPath}}", name],
+                CALL_TIMEOUT,
+            )
+            .await
+        {
+            Ok(out) if out.success => out.stdout.trim().to_owned(),
+            _ => String::new(),
+        };
+        let path = Path::new(&path);
+        match std::fs::metadata(path) {
+            Ok(meta) if path.is_absolute() => {
+                known += 1;
+                bytes += meta.len();
+                let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                if let (Some(dir), Some(file_name)) = (path.parent(), file_name) {
+                    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                        let other = entry.file_name().to_string_lossy().into_owned();
+                        if other.starts_with(&format!("{file_name}.")) {
+                            bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                        }
+                    }
+                }
+            }
+            _ => unknown += 1,
+        }
+    }
+    let limit = human_bytes(engine.cfg.output_limit);
+    let mut detail = format!(
+        "{} runner container(s); their engine logs use {} where the engine says where they are ({known} of them); each is capped near WSRUNNER_AGENT_OUTPUT_LIMIT ({limit}) and removed with its container",
+        names.len(),
+        human_bytes(bytes),
+    );
+    if unknown > 0 {
+        detail.push_str(&format!(
+            "; {unknown} log(s) not readable here (another log driver, or not root)"
+        ));
+    }
+    Check::pass("disk-logs", detail)
+}
+
+/// The agent images in the engine's store: the default one (never pruned) and the per-run
+/// overrides, with what `WSRUNNER_IMAGE_PRUNE_AFTER` does about the ones the runner pulled.
+async fn images_check(engine: &Engine, cfg: &ValidConfig) -> Check {
+    let uses = crate::effects::container::ImageUse::load(
+        &cfg.cache_root
+            .join(crate::effects::container::IMAGE_USE_FILE),
+    );
+    let mut parts = Vec::new();
+    let mut total = 0u64;
+    let mut images: Vec<&str> = Vec::new();
+    if !cfg.image.is_empty() {
+        images.push(&cfg.image);
+    }
+    for image in cfg.allowed_images.iter().chain(uses.images.keys()) {
+        if !images.contains(&image.as_str()) {
+            images.push(image);
+        }
+    }
+    for image in images {
+        let Some(size) = engine.image_size(image).await else {
+            continue;
+        };
+        total += size;
+        let role = if image == cfg.image {
+            "default, never pruned"
+        } else if uses.images.get(image).is_some_and(|e| e.pulled) {
+            "override, pulled by the runner"
+        } else {
+            "override"
+        };
+        parts.push(format!("{image} {} ({role})", human_bytes(size)));
+    }
+    let prune = match cfg.image_prune_after {
+        Some(after) => format!(
+            "override images the runner pulled are removed after {} unused (WSRUNNER_IMAGE_PRUNE_AFTER)",
+            go_duration_text(after)
+        ),
+        None => "override images are never pruned (WSRUNNER_IMAGE_PRUNE_AFTER is off)".into(),
+    };
+    let list = if parts.is_empty() {
+        "none in the engine's store".to_owned()
+    } else {
+        parts.join(", ")
+    };
+    Check::pass(
+        "disk-images",
+        format!("agent images use {}: {list}; {prune}", human_bytes(total)),
+    )
 }
 
 /// The cache root's owner and mode, as the daemon checks them at start (src/cache_root.rs).
@@ -698,6 +945,23 @@ async fn docker_check(engine: &Engine) -> Check {
             let client = v.next().unwrap_or("?").to_owned();
             let server = v.next().unwrap_or("?").to_owned();
             Check::pass("docker", format!("{docker} client {client}, daemon {server} reachable"))
+        }
+        // Podman without a service to talk to (rootless, local engine) has no Client/Server.
+        Ok(out) if out.stderr.contains("can't evaluate field Client") => {
+            match engine
+                .cli(&["version", "--format", "{{.Version}}"], CALL_TIMEOUT)
+                .await
+            {
+                Ok(local) if local.success => Check::pass(
+                    "docker",
+                    format!("{docker} {} (local engine, no daemon) works", local.stdout.trim()),
+                ),
+                _ => Check::fail(
+                    "docker",
+                    format!("the engine does not answer: {}", first_line(&out.stderr)),
+                    "check that `podman info` works as the runner's user",
+                ),
+            }
         }
         Ok(out) if out.stderr.to_ascii_lowercase().contains("permission denied") => Check::fail(
             "docker",
@@ -853,6 +1117,23 @@ pub fn userns_decision(passwd: &str, security_options: &str) -> Check {
     }
 }
 
+/// The `rootless` line: what the runner does about a rootless engine (docs/containers.md,
+/// "Rootless Podman").
+pub fn rootless_check(host: crate::effects::container::EngineHost) -> Check {
+    match host.note() {
+        None => Check::pass(
+            "rootless",
+            "the engine runs rootful: the agent's uid 1000 is host uid 1000 (or the engine's userns-remap), the runner hands it the checkout",
+        ),
+        Some((false, note)) => Check::pass("rootless", note),
+        Some((true, note)) => Check::warn(
+            "rootless",
+            note,
+            "see docs/containers.md, \"Rootless Podman\"",
+        ),
+    }
+}
+
 async fn userns_check(engine: &Engine, opts: &DoctorOptions) -> Check {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let security = match engine
@@ -978,6 +1259,37 @@ mod tests {
     }
 
     #[test]
+    fn rootless_engines_are_named_with_what_the_runner_does() {
+        use crate::effects::container::EngineHost;
+        let rootful = rootless_check(EngineHost::default());
+        assert_eq!(rootful.status, Status::Pass);
+        let podman = rootless_check(EngineHost {
+            podman: true,
+            rootless: true,
+            cgroups_v1: false,
+        });
+        assert_eq!(podman.status, Status::Pass);
+        assert!(
+            podman.detail.contains("--userns=keep-id:uid=1000,gid=1000"),
+            "{podman:?}"
+        );
+        let v1 = rootless_check(EngineHost {
+            podman: true,
+            rootless: true,
+            cgroups_v1: true,
+        });
+        assert_eq!(v1.status, Status::Warn);
+        assert!(v1.detail.contains("cgroups v1"), "{v1:?}");
+        let docker = rootless_check(EngineHost {
+            podman: false,
+            rootless: true,
+            cgroups_v1: false,
+        });
+        assert_eq!(docker.status, Status::Warn);
+        assert!(docker.detail.contains("rootless Docker"), "{docker:?}");
+    }
+
+    #[test]
     fn pause_check_says_when_paused() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(pause_check(dir.path()).status, Status::Pass);
@@ -1024,6 +1336,7 @@ mod tests {
             &tmp.path().join("file/cache"),
             "WSRUNNER_CACHE_ROOT",
             &opts,
+            0,
         );
         assert_eq!(c.status, Status::Fail);
         assert!(c.detail.contains("is not a directory"), "{c:?}");
@@ -1032,6 +1345,7 @@ mod tests {
             &tmp.path().join("new/cache"),
             "WSRUNNER_CACHE_ROOT",
             &opts,
+            0,
         );
         assert_eq!(c.status, Status::Pass, "{c:?}");
         assert!(c.detail.contains("will be created"), "{c:?}");
@@ -1043,9 +1357,15 @@ mod tests {
             min_free_bytes: u64::MAX,
             in_container: false,
         };
-        let c = dir_check("cache", tmp.path(), "WSRUNNER_CACHE_ROOT", &huge);
+        let c = dir_check("cache", tmp.path(), "WSRUNNER_CACHE_ROOT", &huge, 0);
         assert_eq!(c.status, Status::Fail);
         assert!(c.detail.contains("free"), "{c:?}");
+        // Above the failure floor but below WSRUNNER_DISK_FREE_WARN: a warning naming it.
+        let c = dir_check("cache", tmp.path(), "WSRUNNER_CACHE_ROOT", &opts, u64::MAX);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.detail.contains("WSRUNNER_DISK_FREE_WARN"), "{c:?}");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 
     #[test]

@@ -525,3 +525,137 @@ fn unsafe_engine_settings_stop_the_runner_at_start_with_exit_78() {
         );
     }
 }
+
+/// The log file(s) the engine keeps for a container, with their total size: Docker's
+/// `LogPath` (json-file/local) plus its rotated `<path>.N`, Podman's k8s-file path. `None`
+/// when the engine names no file (another log driver).
+fn engine_log_bytes(name: &str) -> Option<(String, u64)> {
+    let path = ["{{.LogPath}}", "{{.HostConfig.LogConfig.Path}}"]
+        .iter()
+        .map(|format| inspect(name, format))
+        .find(|p| p.starts_with('/'))?;
+    let file = std::path::Path::new(&path);
+    let base = file.file_name()?.to_string_lossy().into_owned();
+    let mut total = 0;
+    for entry in std::fs::read_dir(file.parent()?).ok()?.flatten() {
+        let other = entry.file_name().to_string_lossy().into_owned();
+        if other == base || other.starts_with(&format!("{base}.")) {
+            total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    Some((path, total))
+}
+
+/// An agent that floods while no runner meters it (the runner is down, so nothing stops it at
+/// WSRUNNER_AGENT_OUTPUT_LIMIT): the engine's own log cap still bounds what stays on disk,
+/// at the 10x of `log_backstop_args`, however much the agent printed.
+#[tokio::test]
+async fn an_unmetered_flood_stays_within_the_engine_log_cap() {
+    let instance = unique_instance("logcap");
+    let limit: u64 = 64 << 10;
+    let (engine, _cleanup) = engine_with(&instance, |c| c.output_limit = limit);
+    let run_dir = tempfile::tempdir().expect("run dir");
+    let name = engine
+        .create(&spec(631, LaunchKind::CodingAgent, None), run_dir.path())
+        .await
+        .expect("create");
+    let stdin = agent_driver::start(&engine, &name, run_dir.path(), true)
+        .await
+        .expect("start")
+        .expect("stdin");
+    // 60000 lines of about 50 bytes: ~3 MB printed, far past 10x the limit (640 KiB).
+    let prompt = serde_json::json!({"type": "prompt", "message": "flood 60000; exit 0"});
+    stdin.send(&prompt.to_string()).await.expect("prompt");
+    let exit = tokio::time::timeout(Duration::from_secs(120), engine.wait_exit(&name))
+        .await
+        .expect("the flood ends")
+        .expect("wait");
+    assert_eq!(exit, Some(0));
+    stdin.close().await;
+    let Some((path, bytes)) = engine_log_bytes(&name) else {
+        eprintln!(
+            "SKIP: the engine names no log file for {name} (log driver {:?})",
+            engine.log_driver().await
+        );
+        return;
+    };
+    // The cap is per file; a file may pass it by the line that crossed it.
+    assert!(
+        bytes <= 10 * limit + (64 << 10),
+        "{path}: {bytes} bytes kept, the cap is 10 x {limit}"
+    );
+    // The flood really was bigger than what was kept: the oldest lines are gone.
+    let out = engine_command()
+        .args(["logs", &name])
+        .output()
+        .expect("logs");
+    let kept = String::from_utf8_lossy(&out.stdout).lines().count();
+    eprintln!("{path}: {bytes} bytes on disk, {kept} of 60000 lines kept");
+    assert!(kept < 60000, "{kept} lines kept of 60000");
+}
+
+/// `WSRUNNER_IMAGE_PRUNE_AFTER`: an override image the runner pulled and no run used for that
+/// long is removed from the engine's store; the default image never is, even when the use
+/// file says it is idle; an override the operator put there (not pulled) stays.
+#[tokio::test]
+async fn idle_pulled_override_images_are_pruned_never_the_default() {
+    use windshift_runner::effects::container::{ImageUse, ImageUseEntry};
+    let instance = unique_instance("prune");
+    let tag = |t: &str| format!("windshift-test-agent:{t}-{}", std::process::id());
+    let (pulled, placed) = (tag("pulled"), tag("placed"));
+    for image in [&pulled, &placed] {
+        let out = engine_command()
+            .args(["tag", IMAGE, image])
+            .output()
+            .expect("tag");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join(".agent-images.json");
+    let (engine, _cleanup) = engine_with(&instance, |c| {
+        c.allowed_images = vec![pulled.clone(), placed.clone()];
+        c.image_use_file = Some(file.clone());
+    });
+    let mut uses = ImageUse::default();
+    let old = ImageUseEntry {
+        pulled: true,
+        last_used_ms: 1_000,
+    };
+    uses.images.insert(pulled.clone(), old.clone());
+    uses.images.insert(IMAGE.to_owned(), old.clone());
+    uses.images.insert(
+        placed.clone(),
+        ImageUseEntry {
+            pulled: false,
+            ..old
+        },
+    );
+    uses.store(&file).expect("store");
+    // A run using the pulled image now makes it recent: nothing goes.
+    let checked = engine
+        .check_job_image(LaunchKind::CodingAgent, Some(&pulled))
+        .await
+        .expect("allowed");
+    assert_eq!(checked, pulled);
+    let report = engine.prune_idle_images(Duration::from_secs(3600)).await;
+    assert!(report.removed.is_empty(), "{report:?}");
+    // Idle for longer than the setting: the pulled override goes, the rest stays.
+    let mut uses = ImageUse::load(&file);
+    uses.images.get_mut(&pulled).expect("recorded").last_used_ms = 1_000;
+    uses.store(&file).expect("store");
+    let report = engine.prune_idle_images(Duration::from_secs(3600)).await;
+    assert_eq!(report.removed, vec![pulled.clone()], "{report:?}");
+    assert!(engine.image_size(&pulled).await.is_none(), "pruned");
+    assert!(
+        engine.image_size(IMAGE).await.is_some(),
+        "the default image stays"
+    );
+    assert!(
+        engine.image_size(&placed).await.is_some(),
+        "not pulled by the runner"
+    );
+    let left = ImageUse::load(&file);
+    assert!(!left.images.contains_key(&pulled));
+    assert!(left.images.contains_key(IMAGE) && left.images.contains_key(&placed));
+    let _ = engine_command().args(["rmi", &placed]).output();
+}

@@ -49,6 +49,8 @@ fn healthy_env(h: &Harness) -> Vec<(String, String)> {
             "WSRUNNER_TRIAGE_BIN",
             env!("CARGO_BIN_EXE_windshift-triage").into(),
         ),
+        // Below the 2 GiB failure floor: a shared test machine's free space is not the test.
+        ("WSRUNNER_DISK_FREE_WARN", "1g".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -558,4 +560,86 @@ async fn an_agent_network_with_inter_container_traffic_warns() {
         "{}",
         d.out
     );
+}
+
+/// The `disk-*` lines: what the caches, checkouts, journal, container logs and agent images
+/// use, the cache cap and the free-space threshold (docs/deploy.md, "Disk"). A bare cache of
+/// 1 MiB and a run checkout of 2 MiB under it; a journal file of 1 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_what_uses_the_disk_and_warns_below_the_threshold() {
+    let h = Harness::start("doctor-disk").await;
+    let credential = register(&h);
+    let repo = h.cache_root().join("1/acme/app");
+    std::fs::create_dir_all(repo.join(".bare")).unwrap();
+    std::fs::create_dir_all(repo.join("runs/5")).unwrap();
+    std::fs::write(repo.join(".bare/pack"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(repo.join("runs/5/big"), vec![7u8; 2 << 20]).unwrap();
+    std::fs::create_dir_all(h.journal_dir()).unwrap();
+    std::fs::write(h.journal_dir().join("blob"), vec![7u8; 1 << 20]).unwrap();
+    let mut env = healthy_env(&h);
+    set(&mut env, "WSRUNNER_CREDENTIAL", &credential);
+    set(
+        &mut env,
+        "WSRUNNER_ALLOWED_IMAGES",
+        "windshift-test-agent:v0",
+    );
+    let d = doctor(env.clone()).await;
+    assert_healthy(&d);
+    let caches = d.line("disk-caches");
+    assert!(
+        caches.contains("use 1.0 MiB") && caches.contains("WSRUNNER_CACHE_MAX_BYTES is off"),
+        "{}",
+        d.out
+    );
+    assert!(d.line("disk-checkouts").contains("2.0 MiB"), "{}", d.out);
+    assert!(d.line("disk-journal").contains("uses 1.0 MiB"), "{}", d.out);
+    d.assert_status("disk-logs", "PASS");
+    let images = d.line("disk-images");
+    assert!(
+        images.contains(&format!("{IMAGE} ")) && images.contains("(default, never pruned)"),
+        "{}",
+        d.out
+    );
+    assert!(
+        images.contains("windshift-test-agent:v0") && images.contains("(override)"),
+        "{}",
+        d.out
+    );
+    assert!(
+        images.contains("never pruned (WSRUNNER_IMAGE_PRUNE_AFTER is off)"),
+        "{images}"
+    );
+
+    // Over the cache cap, and below the free-space threshold: warnings naming the settings.
+    set(&mut env, "WSRUNNER_CACHE_MAX_BYTES", "512k");
+    set(&mut env, "WSRUNNER_DISK_FREE_WARN", "1000000g");
+    set(&mut env, "WSRUNNER_IMAGE_PRUNE_AFTER", "72h");
+    let d = doctor(env.clone()).await;
+    d.assert_status("disk-caches", "WARN");
+    assert!(
+        d.line("disk-caches")
+            .contains("above WSRUNNER_CACHE_MAX_BYTES (512.0 KiB)"),
+        "{}",
+        d.out
+    );
+    for name in ["cache", "journal-dir"] {
+        d.assert_status(name, "WARN");
+        assert!(
+            d.line(name).contains("WSRUNNER_DISK_FREE_WARN"),
+            "{}",
+            d.out
+        );
+    }
+    assert!(
+        d.line("disk-images").contains("after 72h unused"),
+        "{}",
+        d.out
+    );
+    assert_eq!(d.code, 0, "warnings only: {}", d.out);
+
+    // A byte count that is not one is refused, naming the variable.
+    set(&mut env, "WSRUNNER_CACHE_MAX_BYTES", "lots");
+    let d = doctor(env).await;
+    assert_eq!(d.code, 1, "{}", d.out);
+    assert!(d.out.contains("WSRUNNER_CACHE_MAX_BYTES"), "{}", d.out);
 }

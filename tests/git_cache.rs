@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use git_support::{git, Origin};
 use windshift_runner::effects::git::{
-    evict_idle, prepare, prepare_run_workspace, remove_run_workspace, CacheLock, GitError,
-    PrepareRequest, RepoCache, RunRepo, RunWorkspaceRequest, TransportPolicy, WsToml,
+    disk_use, evict, evict_idle, prepare, prepare_run_workspace, remove_run_workspace, CacheLock,
+    GitError, PrepareRequest, RepoCache, RunRepo, RunWorkspaceRequest, TransportPolicy, WsToml,
 };
 
 const FILE_OK: TransportPolicy = TransportPolicy {
@@ -415,4 +415,84 @@ fn prepare_waits_for_the_cache_lock_held_by_another_process() {
     assert!(!cache.bare().exists(), "nothing happened without the lock");
     drop(held);
     prepare(&req).expect("proceeds once released");
+}
+
+/// `WSRUNNER_CACHE_MAX_BYTES`: over the cap, idle caches go oldest-used first until the rest
+/// fits; a cache with a run checkout and a locked one stay (and still count).
+#[test]
+fn the_size_cap_evicts_oldest_used_first_but_never_a_cache_in_use() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::create(tmp.path(), "origin.git");
+    let root = tmp.path().join("cache");
+    let names = ["oldest", "in-use", "locked", "old", "new"];
+    for (i, name) in names.iter().enumerate() {
+        let out = prepare(&request(
+            &root,
+            &origin,
+            &format!("acme/{name}"),
+            60 + i as i64,
+        ))
+        .expect("prepare");
+        if *name != "in-use" {
+            std::fs::remove_dir_all(&out.checkout_path).expect("run over");
+        }
+    }
+    // Last use = the cache's last fetch: oldest, in-use, locked, old, new (an hour apart).
+    let base = SystemTime::now() - Duration::from_secs(24 * 3600);
+    for (i, name) in names.iter().enumerate() {
+        let fetch_head = RepoCache::new(&root, 7, "acme", name)
+            .bare()
+            .join("FETCH_HEAD");
+        std::fs::File::options()
+            .write(true)
+            .open(&fetch_head)
+            .and_then(|f| f.set_modified(base + Duration::from_secs(3600 * i as u64)))
+            .expect("set the last use");
+    }
+    let cache = |name: &str| RepoCache::new(&root, 7, "acme", name);
+    let locked = cache("locked");
+    let held = CacheLock::acquire(&locked.lock_path(), Duration::from_secs(5)).expect("hold");
+    let (caches_before, checkouts) = disk_use(&root);
+    assert!(checkouts > 0, "the in-use run's checkout is counted apart");
+    let one = caches_before / names.len() as u64;
+    // Room for three caches: two of the five must go, and the two oldest idle ones are
+    // `oldest` and `old` (`in-use` and `locked` are older than `old` but cannot go).
+    let cap = caches_before - 2 * one + one / 2;
+    let max_age = Duration::from_secs(7 * 24 * 3600);
+    let report = evict(&root, max_age, Some(cap), SystemTime::now()).expect("evict");
+    assert!(
+        report.removed.is_empty(),
+        "nothing is old enough: {report:?}"
+    );
+    assert_eq!(
+        report.removed_for_size,
+        vec![
+            cache("oldest").dir().to_owned(),
+            cache("old").dir().to_owned()
+        ],
+        "{report:?}"
+    );
+    assert!(report.busy.contains(&locked.dir().to_owned()), "{report:?}");
+    assert!(
+        report.kept.contains(&cache("in-use").dir().to_owned()),
+        "{report:?}"
+    );
+    assert!(report.bytes_left <= cap, "{report:?} cap {cap}");
+    assert_eq!(report.bytes_left, disk_use(&root).0);
+    for name in ["in-use", "locked", "new"] {
+        assert!(cache(name).bare().join("HEAD").exists(), "{name} kept");
+    }
+    for name in ["oldest", "old"] {
+        assert!(!cache(name).dir().exists(), "{name} evicted");
+    }
+    // A cap no idle cache can meet: the in-use and locked caches stay above it.
+    let report = evict(&root, max_age, Some(1), SystemTime::now()).expect("evict");
+    assert_eq!(report.removed_for_size, vec![cache("new").dir().to_owned()]);
+    assert!(report.bytes_left > 1);
+    assert!(cache("in-use").bare().join("HEAD").exists());
+    assert!(locked.bare().join("HEAD").exists());
+    drop(held);
+    // Without a cap only age counts.
+    let report = evict(&root, max_age, None, SystemTime::now()).expect("evict");
+    assert!(report.removed.is_empty() && report.removed_for_size.is_empty());
 }

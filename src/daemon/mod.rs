@@ -853,14 +853,20 @@ const EVICTION_EVERY: Duration = Duration::from_secs(600);
 
 async fn evict_idle_caches(ctx: &Ctx) {
     let root = ctx.cfg.cache_root.clone();
-    let max_age = ctx.cfg.cache_max_age;
+    let (max_age, max_bytes) = (ctx.cfg.cache_max_age, ctx.cfg.cache_max_bytes);
+    if let Some(after) = ctx.cfg.image_prune_after {
+        ctx.engine.prune_idle_images(after).await;
+    }
     let report = tokio::task::spawn_blocking(move || {
-        crate::effects::git::evict_idle(&root, max_age, std::time::SystemTime::now())
+        crate::effects::git::evict(&root, max_age, max_bytes, std::time::SystemTime::now())
     })
     .await;
     match report {
-        Ok(Ok(r)) if !r.removed.is_empty() => {
-            info!(removed = r.removed.len(), "evicted idle repository caches")
+        Ok(Ok(r)) if !r.removed.is_empty() || !r.removed_for_size.is_empty() => {
+            info!(
+                removed = r.removed.len() + r.removed_for_size.len(),
+                "evicted idle repository caches"
+            )
         }
         Ok(Ok(_)) => {}
         Ok(Err(e)) => warn!("cache eviction failed: {e}"),

@@ -131,6 +131,9 @@ pub struct ContainerConfig {
     pub driver: DriverChoice,
     /// The API socket; `None`: from `DOCKER_HOST`/`CONTAINER_HOST` or the engine's default.
     pub api_socket: Option<String>,
+    /// Where the use of per-run override images is recorded ([`ImageUse`]); `None`: nowhere,
+    /// and nothing is ever pruned.
+    pub image_use_file: Option<PathBuf>,
 }
 
 /// Which engine driver runs (`WSRUNNER_ENGINE_DRIVER`, docs/containers.md).
@@ -159,6 +162,7 @@ impl Default for ContainerConfig {
             output_limit: DEFAULT_OUTPUT_LIMIT,
             driver: DriverChoice::Auto,
             api_socket: None,
+            image_use_file: None,
         }
     }
 }
@@ -422,19 +426,20 @@ pub fn create_argv(cfg: &ContainerConfig, spec: &ContainerSpec, env_file: &Path)
     create_argv_with_logs(cfg, spec, env_file, &[])
 }
 
-/// [`create_argv`] with the engine-side log cap ([`log_backstop_args`]) after the identity.
+/// [`create_argv`] with engine-specific arguments after the identity: the engine-side log
+/// cap ([`log_backstop_args`]) and rootless Podman's user namespace ([`userns_args`]).
 pub fn create_argv_with_logs(
     cfg: &ContainerConfig,
     spec: &ContainerSpec,
     env_file: &Path,
-    log_args: &[String],
+    engine_args: &[String],
 ) -> Vec<String> {
     let mut argv = vec!["create".to_owned()];
     if spec.kind == LaunchKind::CodingAgent {
         argv.push("-i".into());
     }
     argv.extend(identity_args(cfg, spec));
-    argv.extend(log_args.iter().cloned());
+    argv.extend(engine_args.iter().cloned());
     argv.extend(sandbox_args(cfg, spec, env_file));
     argv
 }
@@ -733,6 +738,177 @@ pub fn log_backstop_args(driver: &str, limit: u64) -> Vec<String> {
     }
 }
 
+/// The user namespace rootless Podman gives every agent container: the runner's own uid and
+/// gid appear as 1000:1000 inside, the uid the agent runs as (spec 5.1), so the checkout the
+/// runner made (owned by the runner) is the agent's to write, and what the agent writes is the
+/// runner's to read and remove. Without it, rootless Podman maps uid 1000 to a subordinate uid
+/// that owns nothing in the checkout (docs/containers.md, "Rootless Podman").
+pub const ROOTLESS_PODMAN_USERNS: &str = "keep-id:uid=1000,gid=1000";
+
+/// What the engine reports about how it runs: whether it is Podman, rootless, and on cgroups
+/// v1 (where rootless engines cannot apply memory, pids or CPU limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineHost {
+    pub podman: bool,
+    pub rootless: bool,
+    pub cgroups_v1: bool,
+}
+
+impl EngineHost {
+    /// The `--userns` value agent containers get: keep-id for rootless Podman, else none
+    /// (rootful engines map uid 1000 to host uid 1000, or remap it by their own settings).
+    pub fn userns_mode(&self) -> Option<&'static str> {
+        (self.podman && self.rootless).then_some(ROOTLESS_PODMAN_USERNS)
+    }
+
+    /// What the operator should know about this engine (`None`: nothing special), with its
+    /// severity: `true` when it is a warning.
+    pub fn note(&self) -> Option<(bool, String)> {
+        let limits = if self.cgroups_v1 {
+            "; this host has cgroups v1, where a rootless engine cannot apply the memory, pids and CPU limits (WSRUNNER_MEMORY, WSRUNNER_PIDS_LIMIT, WSRUNNER_CPUS are ignored by the engine): move the host to cgroups v2 with controller delegation, or run the engine rootful"
+        } else {
+            ""
+        };
+        match (self.rootless, self.podman) {
+            (false, _) => None,
+            (true, true) => Some((
+                self.cgroups_v1,
+                format!("rootless Podman: agent containers run with --userns={ROOTLESS_PODMAN_USERNS}, so the runner's uid is the agent's uid 1000 and the checkout is writable{limits}"),
+            )),
+            (true, false) => Some((
+                true,
+                format!("rootless Docker: the agent's uid 1000 maps to a subordinate uid that cannot write the checkout, and Docker has no keep-id mapping; run Docker rootful or use rootless Podman (docs/containers.md){limits}"),
+            )),
+        }
+    }
+}
+
+/// Reads [`EngineHost`] from `info --format '{{json .}}'` of either CLI: Podman's
+/// (`host.security.rootless`, `host.cgroupVersion` "v1"/"v2") or Docker's (`SecurityOptions`
+/// listing `name=rootless`, `CgroupVersion` "1"/"2"). `None` when it is neither.
+pub fn parse_engine_info(json: &str) -> Option<EngineHost> {
+    let info: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+    if let Some(host) = info.get("host").filter(|h| h.is_object()) {
+        return Some(EngineHost {
+            podman: true,
+            rootless: host
+                .pointer("/security/rootless")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+            cgroups_v1: host.get("cgroupVersion").and_then(|v| v.as_str()) == Some("v1"),
+        });
+    }
+    let options = info.get("SecurityOptions")?.as_array()?;
+    Some(EngineHost {
+        podman: false,
+        rootless: options
+            .iter()
+            .filter_map(|o| o.as_str())
+            .any(security_option_is_rootless),
+        cgroups_v1: info.get("CgroupVersion").and_then(|v| v.as_str()) == Some("1"),
+    })
+}
+
+/// Whether one `SecurityOptions` entry (`name=rootless` or `name=rootless,...`) says rootless.
+pub fn security_option_is_rootless(option: &str) -> bool {
+    option.split(',').next() == Some("name=rootless")
+}
+
+/// The `create` arguments of the engine's user namespace ([`EngineHost::userns_mode`]).
+pub fn userns_args(host: EngineHost) -> Vec<String> {
+    host.userns_mode()
+        .map(|mode| vec![format!("--userns={mode}")])
+        .unwrap_or_default()
+}
+
+/// The file in the cache root recording the override images' use ([`ImageUse`]).
+pub const IMAGE_USE_FILE: &str = ".agent-images.json";
+
+/// One per-run override image as [`ImageUse`] records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageUseEntry {
+    /// Whether this runner pulled it (it was not in the engine's store at its first use).
+    /// Only those are pruned: an image the operator put there stays.
+    pub pulled: bool,
+    /// Last run that used it, ms since the epoch.
+    pub last_used_ms: u64,
+}
+
+/// The use of per-run override images (`WSRUNNER_ALLOWED_IMAGES`; never `WSRUNNER_IMAGE`):
+/// which ones this runner pulled and when a run last used each, in a small JSON file beside
+/// the caches, so that `WSRUNNER_IMAGE_PRUNE_AFTER` can remove the idle ones across restarts
+/// (docs/containers.md, "Override images").
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageUse {
+    pub images: BTreeMap<String, ImageUseEntry>,
+}
+
+impl ImageUse {
+    /// Reads the file; a missing or unreadable one is empty (it only ever delays a prune).
+    pub fn load(path: &Path) -> ImageUse {
+        std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Writes the file atomically (temp file, rename), 0600.
+    pub fn store(&self, path: &Path) -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".agent-images-")
+            .tempfile_in(dir)?;
+        tmp.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+
+    /// Records a run's use of `image`; `pulled` sticks once true.
+    pub fn note(&mut self, image: &str, pulled: bool, now_ms: u64) {
+        let entry = self
+            .images
+            .entry(image.to_owned())
+            .or_insert(ImageUseEntry {
+                pulled,
+                last_used_ms: now_ms,
+            });
+        entry.pulled |= pulled;
+        entry.last_used_ms = entry.last_used_ms.max(now_ms);
+    }
+
+    /// The images to prune at `now_ms`: pulled by the runner, unused for `after`, and not
+    /// `default_image` (whatever the file says).
+    pub fn idle(&self, default_image: &str, after: Duration, now_ms: u64) -> Vec<String> {
+        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.images
+            .iter()
+            .filter(|(image, e)| {
+                e.pulled
+                    && image.as_str() != default_image
+                    && now_ms.saturating_sub(e.last_used_ms) >= after_ms
+            })
+            .map(|(image, _)| image.clone())
+            .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// What [`Engine::prune_idle_images`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ImagePrune {
+    pub removed: Vec<String>,
+    /// Images the engine refused to remove (a container still uses them), with its words.
+    pub kept: Vec<(String, String)>,
+}
+
 /// A container's state as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerState {
@@ -788,10 +964,14 @@ pub struct Engine {
     pub cfg: ContainerConfig,
     /// What shapes every create (log driver, init), asked once.
     facts: std::sync::Arc<tokio::sync::OnceCell<super::engine_api::CreateFacts>>,
+    /// Rootless or not, and cgroups v1, asked once the engine answers.
+    host: std::sync::Arc<tokio::sync::OnceCell<EngineHost>>,
     /// The API driver; `None`: the CLI driver (`cfg.docker`) runs.
     api: Option<std::sync::Arc<super::engine_api::ApiDriver>>,
     /// Which driver runs and why, for the start-up log and `doctor`.
     driver_note: std::sync::Arc<String>,
+    /// Serialises the read-modify-write of the image use file between concurrent runs.
+    image_use_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The API socket path for an engine CLI flavour, from a variable lookup: `DOCKER_HOST`
@@ -822,8 +1002,15 @@ pub fn api_socket_from(
             };
         }
     }
+    // SAFETY: geteuid has no preconditions.
+    let rootless = unsafe { libc::geteuid() } != 0;
+    let runtime_dir = get("XDG_RUNTIME_DIR").filter(|d| d.starts_with('/'));
     Ok(if podman {
-        "/run/podman/podman.sock".into()
+        match runtime_dir {
+            // Rootless Podman serves its API in the user's runtime dir.
+            Some(dir) if rootless => format!("{}/podman/podman.sock", dir.trim_end_matches('/')),
+            _ => "/run/podman/podman.sock".into(),
+        }
     } else {
         "/var/run/docker.sock".into()
     })
@@ -906,6 +1093,8 @@ impl Engine {
         Engine {
             cfg,
             facts: Default::default(),
+            host: Default::default(),
+            image_use_lock: Default::default(),
             api,
             driver_note: std::sync::Arc::new(note),
         }
@@ -1193,6 +1382,7 @@ impl Engine {
                     return super::engine_api::CreateFacts {
                         log_driver: info.log_driver,
                         init: info.has_init,
+                        ..Default::default()
                     };
                 }
                 for format in ["{{.LoggingDriver}}", "{{.Host.LogDriver}}"] {
@@ -1202,6 +1392,7 @@ impl Engine {
                             return super::engine_api::CreateFacts {
                                 log_driver: driver.to_owned(),
                                 init: false,
+                                ..Default::default()
                             };
                         }
                     }
@@ -1210,6 +1401,48 @@ impl Engine {
             })
             .await
             .clone()
+    }
+
+    /// Whether the engine is (rootless) Podman and on cgroups v1, asked once it answers; the
+    /// first answer is logged when it needs the operator's attention. An engine that does not
+    /// answer counts as rootful Docker this time and is asked again next time.
+    pub async fn engine_host(&self) -> EngineHost {
+        let found = self
+            .host
+            .get_or_try_init(|| async {
+                let host = self.probe_engine_host().await?;
+                match host.note() {
+                    Some((true, note)) => tracing::warn!("{note}"),
+                    Some((false, note)) => tracing::info!("{note}"),
+                    None => {}
+                }
+                Ok::<_, ContainerError>(host)
+            })
+            .await;
+        found.copied().unwrap_or_default()
+    }
+
+    async fn probe_engine_host(&self) -> Result<EngineHost, ContainerError> {
+        let podman_cli = Path::new(&self.cfg.docker)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("podman"));
+        if let Some(api) = &self.api {
+            let (rootless, cgroups_v1, podman) = api.host_facts().await?;
+            return Ok(EngineHost {
+                podman: podman || podman_cli,
+                rootless,
+                cgroups_v1,
+            });
+        }
+        let out = self
+            .cli_ok(&["info", "--format", "{{json .}}"], CLI_TIMEOUT)
+            .await?;
+        parse_engine_info(&out).ok_or_else(|| ContainerError::Cli {
+            docker: self.cfg.docker.clone(),
+            what: "info".into(),
+            detail: "its JSON names neither Podman's host.security nor Docker's SecurityOptions"
+                .into(),
+        })
     }
 
     /// The image's contract label (`""` when absent); an error when the image is not local.
@@ -1235,8 +1468,15 @@ impl Engine {
 
     /// Inspect; when that fails, pull and inspect again (spec 4.8).
     async fn label_with_pull(&self, image: &str) -> Result<String, ContainerError> {
+        self.label_with_pull_noting(image)
+            .await
+            .map(|(label, _)| label)
+    }
+
+    /// [`Engine::label_with_pull`], and whether it pulled.
+    async fn label_with_pull_noting(&self, image: &str) -> Result<(String, bool), ContainerError> {
         if let Ok(label) = self.contract_label(image).await {
-            return Ok(label);
+            return Ok((label, false));
         }
         if let Some(api) = &self.api {
             api.pull(image)
@@ -1256,10 +1496,99 @@ impl Engine {
         }
         self.contract_label(image)
             .await
+            .map(|label| (label, true))
             .map_err(|e| ContainerError::ImageUnavailable {
                 image: image.to_owned(),
                 detail: e.to_string(),
             })
+    }
+
+    /// Records a run's use of an override image ([`ImageUse`]); a file that cannot be written
+    /// is logged, never a run's failure.
+    async fn note_image_use(&self, image: &str, pulled: bool) {
+        let Some(path) = self.cfg.image_use_file.clone() else {
+            return;
+        };
+        let _guard = self.image_use_lock.lock().await;
+        let image = image.to_owned();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut uses = ImageUse::load(&path);
+            uses.note(&image, pulled, now_ms());
+            uses.store(&path)
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+            tracing::warn!("cannot record the agent image's use (WSRUNNER_IMAGE_PRUNE_AFTER): {e}");
+        }
+    }
+
+    /// Removes the override images this runner pulled that no run used for `after`
+    /// (`WSRUNNER_IMAGE_PRUNE_AFTER`), never the default image; an image a container still
+    /// uses is left to the engine's refusal and tried again next time.
+    pub async fn prune_idle_images(&self, after: Duration) -> ImagePrune {
+        let mut report = ImagePrune::default();
+        let Some(path) = self.cfg.image_use_file.clone() else {
+            return report;
+        };
+        let _guard = self.image_use_lock.lock().await;
+        let mut uses = ImageUse::load(&path);
+        let idle = uses.idle(&self.cfg.default_image, after, now_ms());
+        if idle.is_empty() {
+            return report;
+        }
+        for image in idle {
+            match self.remove_image(&image).await {
+                Ok(()) => {
+                    tracing::info!(
+                        image,
+                        "pruned an override agent image unused for WSRUNNER_IMAGE_PRUNE_AFTER"
+                    );
+                    uses.images.remove(&image);
+                    report.removed.push(image);
+                }
+                Err(e) => report.kept.push((image, e.to_string())),
+            }
+        }
+        if let Err(e) = uses.store(&path) {
+            tracing::warn!("cannot record the pruned agent images: {e}");
+        }
+        report
+    }
+
+    /// Removes an image (not forced: one a container uses stays); a missing one is fine.
+    pub async fn remove_image(&self, image: &str) -> Result<(), ContainerError> {
+        check_image_ref("the image to prune", image)?;
+        if let Some(api) = &self.api {
+            return api.remove_image(image).await;
+        }
+        let out = self.cli(&["image", "rm", "--", image], CLI_TIMEOUT).await?;
+        let lower = out.stderr.to_lowercase();
+        if out.success || lower.contains("no such image") || lower.contains("image not known") {
+            Ok(())
+        } else {
+            Err(ContainerError::Cli {
+                docker: self.cfg.docker.clone(),
+                what: "image rm".into(),
+                detail: out.stderr,
+            })
+        }
+    }
+
+    /// Bytes an image takes in the engine's store (`None`: not there, or not said).
+    pub async fn image_size(&self, image: &str) -> Option<u64> {
+        if let Some(api) = &self.api {
+            return api.image_size(image).await;
+        }
+        let out = self
+            .cli(
+                &["image", "inspect", "--format", "{{.Size}}", image],
+                CLI_TIMEOUT,
+            )
+            .await
+            .ok()?;
+        out.success
+            .then(|| out.stdout.trim().parse().ok())
+            .flatten()
     }
 
     fn judge_label(&self, image: &str, label: String) -> Result<bool, ContainerError> {
@@ -1287,6 +1616,8 @@ impl Engine {
 
     /// Boot check of the default image (spec 4.8). An `Err` is fatal for the daemon.
     pub async fn boot_check_image(&self) -> Result<BootImageCheck, ContainerError> {
+        // Asked here so that a rootless engine is reported at start, not at the first run.
+        self.engine_host().await;
         let image = self.cfg.default_image.as_str();
         if image.is_empty() {
             tracing::warn!("WSRUNNER_IMAGE is empty: coding jobs without an image will fail");
@@ -1336,9 +1667,16 @@ impl Engine {
         }
         // The contract label names the JSONL agent contract (spec 4.8); container kinds do not
         // speak it, so for them the allowlist is the control (and `create` pulls if needed).
-        if kind == LaunchKind::CodingAgent {
-            let label = self.label_with_pull(&image).await?;
+        let pulled = if kind == LaunchKind::CodingAgent {
+            let (label, pulled) = self.label_with_pull_noting(&image).await?;
             self.judge_label(&image, label)?;
+            pulled
+        } else {
+            // `create` pulls what is missing.
+            self.contract_label(&image).await.is_err()
+        };
+        if image != self.cfg.default_image {
+            self.note_image_use(&image, pulled).await;
         }
         Ok(image)
     }
@@ -1361,14 +1699,17 @@ impl Engine {
         if self.state(&name).await?.is_some() {
             return Ok(name);
         }
+        let host = self.engine_host().await;
         if let Some(api) = &self.api {
             // The env goes in the create body: no file ever holds it.
-            let facts = self.create_facts().await;
+            let mut facts = self.create_facts().await;
+            facts.userns = host.userns_mode().map(str::to_owned);
             return api.create(&self.cfg, spec, &facts).await.map(|()| name);
         }
-        let log_args = log_backstop_args(&self.log_driver().await, self.cfg.output_limit);
+        let mut engine_args = log_backstop_args(&self.log_driver().await, self.cfg.output_limit);
+        engine_args.extend(userns_args(host));
         let env_file = write_env_file(env_dir, &spec.env, spec.run_id)?;
-        let argv = create_argv_with_logs(&self.cfg, spec, env_file.path(), &log_args);
+        let argv = create_argv_with_logs(&self.cfg, spec, env_file.path(), &engine_args);
         let args: Vec<&str> = argv.iter().map(String::as_str).collect();
         let result = self.cli_ok(&args, CLI_TIMEOUT).await;
         // The engine copied the env at create time: the secrets leave the disk now.
@@ -1745,6 +2086,99 @@ mod tests {
         )
         .expect("opted in");
         assert_eq!(host.network, "host");
+    }
+
+    #[test]
+    fn rootless_podman_maps_the_runner_to_the_agent_uid() {
+        // `podman info --format '{{json .}}'` (trimmed) as a rootless user on cgroups v1.
+        let podman = r#"{"host":{"cgroupVersion":"v1","security":{"rootless":true,"seccompEnabled":true}},"store":{}}"#;
+        let host = parse_engine_info(podman).expect("podman info");
+        assert_eq!(
+            host,
+            EngineHost {
+                podman: true,
+                rootless: true,
+                cgroups_v1: true
+            }
+        );
+        assert_eq!(userns_args(host), ["--userns=keep-id:uid=1000,gid=1000"]);
+        let (warn, note) = host.note().expect("noted");
+        assert!(warn, "cgroups v1 ignores the limits: {note}");
+        assert!(
+            note.contains("keep-id") && note.contains("WSRUNNER_MEMORY"),
+            "{note}"
+        );
+        let v2 = r#"{"host":{"cgroupVersion":"v2","security":{"rootless":true}}}"#;
+        let (warn, _) = parse_engine_info(v2).unwrap().note().unwrap();
+        assert!(!warn);
+        // Rootful Podman and rootful Docker: no user namespace flag, nothing to note.
+        let rootful = r#"{"host":{"cgroupVersion":"v2","security":{"rootless":false}}}"#;
+        let docker = r#"{"SecurityOptions":["name=seccomp,profile=default"],"CgroupVersion":"2"}"#;
+        for json in [rootful, docker] {
+            let host = parse_engine_info(json).expect("parsed");
+            assert!(userns_args(host).is_empty(), "{json}");
+            assert_eq!(host.note(), None);
+        }
+        // Rootless Docker has no keep-id: no flag, and a warning saying what to do.
+        let rootless_docker = r#"{"SecurityOptions":["name=seccomp,profile=default","name=rootless"],"CgroupVersion":"2"}"#;
+        let host = parse_engine_info(rootless_docker).expect("docker info");
+        assert!(host.rootless && !host.podman);
+        assert!(userns_args(host).is_empty());
+        assert!(host
+            .note()
+            .is_some_and(|(warn, n)| warn && n.contains("rootless Docker")));
+        assert_eq!(parse_engine_info("not json"), None);
+        assert_eq!(parse_engine_info("{}"), None);
+        // The flag sits before the sandbox flags and the image, like the log options.
+        let spec = ContainerSpec {
+            run_id: 7,
+            attempt: 1,
+            kind: LaunchKind::CodingAgent,
+            image: "agent:1".into(),
+            env: BTreeMap::new(),
+            checkout: Some(PathBuf::from("/cache/runs/7")),
+            extra_args: Vec::new(),
+        };
+        let argv = create_argv_with_logs(
+            &ContainerConfig::default(),
+            &spec,
+            Path::new("/e"),
+            &userns_args(parse_engine_info(podman).unwrap()),
+        );
+        let userns = argv
+            .iter()
+            .position(|a| a.starts_with("--userns="))
+            .unwrap();
+        let image = argv.iter().position(|a| a == "--").unwrap();
+        assert!(userns < image, "{argv:?}");
+        assert!(argv.contains(&"/cache/runs/7:/workspace:Z".to_owned()));
+        assert!(argv.contains(&"--user=1000:1000".to_owned()));
+    }
+
+    #[test]
+    fn image_use_prunes_only_idle_pulled_overrides() {
+        let hour = Duration::from_secs(3600);
+        let mut uses = ImageUse::default();
+        uses.note("agent:default", true, 0);
+        uses.note("agent:pulled", true, 0);
+        uses.note("agent:placed", false, 0);
+        uses.note("agent:recent", true, 0);
+        uses.note("agent:recent", false, 3_000_000);
+        // `pulled` sticks, the last use only moves forwards.
+        uses.note("agent:placed", false, 0);
+        assert!(uses.images["agent:recent"].pulled);
+        uses.note("agent:recent", false, 1);
+        assert_eq!(uses.images["agent:recent"].last_used_ms, 3_000_000);
+        let idle = uses.idle("agent:default", hour, 3_700_000);
+        assert_eq!(idle, ["agent:pulled"]);
+        assert!(uses.idle("agent:default", hour, 3_599_999).is_empty());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join(IMAGE_USE_FILE);
+        assert_eq!(ImageUse::load(&file), ImageUse::default(), "missing: empty");
+        uses.store(&file).expect("store");
+        assert_eq!(ImageUse::load(&file), uses);
+        std::fs::write(&file, "{not json").expect("write");
+        assert_eq!(ImageUse::load(&file), ImageUse::default(), "garbage: empty");
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub fn log_config(driver: &str, limit: u64) -> Option<HostConfigLogConfig> {
 /// The create body of one container: the same hardening as `container::create_argv` (spec 5.1
 /// items 2–7, 5.2), flag by flag, plus our name labels; stdin open and never closed by a client
 /// for `coding_agent`. The env goes in the body (no env file); it is checked like the env file.
+/// `userns`: the user namespace mode (`container::EngineHost::userns_mode`, rootless Podman's
+/// keep-id), the API form of the CLI's `--userns`.
 pub fn create_body(
     cfg: &ContainerConfig,
     spec: &ContainerSpec,
@@ -173,6 +175,7 @@ pub fn create_body(
         // gets the SIGTERM of a stop instead of ignoring it as PID 1 does, so the stop that
         // ends a finished session (stdin stays open, StdinOnce=false) takes no grace.
         init: facts.init.then_some(true),
+        userns_mode: facts.userns.clone(),
         ..Default::default()
     };
     Ok(ContainerCreateBody {
@@ -211,6 +214,8 @@ pub struct CreateFacts {
     pub log_driver: String,
     /// Run the engine's init as PID 1 (API driver on an engine that has one).
     pub init: bool,
+    /// `HostConfig.UsernsMode` (rootless Podman's keep-id mapping), else the engine's default.
+    pub userns: Option<String>,
 }
 
 /// The (unused) output side of an attach connection.
@@ -642,6 +647,66 @@ impl ApiDriver {
         })
     }
 
+    /// (rootless, cgroups v1, Podman) from the engine's info: `SecurityOptions` lists
+    /// `name=rootless` on rootless Docker and on Podman's compat API alike.
+    pub async fn host_facts(&self) -> Result<(bool, bool, bool), ContainerError> {
+        use bollard::models::SystemInfoCgroupVersionEnum;
+        let docker = self.docker().await?;
+        let info = self
+            .call("info", docker.info())
+            .await?
+            .map_err(|e| api_err("info", e))?;
+        let rootless = info
+            .security_options
+            .unwrap_or_default()
+            .iter()
+            .any(|o| super::container::security_option_is_rootless(o));
+        let cgroups_v1 = info.cgroup_version == Some(SystemInfoCgroupVersionEnum::_1);
+        // Podman's compat `/version` lists a "Podman Engine" component; Docker's an "Engine".
+        let podman = match self.call("version", docker.version()).await? {
+            Ok(version) => version
+                .components
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.name.contains("Podman")),
+            Err(_) => false,
+        };
+        Ok((rootless, cgroups_v1, podman))
+    }
+
+    /// Removes an image, not forced; a missing one is fine.
+    pub async fn remove_image(&self, image: &str) -> Result<(), ContainerError> {
+        let docker = self.docker().await?;
+        match self
+            .call(
+                "image remove",
+                docker.remove_image(
+                    image,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                ),
+            )
+            .await?
+        {
+            Ok(_) => Ok(()),
+            Err(ApiError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(api_err(format!("image remove {image}"), e)),
+        }
+    }
+
+    /// Bytes the image takes in the engine's store (`None`: not there).
+    pub async fn image_size(&self, image: &str) -> Option<u64> {
+        let docker = self.docker().await.ok()?;
+        let info = self
+            .call("image inspect", docker.inspect_image(image))
+            .await
+            .ok()?
+            .ok()?;
+        info.size.and_then(|s| u64::try_from(s).ok())
+    }
+
     /// The image's contract label (`""` when absent); an error when the image is not local.
     pub async fn contract_label(&self, image: &str) -> Result<String, ContainerError> {
         let docker = self.docker().await?;
@@ -788,6 +853,7 @@ mod tests {
         let facts = CreateFacts {
             log_driver: "json-file".into(),
             init: true,
+            ..Default::default()
         };
         let body = create_body(&cfg, &spec, &facts).expect("body");
         let host = body.host_config.clone().expect("host config");
@@ -856,6 +922,7 @@ mod tests {
         let facts = CreateFacts {
             log_driver: "journald".into(),
             init: false,
+            ..Default::default()
         };
         let body = create_body(&cfg, &spec, &facts).expect("body");
         assert_eq!(body.open_stdin, Some(false));
@@ -863,6 +930,27 @@ mod tests {
         assert_eq!(host.tmpfs.unwrap().len(), 1);
         assert!(host.log_config.is_none());
         assert_eq!(host.init, None, "no init unless the engine has one");
+        assert_eq!(host.userns_mode, None);
+        // Rootless Podman: the CLI's --userns is the body's UsernsMode.
+        let podman = crate::effects::container::EngineHost {
+            podman: true,
+            rootless: true,
+            cgroups_v1: false,
+        };
+        let flags = crate::effects::container::userns_args(podman);
+        assert_eq!(flags, ["--userns=keep-id:uid=1000,gid=1000"]);
+        let body = create_body(
+            &cfg,
+            &spec,
+            &CreateFacts {
+                userns: podman.userns_mode().map(str::to_owned),
+                ..facts
+            },
+        ).expect("body");
+        assert_eq!(
+            body.host_config.and_then(|h| h.userns_mode).as_deref(),
+            flags[0].strip_prefix("--userns=")
+        );
     }
 
     #[test]

@@ -170,7 +170,15 @@ impl Harness {
         }
         // The engine driver and socket a test pass selects (WSRUNNER_ENGINE_DRIVER=cli tests
         // the CLI driver; scripts/test-podman.sh points CONTAINER_HOST at podman's service).
-        for name in ["WSRUNNER_ENGINE_DRIVER", "DOCKER_HOST", "CONTAINER_HOST"] {
+        // HOME and XDG_RUNTIME_DIR: where rootless Podman keeps its store and its runtime
+        // state (scripts/test-podman.sh's rootless leg runs the tests as a non-root user).
+        for name in [
+            "WSRUNNER_ENGINE_DRIVER",
+            "DOCKER_HOST",
+            "CONTAINER_HOST",
+            "HOME",
+            "XDG_RUNTIME_DIR",
+        ] {
             if let Ok(value) = std::env::var(name) {
                 cmd.env(name, value);
             }

@@ -327,15 +327,19 @@ fn fetch_branch(
     )
 }
 
-/// What [`evict_idle`] did.
+/// What [`evict_idle`] / [`evict`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EvictionReport {
-    /// Repo cache directories removed.
+    /// Repo cache directories removed for their age.
     pub removed: Vec<PathBuf>,
+    /// Repo cache directories removed, oldest-used first, to bring the total under the cap.
+    pub removed_for_size: Vec<PathBuf>,
     /// Caches skipped because another process held their lock.
     pub busy: Vec<PathBuf>,
     /// Caches kept because a run uses them or they were used recently.
     pub kept: Vec<PathBuf>,
+    /// Disk use of the caches left (bytes, `.bare` and the lock), after the eviction.
+    pub bytes_left: u64,
 }
 
 /// Removes every `<root>/<ws>/<owner>/<repo>` whose `runs/` is empty and whose last fetch
@@ -346,57 +350,173 @@ pub fn evict_idle(
     max_age: Duration,
     now: SystemTime,
 ) -> Result<EvictionReport, GitError> {
+    evict(root, max_age, None, now)
+}
+
+/// [`evict_idle`], then, when `max_bytes` is set (`WSRUNNER_CACHE_MAX_BYTES`) and the caches
+/// left use more disk than that, removes idle caches oldest-used first until they fit. A
+/// cache in use (a checkout under `runs/`) or locked by another process is never removed;
+/// it still counts, so the caches may stay above the cap while those runs go on.
+pub fn evict(
+    root: &Path,
+    max_age: Duration,
+    max_bytes: Option<u64>,
+    now: SystemTime,
+) -> Result<EvictionReport, GitError> {
     let mut report = EvictionReport::default();
-    for ws_dir in subdirs(root)? {
-        let is_workspace = ws_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<i64>().ok())
-            .is_some_and(|id| id > 0);
-        if !is_workspace {
-            continue;
-        }
+    let mut left = Vec::new();
+    for ws_dir in workspace_dirs(root)? {
         for owner_dir in subdirs(&ws_dir)? {
             for repo_dir in subdirs(&owner_dir)? {
-                evict_one(&repo_dir, max_age, now, &mut report)?;
+                let removed = remove_if(&repo_dir, &mut report, |repo_dir| {
+                    let idle_for = last_used(repo_dir).and_then(|t| now.duration_since(t).ok());
+                    Ok(runs_empty(repo_dir)? && idle_for.is_some_and(|d| d >= max_age))
+                })?;
+                if removed {
+                    tracing::info!(cache = %repo_dir.display(), "evicted idle repo cache");
+                    report.removed.push(repo_dir);
+                } else {
+                    left.push(repo_dir);
+                }
             }
             let _ = std::fs::remove_dir(&owner_dir); // only succeeds when empty
         }
         let _ = std::fs::remove_dir(&ws_dir);
     }
+    let mut sized: Vec<(Option<SystemTime>, u64, PathBuf)> = left
+        .into_iter()
+        .map(|dir| (last_used(&dir), cache_bytes(&dir), dir))
+        .collect();
+    let mut total: u64 = sized.iter().map(|(_, bytes, _)| bytes).sum();
+    if let Some(cap) = max_bytes {
+        // Oldest-used first; a cache whose use time cannot be read goes first too.
+        sized.sort_by_key(|(used, _, _)| *used);
+        for (_, bytes, dir) in &sized {
+            if total <= cap {
+                break;
+            }
+            let removed = remove_if(dir, &mut report, runs_empty)?;
+            if removed {
+                total = total.saturating_sub(*bytes);
+                tracing::info!(cache = %dir.display(), bytes, cap, "evicted repo cache: the caches were over WSRUNNER_CACHE_MAX_BYTES");
+                report.removed_for_size.push(dir.clone());
+                report.kept.retain(|k| k != dir);
+            }
+        }
+        if total > cap {
+            tracing::warn!(
+                bytes = total,
+                cap,
+                "repo caches stay above WSRUNNER_CACHE_MAX_BYTES: the rest are in use or locked"
+            );
+        }
+    }
+    report.bytes_left = total;
     Ok(report)
 }
 
-fn evict_one(
+/// Disk use of the repo caches under `root` (bytes): `(caches, checkouts)`, the checkouts
+/// being every `runs/<id>` and the multi-repo roots under `.workspaces` (for `doctor`).
+pub fn disk_use(root: &Path) -> (u64, u64) {
+    let (mut caches, mut checkouts) = (0, 0);
+    let dirs = workspace_dirs(root).unwrap_or_default();
+    for ws_dir in dirs {
+        for owner_dir in subdirs(&ws_dir).unwrap_or_default() {
+            for repo_dir in subdirs(&owner_dir).unwrap_or_default() {
+                caches += cache_bytes(&repo_dir);
+                checkouts += tree_bytes(&repo_dir.join("runs"));
+            }
+        }
+    }
+    checkouts += tree_bytes(&root.join(".workspaces"));
+    (caches, checkouts)
+}
+
+/// The numbered workspace directories under the cache root (nothing else is a cache).
+fn workspace_dirs(root: &Path) -> Result<Vec<PathBuf>, GitError> {
+    Ok(subdirs(root)?
+        .into_iter()
+        .filter(|dir| {
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<i64>().ok())
+                .is_some_and(|id| id > 0)
+        })
+        .collect())
+}
+
+/// When the cache was last fetched into (`.bare/FETCH_HEAD`, else `.bare`, else the dir).
+fn last_used(repo_dir: &Path) -> Option<SystemTime> {
+    let bare = repo_dir.join(BARE_DIR);
+    [bare.join("FETCH_HEAD"), bare, repo_dir.to_owned()]
+        .iter()
+        .find_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+}
+
+/// Whether no run checkout is under the cache's `runs/`.
+fn runs_empty(repo_dir: &Path) -> Result<bool, GitError> {
+    let runs = repo_dir.join("runs");
+    match std::fs::read_dir(&runs) {
+        Ok(mut it) => Ok(it.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(GitError::io(format!("list {}", runs.display()), e)),
+    }
+}
+
+/// Disk use of one cache without its run checkouts: everything but `runs/`.
+fn cache_bytes(repo_dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(repo_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name() != "runs")
+        .map(|e| tree_bytes(&e.path()))
+        .sum()
+}
+
+/// Disk use (allocated blocks) of a tree, symlinks not followed; unreadable parts count 0.
+pub fn tree_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![path.to_owned()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    total
+}
+
+/// Removes the cache under its lock when `evictable` holds with the lock held: `Ok(false)`
+/// when it does not, or when another process holds the lock (recorded as busy).
+fn remove_if(
     repo_dir: &Path,
-    max_age: Duration,
-    now: SystemTime,
     report: &mut EvictionReport,
-) -> Result<(), GitError> {
+    evictable: impl Fn(&Path) -> Result<bool, GitError>,
+) -> Result<bool, GitError> {
     let lock_path = repo_dir.join(LOCK_FILE);
     let lock = match CacheLock::acquire(&lock_path, Duration::ZERO) {
         Ok(lock) => lock,
         Err(GitError::LockTimeout { .. }) => {
-            report.busy.push(repo_dir.to_owned());
-            return Ok(());
+            if !report.busy.iter().any(|b| b == repo_dir) {
+                report.busy.push(repo_dir.to_owned());
+            }
+            return Ok(false);
         }
         Err(e) => return Err(e),
     };
-    let runs = repo_dir.join("runs");
-    let runs_empty = match std::fs::read_dir(&runs) {
-        Ok(mut it) => it.next().is_none(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => return Err(GitError::io(format!("list {}", runs.display()), e)),
-    };
-    let bare = repo_dir.join(BARE_DIR);
-    let last_used = [bare.join("FETCH_HEAD"), bare, repo_dir.to_owned()]
-        .iter()
-        .find_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-    let idle_for = last_used.and_then(|t| now.duration_since(t).ok());
-    let old_enough = idle_for.is_some_and(|d| d >= max_age);
-    if !(runs_empty && old_enough) {
-        report.kept.push(repo_dir.to_owned());
-        return Ok(());
+    if !evictable(repo_dir)? {
+        if !report.kept.iter().any(|k| k == repo_dir) {
+            report.kept.push(repo_dir.to_owned());
+        }
+        return Ok(false);
     }
     let entries = std::fs::read_dir(repo_dir)
         .map_err(|e| GitError::io(format!("list {}", repo_dir.display()), e))?;
@@ -409,9 +529,7 @@ fn evict_one(
     remove_path(&lock_path)?;
     drop(lock);
     let _ = std::fs::remove_dir(repo_dir);
-    tracing::info!(cache = %repo_dir.display(), "evicted idle repo cache");
-    report.removed.push(repo_dir.to_owned());
-    Ok(())
+    Ok(true)
 }
 
 /// Real subdirectories of `dir` (symlinks are not followed); a missing dir has none.

@@ -26,8 +26,8 @@ pub use agent_tree::{
     AgentGitDir, CopiedObjects, TreeStats, MAX_COPY_BYTES, MAX_GIT_DEPTH, MAX_GIT_ENTRIES,
 };
 pub use cache::{
-    clean_stale, evict_idle, workspace_root, EvictionReport, RepoCache, StaleCleanup, BARE_DIR,
-    DEFAULT_CACHE_MAX_AGE, LOCK_FILE,
+    clean_stale, disk_use, evict, evict_idle, tree_bytes, workspace_root, EvictionReport,
+    RepoCache, StaleCleanup, BARE_DIR, DEFAULT_CACHE_MAX_AGE, LOCK_FILE,
 };
 pub use error::GitError;
 pub use lock::CacheLock;
