@@ -392,6 +392,21 @@ impl SledJournal {
                 }
             }
         }
+        if let Migration::Migrated {
+            from,
+            runs,
+            records,
+        } = migration
+        {
+            tracing::info!(
+                from,
+                to = SCHEMA_VERSION,
+                runs,
+                records,
+                dir = %dir.display(),
+                "migrated the journal to this build's schema"
+            );
+        }
         let journal = SledJournal {
             meta,
             records: db.open_tree(T_RECORDS)?,
@@ -736,7 +751,7 @@ impl SledJournal {
         }
         let identities = self.identities()?;
         for (scope, run) in &old {
-            if let Some(info) = identities.iter().find(|i| i.scope == *scope) {
+            if let Some(info) = identities.iter().find(|i| i.scope == *scope && *scope != 0) {
                 let line = ExportLine::Run {
                     run_id: *run,
                     identity: info.describe(),
