@@ -6,9 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use windshift_runner::journal::{
-    commit_event, encode_stored, Journal, Record, SledJournal,
-};
+use windshift_runner::journal::{commit_event, encode_stored, Journal, Record, SledJournal};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
@@ -202,7 +200,8 @@ fn diverging_record_is_reported_by_replay() {
         let mut bad = records.remove(2);
         // Claim the container started while recording the state before it.
         bad.state = records[0].state.clone();
-        j.import_raw(4, bad.seq, &encode_stored(&bad, None)).unwrap();
+        j.import_raw(4, bad.seq, &encode_stored(&bad, None))
+            .unwrap();
         j.flush().unwrap();
     }
     let (code, out, _) = text(&journal(&db, &["replay"]));

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use daemon_support::*;
 use windshift_devserver::types::RegisterBody;
-use windshift_runner::fsm::{self, Event, RunState};
+use windshift_runner::fsm::{self, Event};
 use windshift_runner::journal::{
     commit_event, replay_run, CommitError, ExportLine, Journal, JournalError, JournalIdentity,
     Migration, Record, SledJournal, Slot, SCHEMA_VERSION,
@@ -78,7 +78,11 @@ fn v1_journals_migrate_on_open_and_read_back_the_same_history() {
         );
         assert_eq!(j.stored_schema().unwrap(), SCHEMA_VERSION);
         let slots = records_of(&j);
-        assert_eq!(redacted_records(&slots), exported_v1_records(name), "{name}");
+        assert_eq!(
+            redacted_records(&slots),
+            exported_v1_records(name),
+            "{name}"
+        );
         for run in j.run_ids().unwrap() {
             assert_eq!(replay_run(&j.records(run).unwrap()), Vec::<String>::new());
         }
@@ -96,7 +100,10 @@ fn v1_journals_migrate_on_open_and_read_back_the_same_history() {
         Slot::Record(r) => {
             assert_eq!(r.state.kind().to_string(), "claimed");
             // The run token survived the migration (stored once, beside the plan).
-            assert!(r.secrets.as_ref().is_some_and(|s| s.env.contains_key("WS_TOKEN")));
+            assert!(r
+                .secrets
+                .as_ref()
+                .is_some_and(|s| s.env.contains_key("WS_TOKEN")));
         }
         other => panic!("{other:?}"),
     }
@@ -121,7 +128,14 @@ fn a_crash_during_the_migration_leaves_a_journal_that_opens_and_migrates() {
         let (j, migration) = SledJournal::open_reporting(&dir).unwrap();
         match point {
             "migration_before_commit" => assert!(
-                matches!(migration, Migration::Migrated { from: 1, runs: 3, .. }),
+                matches!(
+                    migration,
+                    Migration::Migrated {
+                        from: 1,
+                        runs: 3,
+                        ..
+                    }
+                ),
                 "{migration:?}"
             ),
             _ => assert_eq!(migration, Migration::None, "committed before the crash"),
@@ -148,8 +162,14 @@ fn offline_tools_read_a_v1_journal_through_a_copy_and_leave_it_as_it_was() {
     let out = run(&["list"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("reported succeeded") && text.contains("reported failed"), "{text}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("schema 1"), "{out:?}");
+    assert!(
+        text.contains("reported succeeded") && text.contains("reported failed"),
+        "{text}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("schema 1"),
+        "{out:?}"
+    );
     let out = run(&["verify"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("journal schema 1"),
@@ -163,7 +183,10 @@ fn offline_tools_read_a_v1_journal_through_a_copy_and_leave_it_as_it_was() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("migrated schema 1 to 2: 3 runs"));
     let out = run(&["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("journal schema 2") && text.contains("verify: clean"), "{text}");
+    assert!(
+        text.contains("journal schema 2") && text.contains("verify: clean"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -178,7 +201,10 @@ fn a_newer_schema_is_refused_with_a_clear_error() {
         db.flush().unwrap();
     }
     let err = SledJournal::open(&dir).err().expect("refused").to_string();
-    assert!(err.contains("newer windshift-runner") && err.contains("downgrade"), "{err}");
+    assert!(
+        err.contains("newer windshift-runner") && err.contains("downgrade"),
+        "{err}"
+    );
 }
 
 fn plan(run_id: i64) -> fsm::RunPlan {
@@ -227,11 +253,16 @@ fn run_ids_are_scoped_by_server_and_instance() {
         err.contains("restored from a backup") && err.contains("register this runner again"),
         "{err}"
     );
-    assert!(!err.contains("wsrc_"), "no credential in the message: {err}");
+    assert!(
+        !err.contains("wsrc_"),
+        "no credential in the message: {err}"
+    );
     // The tools see both identities, each with its run 1.
     let ids = journal.identities().unwrap();
     assert_eq!(ids.len(), 3, "{ids:?}");
-    assert!(ids[1].describe().contains("https://a.example/api, instance 3"));
+    assert!(ids[1]
+        .describe()
+        .contains("https://a.example/api, instance 3"));
     assert!(!format!("{ids:?}").contains("wsrc_"));
 }
 
@@ -259,7 +290,11 @@ fn the_size_budget_keeps_a_flood_of_terminal_runs_under_it_and_never_prunes_a_ru
     let budget: u64 = 8 << 20;
     journal.set_size_budget(Some(budget));
     let scoped = journal
-        .scoped(&JournalIdentity::new("https://ws/api", "wsrc_budget", Some(1)))
+        .scoped(&JournalIdentity::new(
+            "https://ws/api",
+            "wsrc_budget",
+            Some(1),
+        ))
         .unwrap();
     // A run in flight from the start.
     let claimed = commit_event(&scoped, None, Event::Claimed { plan: plan(1) }, 0, None).unwrap();
@@ -273,7 +308,11 @@ fn the_size_budget_keeps_a_flood_of_terminal_runs_under_it_and_never_prunes_a_ru
         "the journal grew to {max_seen} bytes, past its {budget}-byte budget"
     );
     let runs = scoped.run_ids().unwrap();
-    assert!(runs.len() < 2_999, "old terminal runs were pruned ({} left)", runs.len());
+    assert!(
+        runs.len() < 2_999,
+        "old terminal runs were pruned ({} left)",
+        runs.len()
+    );
     assert!(runs.contains(&2_999), "the newest terminal run stays");
     let active = scoped.active().unwrap();
     assert_eq!(active.len(), 1, "the run in flight is never pruned");
@@ -286,6 +325,9 @@ fn the_size_budget_keeps_a_flood_of_terminal_runs_under_it_and_never_prunes_a_ru
 const INFLIGHT_PROMPT: &str = r#"commit file=work.txt msg="agent work"; finish completed "kept""#;
 /// The runner name of the fixtures' runner (part of container names).
 const FIXTURE_RUNNER: &str = "journal-fixture";
+/// Where the in-flight fixture's runner kept its journal (and where the upgrade test puts it
+/// back: the runner instance name, part of the run's container names, hashes the path).
+const INFLIGHT_JOURNAL: &str = "/tmp/wsr-journal-fixture-inflight/journal";
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -326,10 +368,16 @@ async fn make_fixtures() {
     let mut h = Harness::start("fixture-inflight").await;
     h.name = FIXTURE_RUNNER.into();
     let id = h.enqueue(INFLIGHT_PROMPT);
-    let mut runner = h.runner(&[("WSRUNNER_TEST_CRASH_AFTER", "claimed")]);
+    // A fixed journal path: the runner's instance name (in container names) hashes it, so
+    // the upgrade test resumes the run with the journal at the same path.
+    let _ = std::fs::remove_dir_all(INFLIGHT_JOURNAL);
+    let mut runner = h.runner(&[
+        ("WSRUNNER_TEST_CRASH_AFTER", "claimed"),
+        ("WSRUNNER_JOURNAL_DIR", INFLIGHT_JOURNAL),
+    ]);
     assert_eq!(wait_exit(&mut runner, Duration::from_secs(90)).await, -1);
     assert_eq!(h.run(id).status, "running");
-    copy_dir(&h.journal_dir(), &out.join("inflight"));
+    copy_dir(Path::new(INFLIGHT_JOURNAL), &out.join("inflight"));
 }
 
 /// Registers the fixtures' runner with `h`'s devserver, claims run `id` for it, and gives the
@@ -347,6 +395,7 @@ async fn seed_claimed_run(h: &mut Harness, id: i64, fixture_token: &str) -> Stri
     assert_eq!(h.enqueue(INFLIGHT_PROMPT), id);
     let job = core.claim(reg.instance_id).expect("claim").expect("a job");
     assert_eq!(job.run_id, id);
+    drop(core); // the devserver's database closes only with its last handle
     h.stop_dev().await;
     {
         let db = sled::open(h.tmp.path().join("devserver/db")).unwrap();
@@ -354,7 +403,8 @@ async fn seed_claimed_run(h: &mut Harness, id: i64, fixture_token: &str) -> Stri
             serde_json::from_slice(&db.get("state").unwrap().unwrap()).unwrap();
         state["runs"][id.to_string()]["token_sha256"] =
             windshift_devserver::core::sha256_hex(fixture_token).into();
-        db.insert("state", serde_json::to_vec(&state).unwrap()).unwrap();
+        db.insert("state", serde_json::to_vec(&state).unwrap())
+            .unwrap();
         db.flush().unwrap();
     }
     h.restart_dev().await;
@@ -375,9 +425,13 @@ async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build()
         }
     };
     let credential = seed_claimed_run(&mut h, 1, &token).await;
-    copy_dir(&fixture("inflight"), &h.journal_dir());
+    let _ = std::fs::remove_dir_all(INFLIGHT_JOURNAL);
+    copy_dir(&fixture("inflight"), Path::new(INFLIGHT_JOURNAL));
 
-    let mut runner = h.runner(&[("WSRUNNER_CREDENTIAL", credential.as_str())]);
+    let mut runner = h.runner(&[
+        ("WSRUNNER_CREDENTIAL", credential.as_str()),
+        ("WSRUNNER_JOURNAL_DIR", INFLIGHT_JOURNAL),
+    ]);
     let run = h.wait_final(1).await;
     assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
     assert!(run.reported.is_some(), "reported by the runner, not reaped");
@@ -386,10 +440,17 @@ async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build()
     assert!(h.log().contains("migrated the journal"), "{}", h.log());
     signal(&runner, libc::SIGTERM);
     assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
-    let verify = h.journal_verify();
+    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
+        .args(["journal", "--db", INFLIGHT_JOURNAL, "verify"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&verify.stdout);
-    assert!(verify.status.success() && text.contains("journal schema 2"), "{verify:?}");
+    assert!(
+        verify.status.success() && text.contains("journal schema 2"),
+        "{verify:?}"
+    );
     assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
+    let _ = std::fs::remove_dir_all(INFLIGHT_JOURNAL);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,7 +458,12 @@ async fn a_second_server_whose_run_ids_start_again_runs_them_with_the_same_journ
     let first = Harness::start("ids-first").await;
     let id = first.enqueue(r#"finish completed "first server""#);
     let mut runner = first.runner(&[]);
-    assert_eq!(first.wait_final(id).await.status, "succeeded", "{}", first.log());
+    assert_eq!(
+        first.wait_final(id).await.status,
+        "succeeded",
+        "{}",
+        first.log()
+    );
     signal(&runner, libc::SIGTERM);
     assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
 

@@ -791,8 +791,9 @@ impl SledJournal {
 
     /// Past the budget, deletes the oldest half of the terminal runs (every identity; runs
     /// in flight are never touched) and flushes. sled is log-structured: its files do not
-    /// shrink when records are deleted, the freed space is reused by later writes, so pruning
-    /// starts at 3/4 of the budget and frees generously, keeping the files under the budget.
+    /// shrink when records are deleted, the freed space is reused by later writes (and its
+    /// files grow in steps), so pruning starts at half the budget and frees generously,
+    /// keeping the files under the budget.
     /// Returns the number of runs deleted.
     pub fn enforce_size_budget(&self) -> Result<usize, JournalError> {
         let max = self.budget.max_bytes.load(Ordering::Relaxed);
@@ -800,7 +801,7 @@ impl SledJournal {
             return Ok(0);
         }
         let size = self.db.size_on_disk()?;
-        if size < max / 4 * 3 {
+        if size < max / 2 {
             return Ok(0);
         }
         let mut all = self.clone();
@@ -817,7 +818,7 @@ impl SledJournal {
             size_bytes = size,
             budget_bytes = max,
             runs = victims.len(),
-            "journal past 3/4 of its size budget (WSRUNNER_JOURNAL_MAX_BYTES): deleted the oldest terminal runs"
+            "journal past half its size budget (WSRUNNER_JOURNAL_MAX_BYTES): deleted the oldest terminal runs"
         );
         Ok(victims.len())
     }
