@@ -200,7 +200,7 @@ fn diverging_record_is_reported_by_replay() {
         let mut bad = records.remove(2);
         // Claim the container started while recording the state before it.
         bad.state = records[0].state.clone();
-        j.import_raw(4, bad.seq, &encode_stored(&bad, None))
+        j.import_raw(4, bad.seq, &encode_stored(&bad, None, true))
             .unwrap();
         j.flush().unwrap();
     }

@@ -34,7 +34,7 @@ use super::{
     decode_record, parse_record_key, run_key, ExportLine, Journal, JournalError, Quarantined,
     Record, Slot, SCHEMA_VERSION,
 };
-use crate::fsm::{Event, RunSecrets};
+use crate::fsm::{Event, RunSecrets, RunState};
 
 /// `meta` key of the unresolved-claim mark.
 const UNRESOLVED_CLAIM: &str = "unresolved_claim";
@@ -156,6 +156,9 @@ pub struct SledJournal {
     path: PathBuf,
     view: View,
     budget: Arc<Budget>,
+    /// The last state of each run in flight this process has read or written: an append whose
+    /// state is what replaying its event on that state gives stores no state.
+    states: Arc<Mutex<HashMap<[u8; 12], RunState>>>,
     /// Keeps the files sled creates while running private (set by [`SledJournal::open`]).
     modes: Option<Arc<Mutex<PrivateModes>>>,
 }
@@ -216,14 +219,19 @@ fn plan_bytes(record: &Record) -> Vec<u8> {
 }
 
 /// The stored form of a record: the record's JSON without `run_id` (the key holds it), without
-/// `secrets` (`v2.secrets` holds them) and, when it equals the run's stored plan `plan`,
-/// without the plan in the state and in a `claimed` event. What changes per record stays.
-pub fn encode_stored(record: &Record, plan: Option<&[u8]>) -> Vec<u8> {
+/// `secrets` (`v2.secrets` holds them), without the plan in the state and in a `claimed` event
+/// when it equals the run's stored plan `plan`, and without the state when `keep_state` is
+/// false (the writer checked that replaying the event through `fsm::apply` gives it back).
+/// What is left is what changed: the event.
+pub fn encode_stored(record: &Record, plan: Option<&[u8]>, keep_state: bool) -> Vec<u8> {
     let Ok(Value::Object(mut obj)) = serde_json::to_value(record) else {
         return Vec::new();
     };
     obj.remove("run_id");
     obj.remove("secrets");
+    if !keep_state {
+        obj.remove("state");
+    }
     if let Some(plan) = plan {
         if plan_bytes(record) == plan {
             if let Some(Value::Object(state)) = obj.get_mut("state") {
@@ -242,13 +250,15 @@ pub fn encode_stored(record: &Record, plan: Option<&[u8]>) -> Vec<u8> {
 }
 
 /// Inverse of [`encode_stored`] (and reads a whole schema-1 record too): puts back the run
-/// id, the plan (parsed once per run by the caller) and, on seq 1, the secrets.
+/// id, the plan (parsed once per run by the caller), on seq 1 the secrets, and a state not
+/// stored by replaying the event on `prev` (the run's previous state; `None` before seq 1).
 pub fn decode_stored(
     run_id: i64,
     seq: u64,
     bytes: &[u8],
     plan: Option<&Value>,
     secrets: Option<&RunSecrets>,
+    prev: Option<&RunState>,
 ) -> Result<Record, String> {
     let mut value: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("not a journal record: {e}"))?;
@@ -274,6 +284,21 @@ pub fn decode_stored(
         {
             event.insert("plan".into(), plan.cloned().ok_or_else(missing_plan)?);
         }
+    }
+    if !obj.contains_key("state") {
+        let event: Event = serde_json::from_value(obj.get("event").cloned().unwrap_or_default())
+            .map_err(|e| format!("not a journal record: {e}"))?;
+        if seq > 1 && prev.is_none() {
+            return Err(
+                "the record stores no state and the run's previous state is unknown \
+                        (an earlier record is unreadable)"
+                    .into(),
+            );
+        }
+        let (state, _) = crate::fsm::apply(prev, &event)
+            .map_err(|e| format!("the record stores no state and replaying it fails: {e}"))?;
+        let state = serde_json::to_value(&state).map_err(|e| e.to_string())?;
+        obj.insert("state".into(), state);
     }
     let mut record: Record =
         serde_json::from_value(value).map_err(|e| format!("not a journal record: {e}"))?;
@@ -419,6 +444,7 @@ impl SledJournal {
             path: dir.to_path_buf(),
             view: View::Any,
             budget: Arc::new(Budget::default()),
+            states: Arc::default(),
             modes: None,
         };
         Ok((journal, migration))
@@ -466,7 +492,8 @@ impl SledJournal {
                     }
                     let mut r = r;
                     r.schema = SCHEMA_VERSION;
-                    encode_stored(&r, Some(plan))
+                    // History keeps its recorded states: replay still checks them.
+                    encode_stored(&r, Some(plan), true)
                 }
                 // Unreadable stays unreadable, byte for byte (quarantined, shown by verify).
                 _ => v.to_vec(),
@@ -823,12 +850,19 @@ impl SledJournal {
         Ok(victims.len())
     }
 
+    /// A run's slots in seq order; states not stored are replayed from the previous one.
     fn scope_records(&self, scope: u32, run: i64) -> Result<Vec<Slot>, JournalError> {
         let head = self.head(scope, run)?;
-        let mut out = Vec::new();
+        let mut out: Vec<Slot> = Vec::new();
+        let mut prev: Option<RunState> = None;
         for entry in self.records.scan_prefix(skey(scope, run)) {
             let (k, v) = entry?;
-            out.push(slot_from(&k, &v, &head)?);
+            let slot = slot_from(&k, &v, &head, prev.as_ref())?;
+            prev = match &slot {
+                Slot::Record(r) => Some(r.state.clone()),
+                Slot::Quarantined(_) => None,
+            };
+            out.push(slot);
         }
         Ok(out)
     }
@@ -869,7 +903,12 @@ struct Head {
     secrets: Option<RunSecrets>,
 }
 
-fn slot_from(key: &[u8], value: &[u8], head: &Head) -> Result<Slot, JournalError> {
+fn slot_from(
+    key: &[u8],
+    value: &[u8],
+    head: &Head,
+    prev: Option<&RunState>,
+) -> Result<Slot, JournalError> {
     let (_, run_id, seq) = parse_srkey(key)
         .ok_or_else(|| JournalError::Corruption(format!("bad record key {key:02x?}")))?;
     Ok(
@@ -879,6 +918,7 @@ fn slot_from(key: &[u8], value: &[u8], head: &Head) -> Result<Slot, JournalError
             value,
             head.plan.as_ref(),
             head.secrets.as_ref(),
+            prev,
         ) {
             Ok(r) if r.run_id == run_id && r.seq == seq => Slot::Record(r),
             Ok(r) => Slot::Quarantined(Quarantined {
@@ -1009,6 +1049,123 @@ fn migration_failpoint(name: &str) {
     }
 }
 
+fn k_array(key: &[u8]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    if key.len() == 12 {
+        out.copy_from_slice(key);
+    }
+    out
+}
+
+impl SledJournal {
+    fn lock_states(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 12], RunState>> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The append's transaction. A first record also stores the run's plan and secrets (five
+    /// trees); later ones touch only the records and the indexes: the plan never changes.
+    fn append_in_tx(
+        &self,
+        record: &Record,
+        rkey: [u8; 12],
+        key: [u8; 20],
+        plan: &[u8],
+        keep_state: bool,
+    ) -> Result<(), JournalError> {
+        let terminal = record.state.is_terminal();
+        let mut ended_value = [0u8; 16];
+        ended_value[..8].copy_from_slice(&record.at_ms.to_be_bytes());
+        ended_value[8..].copy_from_slice(&record.seq.to_be_bytes());
+        let repeated = self.repeated_run_message(record.run_id);
+        let same_plan = record.seq == 1 || self.plans.get(rkey)?.is_some_and(|p| p == plan);
+        let bytes = if same_plan {
+            encode_stored(record, Some(plan), keep_state)
+        } else {
+            // Not the run's stored plan (an imported history): keep it whole.
+            encode_stored(record, None, true)
+        };
+        let secrets = record
+            .secrets
+            .as_ref()
+            .filter(|s| !s.is_empty())
+            .map(|s| serde_json::to_vec(s).unwrap_or_default());
+        // No IO in the closures: sled may run them more than once.
+        let check = |active: &sled::transaction::TransactionalTree,
+                     ended: &sled::transaction::TransactionalTree|
+         -> Result<(), ConflictableTransactionError<String>> {
+            if ended.get(rkey)?.is_some() {
+                return Err(ConflictableTransactionError::Abort(repeated.clone()));
+            }
+            let last = match active.get(rkey)? {
+                Some(v) => Some(index_seq(&v).map_err(|_| {
+                    ConflictableTransactionError::Abort("bad active index value".to_owned())
+                })?),
+                None => None,
+            };
+            let expected = last.map_or(1, |s| s + 1);
+            if record.seq != expected {
+                return Err(ConflictableTransactionError::Abort(format!(
+                    "run {} seq {} is not contiguous (expected {expected})",
+                    record.run_id, record.seq
+                )));
+            }
+            Ok(())
+        };
+        let index = |active: &sled::transaction::TransactionalTree,
+                     ended: &sled::transaction::TransactionalTree|
+         -> Result<(), ConflictableTransactionError<String>> {
+            if terminal {
+                active.remove(&rkey)?;
+                ended.insert(&rkey, &ended_value)?;
+            } else {
+                active.insert(&rkey, &record.seq.to_be_bytes())?;
+            }
+            Ok(())
+        };
+        let result = if record.seq == 1 {
+            (
+                &self.records,
+                &self.active,
+                &self.ended,
+                &self.plans,
+                &self.secrets,
+            )
+                .transaction(|(records, active, ended, plans, secret_tree)| {
+                    check(active, ended)?;
+                    plans.insert(&rkey, plan)?;
+                    if let Some(s) = &secrets {
+                        secret_tree.insert(&rkey, s.as_slice())?;
+                    }
+                    records.insert(&key, bytes.as_slice())?;
+                    index(active, ended)
+                })
+        } else {
+            (&self.records, &self.active, &self.ended).transaction(|(records, active, ended)| {
+                check(active, ended)?;
+                records.insert(&key, bytes.as_slice())?;
+                index(active, ended)
+            })
+        };
+        match result {
+            Ok(()) => {
+                let mut states = self.lock_states();
+                if terminal {
+                    states.remove(&rkey);
+                    self.budget.check.store(true, Ordering::Relaxed);
+                } else {
+                    states.insert(rkey, record.state.clone());
+                }
+                Ok(())
+            }
+            Err(TransactionError::Abort(msg)) if msg == repeated && record.seq == 1 => {
+                Err(JournalError::RunIdReused(msg))
+            }
+            Err(TransactionError::Abort(msg)) => Err(JournalError::Misuse(msg)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+}
+
 fn key_run(key: &[u8]) -> Result<i64, JournalError> {
     let b: [u8; 8] = key
         .try_into()
@@ -1019,78 +1176,22 @@ fn key_run(key: &[u8]) -> Result<i64, JournalError> {
 impl Journal for SledJournal {
     fn append(&self, record: &Record) -> Result<(), JournalError> {
         let scope = self.scope_of(record.run_id)?;
-        let plan = plan_bytes(record);
-        let stripped = encode_stored(record, Some(&plan));
-        let secrets = record
-            .secrets
-            .as_ref()
-            .filter(|s| !s.is_empty())
-            .map(|s| serde_json::to_vec(s).unwrap_or_default());
         let rkey = skey(scope, record.run_id);
         let key = srkey(scope, record.run_id, record.seq);
-        let terminal = record.state.is_terminal();
-        let mut ended_value = [0u8; 16];
-        ended_value[..8].copy_from_slice(&record.at_ms.to_be_bytes());
-        ended_value[8..].copy_from_slice(&record.seq.to_be_bytes());
-        let repeated = self.repeated_run_message(record.run_id);
-        let result = (
-            &self.records,
-            &self.active,
-            &self.ended,
-            &self.plans,
-            &self.secrets,
-        )
-            .transaction(|(records, active, ended, plans, secret_tree)| {
-                // No IO in here: sled may run this closure more than once.
-                if ended.get(rkey)?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(repeated.clone()));
+        let plan = plan_bytes(record);
+        let replayed = {
+            let states = self.lock_states();
+            let prev = if record.seq == 1 {
+                None
+            } else {
+                match states.get(&rkey) {
+                    Some(prev) => Some(prev),
+                    None => return self.append_in_tx(record, rkey, key, &plan, true),
                 }
-                let last = match active.get(rkey)? {
-                    Some(v) => Some(index_seq(&v).map_err(|_| {
-                        ConflictableTransactionError::Abort("bad active index value".to_owned())
-                    })?),
-                    None => None,
-                };
-                let expected = last.map_or(1, |s| s + 1);
-                if record.seq != expected {
-                    return Err(ConflictableTransactionError::Abort(format!(
-                        "run {} seq {} is not contiguous (expected {expected})",
-                        record.run_id, record.seq
-                    )));
-                }
-                if record.seq == 1 {
-                    plans.insert(&rkey, plan.as_slice())?;
-                    if let Some(s) = &secrets {
-                        secret_tree.insert(&rkey, s.as_slice())?;
-                    }
-                    records.insert(&key, stripped.as_slice())?;
-                } else if plans.get(rkey)?.is_some_and(|p| p == plan.as_slice()) {
-                    records.insert(&key, stripped.as_slice())?;
-                } else {
-                    // Not the run's stored plan (an imported history): keep it whole.
-                    records.insert(&key, encode_stored(record, None))?;
-                }
-                if terminal {
-                    active.remove(&rkey)?;
-                    ended.insert(&rkey, &ended_value)?;
-                } else {
-                    active.insert(&rkey, &record.seq.to_be_bytes())?;
-                }
-                Ok(())
-            });
-        match result {
-            Ok(()) => {
-                if terminal {
-                    self.budget.check.store(true, Ordering::Relaxed);
-                }
-                Ok(())
-            }
-            Err(TransactionError::Abort(msg)) if msg == repeated && record.seq == 1 => {
-                Err(JournalError::RunIdReused(msg))
-            }
-            Err(TransactionError::Abort(msg)) => Err(JournalError::Misuse(msg)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+            };
+            crate::fsm::apply(prev, &record.event).is_ok_and(|(s, _)| s == record.state)
+        };
+        self.append_in_tx(record, rkey, key, &plan, !replayed)
     }
 
     fn flush(&self) -> Result<(), JournalError> {
@@ -1110,9 +1211,16 @@ impl Journal for SledJournal {
                 let (scope, run) = parse_skey(&k)
                     .ok_or_else(|| JournalError::Corruption("bad active index key".into()))?;
                 let seq = index_seq(&v)?;
-                let key = srkey(scope, run, seq);
-                match self.records.get(key)? {
-                    Some(v) => out.push(slot_from(&key, &v, &self.head(scope, run)?)?),
+                // A run in flight has a handful of records (the agent's are budgeted):
+                // replaying them gives the last state where it is not stored.
+                let slots = self.scope_records(scope, run)?;
+                match slots.into_iter().find(|s| s.seq() == seq) {
+                    Some(slot) => {
+                        if let Slot::Record(r) = &slot {
+                            self.lock_states().insert(k_array(&k), r.state.clone());
+                        }
+                        out.push(slot)
+                    }
                     None => out.push(Slot::Quarantined(Quarantined {
                         run_id: run,
                         seq,
