@@ -2,7 +2,8 @@
 //! 1. per-transition commit latency (one sled transaction + blocking flush) against a raw
 //!    4 KiB write + fsync in the same directory, measured in the same run;
 //! 2. journal open time (open + read the active-runs index, what start-up does) with 100,000
-//!    terminal and 100 active runs (`JOURNAL_BENCH_TERMINAL` changes the terminal count).
+//!    terminal and 100 active runs (`JOURNAL_BENCH_TERMINAL` changes the terminal count), and
+//!    its size on disk per run (`du -sb`).
 //!
 //! `cargo run --release --example journal_bench -- [DIR] [ROUNDS]`
 //! DIR defaults to a fresh dir under target/ (the same disk as the build); ROUNDS to 3.
@@ -166,14 +167,20 @@ fn open_time(dir: &Path, terminal_runs: i64) -> (Duration, usize) {
         j.flush().expect("flush");
     }
     let size = std::process::Command::new("du")
-        .arg("-sh")
+        .arg("-sb")
         .arg(&path)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    let bytes: f64 = size
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0.0);
     println!(
-        "built the start-up journal ({terminal_runs} terminal + {ACTIVE_RUNS} active runs) in {:.1} s: {size}",
-        built.elapsed().as_secs_f64()
+        "built the start-up journal ({terminal_runs} terminal + {ACTIVE_RUNS} active runs) in {:.1} s: {size} ({:.1} KiB on disk per run)",
+        built.elapsed().as_secs_f64(),
+        bytes / 1024.0 / (terminal_runs + ACTIVE_RUNS) as f64
     );
     let mut times = Vec::new();
     let mut active = 0;

@@ -36,6 +36,31 @@ pub const DEFAULT_CACHE_MAX_AGE: &str = "168h";
 pub const DEFAULT_DISK_FREE_WARN: &str = "10g";
 /// Ours: terminal runs older than this are archived out of the journal.
 pub const DEFAULT_JOURNAL_RETENTION: &str = "336h";
+/// `WSRUNNER_JOURNAL_MAX_BYTES` default: about 60,000 terminal runs of a typical size.
+pub const DEFAULT_JOURNAL_MAX_BYTES: u64 = 1 << 30;
+/// The smallest budget accepted: sled works in 512 KiB segments and needs some of them.
+pub const MIN_JOURNAL_MAX_BYTES: u64 = 8 << 20;
+
+/// `WSRUNNER_JOURNAL_MAX_BYTES`: a byte count (k, m, g suffixes), `0` for no budget.
+fn journal_max_bytes(text: Option<String>) -> Result<Option<u64>, ConfigError> {
+    let Some(text) = text else {
+        return Ok(Some(DEFAULT_JOURNAL_MAX_BYTES));
+    };
+    if text.trim() == "0" {
+        return Ok(None);
+    }
+    crate::effects::engine_api::parse_bytes(&text)
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|n| *n >= MIN_JOURNAL_MAX_BYTES)
+        .map(Some)
+        .ok_or_else(|| {
+            invalid(
+                "WSRUNNER_JOURNAL_MAX_BYTES",
+                &text,
+                "must be a byte count of at least 8m, e.g. 512m or 2g (k, m, g are KiB, MiB, GiB), or 0 for no budget",
+            )
+        })
+}
 /// Ours: how long a git network step (cache fetch/clone, ls-remote, push) keeps retrying
 /// transient failures, from its first failure; `0` means one attempt.
 pub const DEFAULT_GIT_RETRY_TIMEOUT: &str = "3m";
@@ -127,6 +152,10 @@ pub struct RunnerConfig {
     /// Terminal runs older than this are archived out of the journal [default: 336h].
     #[arg(long, env = "WSRUNNER_JOURNAL_RETENTION")]
     pub journal_retention: Option<String>,
+    /// Size budget of the journal on disk: past it the oldest terminal runs are deleted
+    /// (never a run in flight); `0` is no budget [default: 1g].
+    #[arg(long, env = "WSRUNNER_JOURNAL_MAX_BYTES")]
+    pub journal_max_bytes: Option<String>,
     /// Idle bare caches older than this are evicted [default: 168h].
     #[arg(long, env = "WSRUNNER_CACHE_MAX_AGE")]
     pub cache_max_age: Option<String>,
@@ -219,6 +248,8 @@ pub struct ValidConfig {
     pub cpus: String,
     pub journal_dir: PathBuf,
     pub journal_retention: Duration,
+    /// `None`: no budget (`WSRUNNER_JOURNAL_MAX_BYTES=0`).
+    pub journal_max_bytes: Option<u64>,
     pub cache_max_age: Duration,
     /// `WSRUNNER_CACHE_MAX_BYTES` (none: no total-size cap).
     pub cache_max_bytes: Option<u64>,
@@ -270,6 +301,7 @@ impl std::fmt::Debug for ValidConfig {
             .field("cpus", &self.cpus)
             .field("journal_dir", &self.journal_dir)
             .field("journal_retention", &self.journal_retention)
+            .field("journal_max_bytes", &self.journal_max_bytes)
             .field("cache_max_age", &self.cache_max_age)
             .field("git_retry_timeout", &self.git_retry_timeout)
             .field("metrics_addr", &self.metrics_addr)
@@ -744,6 +776,7 @@ impl RunnerConfig {
                 "WSRUNNER_JOURNAL_RETENTION",
                 &non_empty_or(&self.journal_retention, DEFAULT_JOURNAL_RETENTION),
             )?,
+            journal_max_bytes: journal_max_bytes(non_empty(&self.journal_max_bytes))?,
             cache_max_age: positive_duration(
                 "WSRUNNER_CACHE_MAX_AGE",
                 &non_empty_or(&self.cache_max_age, DEFAULT_CACHE_MAX_AGE),

@@ -909,6 +909,13 @@ fn journal_check(dir: &Path) -> Check {
             "journal",
             format!("{} is held by a running runner (fine if the service is running)", dir.display()),
         ),
+        Err(JournalError::NeedsMigration { schema, .. }) => Check::pass(
+            "journal",
+            format!(
+                "{} is journal schema {schema} (an older release); the runner migrates it when it starts",
+                dir.display()
+            ),
+        ),
         Err(e) => Check::fail(
             "journal",
             format!("{} cannot be opened: {e}", dir.display()),

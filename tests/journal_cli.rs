@@ -6,9 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use windshift_runner::journal::{
-    commit_event, encode_record, record_key, Journal, Record, SledJournal,
-};
+use windshift_runner::journal::{commit_event, encode_stored, Journal, Record, SledJournal};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
@@ -84,7 +82,13 @@ fn list_show_replay_verify_on_a_clean_journal() {
         "{out}"
     );
     let (code, out, _) = text(&journal(&db, &["verify", "--retention-days", "1000000"]));
-    assert_eq!((code, out.trim()), (0, "verify: clean"));
+    assert_eq!(
+        (code, out.trim()),
+        (
+            0,
+            "journal schema 2 (this build writes 2, opens 1 to 2)\nverify: clean"
+        )
+    );
 
     let (code, out, _) = text(&journal(
         &db,
@@ -93,6 +97,7 @@ fn list_show_replay_verify_on_a_clean_journal() {
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["clean"], true);
+    assert_eq!(v["schema"], 2);
     let (code, out, _) = text(&journal(&db, &["list", "--json"]));
     assert_eq!(code, 0);
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -174,12 +179,9 @@ fn corrupted_record_is_quarantined_and_shown_not_fatal() {
     // Garbage written straight into sled over a good record of a clean journal.
     let (_dir2, db2) = imported("happy-single-repo.jsonl");
     {
-        let db = sled::open(&db2).unwrap();
-        let records = db.open_tree("records").unwrap();
-        records
-            .insert(record_key(4, 3), &b"\xff\x00 not a record"[..])
-            .unwrap();
-        db.flush().unwrap();
+        let j = SledJournal::open(&db2).unwrap();
+        j.import_raw(4, 3, &b"\xff\x00 not a record"[..]).unwrap();
+        j.flush().unwrap();
     }
     let (code, out, err) = text(&journal(&db2, &["verify", "--retention-days", "1000000"]));
     assert_eq!(code, 1, "{out}{err}");
@@ -198,13 +200,9 @@ fn diverging_record_is_reported_by_replay() {
         let mut bad = records.remove(2);
         // Claim the container started while recording the state before it.
         bad.state = records[0].state.clone();
-        drop(j);
-        let db = sled::open(&db).unwrap();
-        db.open_tree("records")
-            .unwrap()
-            .insert(record_key(4, bad.seq), encode_record(&bad))
+        j.import_raw(4, bad.seq, &encode_stored(&bad, None, true))
             .unwrap();
-        db.flush().unwrap();
+        j.flush().unwrap();
     }
     let (code, out, _) = text(&journal(&db, &["replay"]));
     assert_eq!(code, 1, "{out}");

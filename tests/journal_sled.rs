@@ -163,7 +163,7 @@ fn retention_archives_old_terminal_runs_then_deletes_them() {
     assert!(text
         .lines()
         .skip(1)
-        .all(|l| l.starts_with("{\"record\":{\"schema\":1,\"run_id\":4,")));
+        .all(|l| l.starts_with("{\"record\":{\"schema\":2,\"run_id\":4,")));
     assert!(!text.contains(common::TOKEN), "archives are redacted");
     assert_eq!(
         std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777,

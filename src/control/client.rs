@@ -484,6 +484,17 @@ impl Client {
         self.inner.auth.reset();
     }
 
+    /// Runs `f` on the installed credential (the journal derives its identity's fingerprint
+    /// from it); `None` when none is installed. The credential itself is never handed out.
+    pub fn with_credential<R>(&self, f: impl FnOnce(&str) -> R) -> Option<R> {
+        self.inner
+            .credential
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .map(f)
+    }
+
     pub fn has_credential(&self) -> bool {
         self.inner
             .credential

@@ -35,7 +35,7 @@ use crate::effects::container::{
 };
 use crate::effects::git::TransportPolicy;
 use crate::fsm::{Event, RunPlan};
-use crate::journal::{commit_event_async, now_ms, Journal, SledJournal};
+use crate::journal::{commit_event_async, now_ms, Journal, JournalIdentity, SledJournal};
 use crate::metrics::{Health, Metrics};
 use run_task::{RunTask, Start, StopRequest};
 use systemd::Notifier;
@@ -288,6 +288,7 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
         registration_token: cfg.registration_token.clone(),
         name: cfg.name.clone(),
     };
+    let mut registered_instance = None;
     match obtain_credential(&client, &inputs).await {
         Ok(got) => {
             for w in &got.warnings {
@@ -299,6 +300,7 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
                     pool_id,
                     persisted,
                 } => {
+                    registered_instance = Some(instance_id);
                     info!("registered as instance {instance_id} in pool {pool_id}");
                     if persisted {
                         info!(file = %cfg.credential_file.display(), "credential saved; the registration token is no longer needed");
@@ -319,12 +321,21 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
         }
     }
 
-    // 4. The journal.
+    // 4. The journal, seen through this server's and instance's identity (run ids are unique
+    // per server only; docs/journal.md, "Identity").
     let journal_dir = cfg.journal_dir.clone();
-    let journal = tokio::task::spawn_blocking(move || SledJournal::open(&journal_dir))
-        .await
-        .map_err(|e| boot_err(EXIT_FATAL, format!("journal open task failed: {e}")))?
-        .map_err(|e| boot_err(EXIT_FATAL, e.to_string()))?;
+    let identity = client
+        .with_credential(|c| JournalIdentity::new(client.base_url(), c, registered_instance))
+        .ok_or_else(|| boot_err(EXIT_FATAL, "no runner credential installed"))?;
+    let max_bytes = cfg.journal_max_bytes;
+    let journal = tokio::task::spawn_blocking(move || {
+        let journal = SledJournal::open(&journal_dir)?.scoped(&identity)?;
+        journal.set_size_budget(max_bytes);
+        Ok::<_, crate::journal::JournalError>(journal)
+    })
+    .await
+    .map_err(|e| boot_err(EXIT_FATAL, format!("journal open task failed: {e}")))?
+    .map_err(|e| boot_err(EXIT_FATAL, e.to_string()))?;
     let containers_dir = cfg.cache_root.join(".containers");
     run_task::create_private_dir(&containers_dir).map_err(|e| {
         boot_err(

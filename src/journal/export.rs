@@ -2,17 +2,21 @@
 //! retention archives, moving a journal between hosts).
 //!
 //! ```text
-//! {"header":{"format":"windshift-runner-journal","version":1}}
-//! {"record":{"schema":1,"run_id":42,"seq":1,...}}          secrets masked
+//! {"header":{"format":"windshift-runner-journal","version":2}}
+//! {"run":{"run_id":42,"identity":"server https://ws/api, instance 7 (…)"}}   version 2
+//! {"record":{"schema":2,"run_id":42,"seq":1,...}}          secrets masked
 //! {"quarantined":{"run_id":42,"seq":3,"bytes_hex":"…","error":"…"}}
 //! ```
+//!
+//! Version 2 adds the `run` line before each run of a known identity (it is for humans: an
+//! import puts every run in the importing view). Version 1 exports import unchanged.
 
 use serde::{Deserialize, Serialize};
 
 use super::{Journal, JournalError, Record, SledJournal, Slot};
 
 pub const EXPORT_FORMAT: &str = "windshift-runner-journal";
-pub const EXPORT_VERSION: u32 = 1;
+pub const EXPORT_VERSION: u32 = 2;
 
 /// One line of an export.
 // Lines are built and written one at a time; boxing the record would only add noise.
@@ -23,6 +27,11 @@ pub enum ExportLine {
     Header {
         format: String,
         version: u32,
+    },
+    /// Whose run the following lines are (written only for runs of a known identity).
+    Run {
+        run_id: i64,
+        identity: String,
     },
     Record(Record),
     Quarantined {
@@ -72,6 +81,27 @@ pub fn export_lines(journal: &dyn Journal) -> Result<Vec<ExportLine>, JournalErr
     Ok(out)
 }
 
+/// Every run of every identity of a sled journal, each known identity's runs preceded by
+/// their `run` line.
+pub fn export_all(journal: &SledJournal) -> Result<Vec<ExportLine>, JournalError> {
+    let mut out = vec![ExportLine::header()];
+    for info in journal.identities()? {
+        let view = journal.view_of(&info);
+        for run in view.run_ids()? {
+            if info.scope != 0 {
+                out.push(ExportLine::Run {
+                    run_id: run,
+                    identity: info.describe(),
+                });
+            }
+            for slot in view.records(run)? {
+                out.push(ExportLine::from_slot(&slot));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Imports an export into `journal` (normally a fresh one) and flushes. Records go through
 /// the normal append path, so sequence rules are checked; quarantined entries are restored
 /// byte for byte. Returns the number of lines imported.
@@ -100,7 +130,9 @@ pub fn import_lines(text: &str, journal: &SledJournal) -> Result<usize, String> 
                     "line {n}: the export must start with its header line"
                 ))
             }
-            ExportLine::Record(record) => {
+            ExportLine::Run { .. } => {}
+            ExportLine::Record(mut record) => {
+                record.schema = super::SCHEMA_VERSION;
                 journal
                     .append(&record)
                     .map_err(|e| format!("line {n}: {e}"))?;

@@ -22,12 +22,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsm::{self, Effect, Event, Rejected, RunSecrets, RunState};
 
-pub use export::{export_lines, import_lines, ExportLine, EXPORT_FORMAT, EXPORT_VERSION};
+pub use export::{
+    export_all, export_lines, import_lines, ExportLine, EXPORT_FORMAT, EXPORT_VERSION,
+};
 pub use mem::MemJournal;
-pub use sled_store::{ArchiveSummary, SledJournal};
+pub use sled_store::{
+    decode_stored, encode_stored, ArchiveSummary, IdentityInfo, JournalIdentity, Migration,
+    SledJournal, OLDEST_SCHEMA,
+};
 
-/// The record schema this build writes. Readers accept this and older versions.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The record schema this build writes. It opens journals of [`OLDEST_SCHEMA`] to this one,
+/// migrating older ones on open (docs/journal.md, "Compatibility"). Schema 2: runs keyed by
+/// identity and run id; the plan and secrets stored once per run, records without them.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One journaled transition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,9 +72,9 @@ pub fn encode_record(record: &Record) -> Vec<u8> {
 pub fn decode_record(bytes: &[u8]) -> Result<Record, String> {
     let record: Record =
         serde_json::from_slice(bytes).map_err(|e| format!("not a journal record: {e}"))?;
-    if record.schema == 0 || record.schema > SCHEMA_VERSION {
+    if record.schema < OLDEST_SCHEMA || record.schema > SCHEMA_VERSION {
         return Err(format!(
-            "record schema {} is not supported by this build (supports 1..={SCHEMA_VERSION})",
+            "record schema {} is not supported by this build (supports {OLDEST_SCHEMA}..={SCHEMA_VERSION})",
             record.schema
         ));
     }
@@ -122,6 +129,16 @@ pub enum JournalError {
          stop it, or pass --copy to read a copy of the database"
     )]
     Locked { path: String },
+    /// The journal is of an older schema and this open may not migrate it (offline tools).
+    #[error(
+        "the journal at {path} is schema {schema}, written by an older windshift-runner; the \
+         runner migrates it when it starts (or run `windshift-runner journal --db {path} migrate` \
+         with the runner stopped)"
+    )]
+    NeedsMigration { path: String, schema: u32 },
+    /// The same identity claimed a run id it already ran to the end (message says why/what).
+    #[error("{0}")]
+    RunIdReused(String),
     /// No journal exists at the path (offline tools never create one).
     #[error("no journal at {path}: pass --db with the runner's journal directory")]
     Missing { path: String },

@@ -1,28 +1,146 @@
-//! The sled-backed journal.
+//! The sled-backed journal, schema 2.
 //!
-//! Trees: `records` ((run, seq) → record JSON), `active` (run → last seq, non-terminal runs
-//! only: start-up reads this instead of history), `ended` (run → terminal time and last seq:
-//! what retention walks), `meta` (schema version; `unresolved_claim`: unix ms of a claim whose
-//! answer may have been lost, see `Journal::set_unresolved_claim`).
+//! Every key starts with the run's identity scope (u32 big-endian: 0 for runs of no known
+//! identity, written before schema 2 or through the unscoped view) and the run key
+//! ([`run_key`]). Trees:
+//! - `v2.records` ((scope, run, seq) → the record without its plan, see [`encode_stored`]),
+//! - `v2.plans` ((scope, run) → the run's plan, stored once: it never changes),
+//! - `v2.secrets` ((scope, run) → the run's secrets, masked by every printer),
+//! - `v2.active` ((scope, run) → last seq; non-terminal runs only: start-up reads this),
+//! - `v2.ended` ((scope, run) → terminal time and last seq: what retention and the size budget
+//!   walk),
+//! - `v2.identities` (identity key → its scope and what it names, [`JournalIdentity`]),
+//! - `meta` (`schema`, `next_scope`, `unresolved_claim`: unix ms of a claim whose answer may
+//!   have been lost, see `Journal::set_unresolved_claim`).
+//!
+//! Schema 1 (trees `records`, `active`, `ended`, keyed by run alone, whole state in every
+//! record) is migrated on open; see [`SledJournal::open`] and docs/journal.md.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use super::{
-    decode_record, encode_record, parse_record_key, record_key, run_key, ExportLine, Journal,
-    JournalError, Quarantined, Record, Slot, SCHEMA_VERSION,
+    decode_record, parse_record_key, run_key, ExportLine, Journal, JournalError, Quarantined,
+    Record, Slot, SCHEMA_VERSION,
 };
+use crate::fsm::{Event, RunSecrets, RunState};
 
 /// `meta` key of the unresolved-claim mark.
 const UNRESOLVED_CLAIM: &str = "unresolved_claim";
+/// `meta` key of the next identity scope to hand out (scope 0 is "no identity").
+const NEXT_SCOPE: &str = "next_scope";
+/// The oldest schema this build opens (and migrates).
+pub const OLDEST_SCHEMA: u32 = 1;
+/// Schema 1's trees, dropped once a migration has committed.
+const V1_TREES: [&str; 3] = ["records", "active", "ended"];
+const T_RECORDS: &str = "v2.records";
+const T_PLANS: &str = "v2.plans";
+const T_SECRETS: &str = "v2.secrets";
+const T_ACTIVE: &str = "v2.active";
+const T_ENDED: &str = "v2.ended";
+const T_IDENTITIES: &str = "v2.identities";
+const V2_TREES: [&str; 6] = [
+    T_RECORDS,
+    T_PLANS,
+    T_SECRETS,
+    T_ACTIVE,
+    T_ENDED,
+    T_IDENTITIES,
+];
+
+/// Who the journal's runs belong to: the server (its API base URL) and the runner instance
+/// (named by a fingerprint of the credential its registration issued: one per registration,
+/// known whether the credential came from registering, the credential file or the env; the
+/// instance id is recorded too when this process registered). Run ids are unique only per
+/// server, so the journal keys runs by identity and run id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalIdentity {
+    pub server: String,
+    /// `sha256:` + the first 16 hex digits of SHA-256(credential): names the instance without
+    /// holding the secret.
+    pub credential: String,
+    pub instance_id: Option<i64>,
+}
+
+impl JournalIdentity {
+    pub fn new(server: &str, credential: &str, instance_id: Option<i64>) -> JournalIdentity {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(credential.trim().as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        JournalIdentity {
+            server: server.trim().trim_end_matches('/').to_owned(),
+            credential: format!("sha256:{hex}"),
+            instance_id,
+        }
+    }
+
+    /// The key runs are scoped by (the instance id is not part of it: it is not always known).
+    pub fn key(&self) -> String {
+        format!("{} {}", self.server, self.credential)
+    }
+}
+
+/// An identity the journal holds runs for (`journal list` and friends show it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityInfo {
+    pub scope: u32,
+    pub server: String,
+    pub credential: String,
+    #[serde(default)]
+    pub instance_id: Option<i64>,
+}
+
+impl IdentityInfo {
+    fn legacy() -> IdentityInfo {
+        IdentityInfo {
+            scope: 0,
+            server: String::new(),
+            credential: String::new(),
+            instance_id: None,
+        }
+    }
+
+    /// One line for humans: `server https://ws/api, instance 7 (credential sha256:…)`.
+    pub fn describe(&self) -> String {
+        if self.scope == 0 {
+            return "no recorded identity (written before journal schema 2)".into();
+        }
+        let instance = match self.instance_id {
+            Some(id) => format!("instance {id} (credential {})", self.credential),
+            None => format!("instance with credential {}", self.credential),
+        };
+        format!("server {}, {instance}", self.server)
+    }
+}
+
+/// Which runs a [`SledJournal`] handle sees.
+#[derive(Clone, Debug)]
+enum View {
+    /// Every identity; a run id is looked up in the identity that holds it (its active run
+    /// first, else the newest identity). New runs get no identity. Offline tools and tests.
+    Any,
+    /// One identity: what the daemon uses ([`SledJournal::scoped`]).
+    Scope(u32, Arc<str>),
+}
+
+/// The size budget ([`SledJournal::set_size_budget`]), shared by every handle of one journal.
+#[derive(Debug, Default)]
+struct Budget {
+    max_bytes: AtomicU64,
+    /// A run became terminal since the last check (only then can pruning free anything).
+    check: AtomicBool,
+}
 
 /// The sled journal. Cheap to clone (sled handles are reference counted).
 #[derive(Clone)]
@@ -30,9 +148,17 @@ pub struct SledJournal {
     db: sled::Db,
     meta: sled::Tree,
     records: sled::Tree,
+    plans: sled::Tree,
+    secrets: sled::Tree,
     active: sled::Tree,
     ended: sled::Tree,
+    identities: sled::Tree,
     path: PathBuf,
+    view: View,
+    budget: Arc<Budget>,
+    /// The last state of each run in flight this process has read or written: an append whose
+    /// state is what replaying its event on that state gives stores no state.
+    states: Arc<Mutex<HashMap<[u8; 12], RunState>>>,
     /// Keeps the files sled creates while running private (set by [`SledJournal::open`]).
     modes: Option<Arc<Mutex<PrivateModes>>>,
 }
@@ -44,23 +170,168 @@ pub struct ArchiveSummary {
     pub records: usize,
 }
 
+/// What opening did to the stored schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migration {
+    None,
+    /// Records of `from` were rewritten as schema [`SCHEMA_VERSION`] (`records` of them).
+    Migrated {
+        from: u32,
+        runs: usize,
+        records: usize,
+    },
+}
+
+fn skey(scope: u32, run: i64) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..4].copy_from_slice(&scope.to_be_bytes());
+    key[4..].copy_from_slice(&run_key(run));
+    key
+}
+
+fn srkey(scope: u32, run: i64, seq: u64) -> [u8; 20] {
+    let mut key = [0u8; 20];
+    key[..12].copy_from_slice(&skey(scope, run));
+    key[12..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn parse_skey(key: &[u8]) -> Option<(u32, i64)> {
+    let scope: [u8; 4] = key.get(..4)?.try_into().ok()?;
+    let run: [u8; 8] = key.get(4..12)?.try_into().ok()?;
+    Some((
+        u32::from_be_bytes(scope),
+        (u64::from_be_bytes(run) ^ (1 << 63)) as i64,
+    ))
+}
+
+fn parse_srkey(key: &[u8]) -> Option<(u32, i64, u64)> {
+    if key.len() != 20 {
+        return None;
+    }
+    let (scope, run) = parse_skey(key)?;
+    let seq: [u8; 8] = key.get(12..20)?.try_into().ok()?;
+    Some((scope, run, u64::from_be_bytes(seq)))
+}
+
+fn plan_bytes(record: &Record) -> Vec<u8> {
+    serde_json::to_vec(record.state.plan()).unwrap_or_default()
+}
+
+/// The stored form of a record: the record's JSON without `run_id` (the key holds it), without
+/// `secrets` (`v2.secrets` holds them), without the plan in the state and in a `claimed` event
+/// when it equals the run's stored plan `plan`, and without the state when `keep_state` is
+/// false (the writer checked that replaying the event through `fsm::apply` gives it back).
+/// What is left is what changed: the event.
+pub fn encode_stored(record: &Record, plan: Option<&[u8]>, keep_state: bool) -> Vec<u8> {
+    let Ok(Value::Object(mut obj)) = serde_json::to_value(record) else {
+        return Vec::new();
+    };
+    obj.remove("run_id");
+    obj.remove("secrets");
+    if !keep_state {
+        obj.remove("state");
+    }
+    if let Some(plan) = plan {
+        if plan_bytes(record) == plan {
+            if let Some(Value::Object(state)) = obj.get_mut("state") {
+                state.remove("plan");
+            }
+        }
+        if let Event::Claimed { plan: p } = &record.event {
+            if serde_json::to_vec(p).is_ok_and(|b| b == plan) {
+                if let Some(Value::Object(event)) = obj.get_mut("event") {
+                    event.remove("plan");
+                }
+            }
+        }
+    }
+    serde_json::to_vec(&Value::Object(obj)).unwrap_or_default()
+}
+
+/// Inverse of [`encode_stored`] (and reads a whole schema-1 record too): puts back the run
+/// id, the plan (parsed once per run by the caller), on seq 1 the secrets, and a state not
+/// stored by replaying the event on `prev` (the run's previous state; `None` before seq 1).
+pub fn decode_stored(
+    run_id: i64,
+    seq: u64,
+    bytes: &[u8],
+    plan: Option<&Value>,
+    secrets: Option<&RunSecrets>,
+    prev: Option<&RunState>,
+) -> Result<Record, String> {
+    let mut value: Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a journal record: {e}"))?;
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| "not a journal record: not a JSON object".to_owned())?;
+    let schema = obj.get("schema").and_then(Value::as_u64).unwrap_or(0);
+    if schema < u64::from(OLDEST_SCHEMA) || schema > u64::from(SCHEMA_VERSION) {
+        return Err(format!(
+            "record schema {schema} is not supported by this build (supports {OLDEST_SCHEMA}..={SCHEMA_VERSION})"
+        ));
+    }
+    obj.entry("run_id").or_insert(Value::from(run_id));
+    let missing_plan = || "the record's run has no stored plan".to_owned();
+    if let Some(Value::Object(state)) = obj.get_mut("state") {
+        if !state.contains_key("plan") {
+            state.insert("plan".into(), plan.cloned().ok_or_else(missing_plan)?);
+        }
+    }
+    if let Some(Value::Object(event)) = obj.get_mut("event") {
+        if event.get("event").and_then(Value::as_str) == Some("claimed")
+            && !event.contains_key("plan")
+        {
+            event.insert("plan".into(), plan.cloned().ok_or_else(missing_plan)?);
+        }
+    }
+    if !obj.contains_key("state") {
+        let event: Event = serde_json::from_value(obj.get("event").cloned().unwrap_or_default())
+            .map_err(|e| format!("not a journal record: {e}"))?;
+        if seq > 1 && prev.is_none() {
+            return Err(
+                "the record stores no state and the run's previous state is unknown \
+                        (an earlier record is unreadable)"
+                    .into(),
+            );
+        }
+        let (state, _) = crate::fsm::apply(prev, &event)
+            .map_err(|e| format!("the record stores no state and replaying it fails: {e}"))?;
+        let state = serde_json::to_value(&state).map_err(|e| e.to_string())?;
+        obj.insert("state".into(), state);
+    }
+    let mut record: Record =
+        serde_json::from_value(value).map_err(|e| format!("not a journal record: {e}"))?;
+    if seq == 1 && record.secrets.is_none() {
+        record.secrets = secrets.cloned();
+    }
+    Ok(record)
+}
+
 impl SledJournal {
     /// Opens (creating if needed) the journal in `dir`, which is created with mode 0700 and
-    /// tightened to 0700 if it exists. sled creates its files and its `blobs/` directory with
-    /// the process umask (0644/0755 under the usual 022), at open and later (a blob for every
-    /// large page, snapshots); the records hold the run token, so after the open and after
-    /// every flush the tree is set to directories 0700 and files 0600 (see [`PrivateModes`]).
+    /// tightened to 0700 if it exists. A journal of an older schema is migrated first
+    /// (crash-safe: see [`SledJournal::migrate_v1`]). sled creates its files and its `blobs/`
+    /// directory with the process umask (0644/0755 under the usual 022), at open and later (a
+    /// blob for every large page, snapshots); the records hold the run token, so after the open
+    /// and after every flush the tree is set to directories 0700 and files 0600 (see
+    /// [`PrivateModes`]).
     pub fn open(dir: &Path) -> Result<SledJournal, JournalError> {
+        Self::open_reporting(dir).map(|(journal, _)| journal)
+    }
+
+    /// [`SledJournal::open`], also saying whether it migrated the journal.
+    pub fn open_reporting(dir: &Path) -> Result<(SledJournal, Migration), JournalError> {
         fs::create_dir_all(dir).map_err(|e| {
             JournalError::Io(format!("cannot create journal dir {}: {e}", dir.display()))
         })?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| JournalError::Io(format!("cannot set 0700 on {}: {e}", dir.display())))?;
-        let mut journal = Self::open_dir(dir)?;
+        let (mut journal, migration) = Self::open_dir(dir, true)?;
         let mut modes = PrivateModes::default();
         modes.tighten(dir, true);
         journal.modes = Some(Arc::new(Mutex::new(modes)));
-        Ok(journal)
+        Ok((journal, migration))
     }
 
     /// Re-applies the private modes to what sled created since the last pass.
@@ -71,17 +342,24 @@ impl SledJournal {
         }
     }
 
-    /// Opens an existing journal (offline tools: never create one by mistake).
+    /// Opens an existing journal (offline tools: never create one by mistake, and never
+    /// migrate: a journal of an older schema is refused with [`JournalError::NeedsMigration`],
+    /// so a look with a newer build leaves the older runner's journal as it was).
     pub fn open_existing(dir: &Path) -> Result<SledJournal, JournalError> {
         if !dir.join("conf").exists() && !dir.join("db").exists() {
             return Err(JournalError::Missing {
                 path: dir.display().to_string(),
             });
         }
-        Self::open_dir(dir)
+        Self::open_dir(dir, false).map(|(journal, _)| journal)
     }
 
-    fn open_dir(dir: &Path) -> Result<SledJournal, JournalError> {
+    /// The schema a journal directory holds, without migrating it (`journal verify`).
+    pub fn stored_schema(&self) -> Result<u32, JournalError> {
+        read_schema(&self.meta).map(|s| s.unwrap_or(SCHEMA_VERSION))
+    }
+
+    fn open_dir(dir: &Path, migrate: bool) -> Result<(SledJournal, Migration), JournalError> {
         let db = sled::Config::new().path(dir).open().map_err(|e| match e {
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                 JournalError::Locked {
@@ -91,32 +369,161 @@ impl SledJournal {
             other => JournalError::from(other),
         })?;
         let meta = db.open_tree("meta")?;
-        match meta.get("schema")? {
-            Some(v) => {
-                let found = v
-                    .as_ref()
-                    .try_into()
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| JournalError::Corruption("meta.schema is not a u32".into()))?;
-                if found > SCHEMA_VERSION {
-                    return Err(JournalError::Misuse(format!(
-                        "the journal was written by a newer windshift-runner (schema {found}, \
-                         this build reads up to {SCHEMA_VERSION}); upgrade before opening it"
-                    )));
+        let stored = read_schema(&meta)?;
+        let names = db.tree_names();
+        let has_v1_trees = V1_TREES.iter().any(|t| names.iter().any(|n| n == t));
+        let mut migration = Migration::None;
+        match stored {
+            Some(found) if found > SCHEMA_VERSION => {
+                return Err(JournalError::Misuse(format!(
+                    "the journal at {} was written by a newer windshift-runner (schema {found}; \
+                     this build opens schemas {OLDEST_SCHEMA} to {SCHEMA_VERSION}); a downgrade \
+                     cannot read it: run the newer build, or move the directory aside to start \
+                     an empty journal",
+                    dir.display()
+                )));
+            }
+            Some(found) if found < SCHEMA_VERSION || (found == 1 && has_v1_trees) => {
+                if !migrate {
+                    return Err(JournalError::NeedsMigration {
+                        path: dir.display().to_string(),
+                        schema: found,
+                    });
                 }
+                migration = Self::migrate_v1(&db, &meta)?;
+            }
+            None if has_v1_trees => {
+                // Schema 1 journals always wrote `meta.schema`; trees without it are a v1
+                // journal whose meta write never became durable.
+                if !migrate {
+                    return Err(JournalError::NeedsMigration {
+                        path: dir.display().to_string(),
+                        schema: 1,
+                    });
+                }
+                migration = Self::migrate_v1(&db, &meta)?;
             }
             None => {
                 meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
             }
+            Some(_) => {
+                if has_v1_trees && migrate {
+                    // A migration committed (schema 2 is durable) and crashed before it
+                    // dropped the old trees.
+                    for t in V1_TREES {
+                        db.drop_tree(t)?;
+                    }
+                    db.flush()?;
+                }
+            }
         }
-        Ok(SledJournal {
+        if let Migration::Migrated {
+            from,
+            runs,
+            records,
+        } = migration
+        {
+            tracing::info!(
+                from,
+                to = SCHEMA_VERSION,
+                runs,
+                records,
+                dir = %dir.display(),
+                "migrated the journal to this build's schema"
+            );
+        }
+        let journal = SledJournal {
             meta,
-            records: db.open_tree("records")?,
-            active: db.open_tree("active")?,
-            ended: db.open_tree("ended")?,
+            records: db.open_tree(T_RECORDS)?,
+            plans: db.open_tree(T_PLANS)?,
+            secrets: db.open_tree(T_SECRETS)?,
+            active: db.open_tree(T_ACTIVE)?,
+            ended: db.open_tree(T_ENDED)?,
+            identities: db.open_tree(T_IDENTITIES)?,
             db,
             path: dir.to_path_buf(),
+            view: View::Any,
+            budget: Arc::new(Budget::default()),
+            states: Arc::default(),
             modes: None,
+        };
+        Ok((journal, migration))
+    }
+
+    /// Schema 1 → 2. The v2 trees are rebuilt from the untouched v1 trees (leftovers of an
+    /// earlier attempt are dropped first), flushed, and only then does `meta.schema` become 2:
+    /// that one durable write is the commit point. A crash before it leaves a schema-1 journal
+    /// that the next open migrates again from scratch; a crash after it, a schema-2 journal
+    /// whose v1 trees the next open drops. Migrated runs get no identity (scope 0): the first
+    /// [`SledJournal::scoped`] view adopts those still in flight.
+    fn migrate_v1(db: &sled::Db, meta: &sled::Tree) -> Result<Migration, JournalError> {
+        for t in V2_TREES {
+            db.drop_tree(t)?;
+        }
+        let records = db.open_tree(T_RECORDS)?;
+        let plans = db.open_tree(T_PLANS)?;
+        let secrets = db.open_tree(T_SECRETS)?;
+        let active = db.open_tree(T_ACTIVE)?;
+        let ended = db.open_tree(T_ENDED)?;
+        let old_records = db.open_tree("records")?;
+        let mut runs = 0;
+        let mut count = 0;
+        let mut batch = sled::Batch::default();
+        let mut plan_of_run: Option<(i64, Vec<u8>)> = None;
+        for entry in old_records.iter() {
+            let (k, v) = entry?;
+            let Some((run, seq)) = parse_record_key(&k) else {
+                continue;
+            };
+            if plan_of_run.as_ref().map(|(r, _)| *r) != Some(run) {
+                runs += 1;
+                plan_of_run = Some((run, Vec::new()));
+            }
+            let plan = &mut plan_of_run.as_mut().expect("set above").1;
+            let bytes = match decode_record(&v) {
+                Ok(r) if r.run_id == run && r.seq == seq => {
+                    if plan.is_empty() {
+                        *plan = plan_bytes(&r);
+                        plans.insert(skey(0, run), plan.as_slice())?;
+                        if let Some(s) = r.secrets.as_ref().filter(|s| !s.is_empty()) {
+                            let s = serde_json::to_vec(s).unwrap_or_default();
+                            secrets.insert(skey(0, run), s)?;
+                        }
+                    }
+                    let mut r = r;
+                    r.schema = SCHEMA_VERSION;
+                    // History keeps its recorded states: replay still checks them.
+                    encode_stored(&r, Some(plan), true)
+                }
+                // Unreadable stays unreadable, byte for byte (quarantined, shown by verify).
+                _ => v.to_vec(),
+            };
+            batch.insert(&srkey(0, run, seq)[..], bytes);
+            count += 1;
+            if count % 1_000 == 0 {
+                records.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        records.apply_batch(batch)?;
+        for (old, new) in [("active", &active), ("ended", &ended)] {
+            for entry in db.open_tree(old)?.iter() {
+                let (k, v) = entry?;
+                new.insert(skey(0, key_run(&k)?), v)?;
+            }
+        }
+        db.flush()?;
+        migration_failpoint("migration_before_commit");
+        meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
+        db.flush()?;
+        migration_failpoint("migration_after_commit");
+        for t in V1_TREES {
+            db.drop_tree(t)?;
+        }
+        db.flush()?;
+        Ok(Migration::Migrated {
+            from: 1,
+            runs,
+            records: count,
         })
     }
 
@@ -124,35 +531,219 @@ impl SledJournal {
         &self.path
     }
 
+    /// Every identity this journal holds runs for (scope 0, no identity, first).
+    pub fn identities(&self) -> Result<Vec<IdentityInfo>, JournalError> {
+        let mut out = vec![IdentityInfo::legacy()];
+        for entry in self.identities.iter() {
+            let (_, v) = entry?;
+            let info: IdentityInfo = serde_json::from_slice(&v)
+                .map_err(|e| JournalError::Corruption(format!("bad identity entry: {e}")))?;
+            out.push(info);
+        }
+        out.sort_by_key(|i| i.scope);
+        Ok(out)
+    }
+
+    /// The view of one identity's runs (offline tools walk every identity with it).
+    pub fn view_of(&self, info: &IdentityInfo) -> SledJournal {
+        let mut view = self.clone();
+        view.view = View::Scope(info.scope, Arc::from(info.describe()));
+        view
+    }
+
+    /// The view the daemon uses: runs of `identity` only, with plain run ids, so a run id
+    /// another server (or another registration) used before is a new run here. Registers the
+    /// identity on first use (recording its instance id once known) and adopts the runs in
+    /// flight that have no identity (a journal migrated from schema 1 belonged to this
+    /// runner's one server); terminal ones stay where they are.
+    pub fn scoped(&self, identity: &JournalIdentity) -> Result<SledJournal, JournalError> {
+        let key = identity.key();
+        let info = match self.identities.get(key.as_bytes())? {
+            Some(v) => {
+                let mut info: IdentityInfo = serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corruption(format!("bad identity entry: {e}")))?;
+                if info.instance_id.is_none() && identity.instance_id.is_some() {
+                    info.instance_id = identity.instance_id;
+                    self.identities.insert(
+                        key.as_bytes(),
+                        serde_json::to_vec(&info).unwrap_or_default(),
+                    )?;
+                }
+                info
+            }
+            None => {
+                let next = match self.meta.get(NEXT_SCOPE)? {
+                    Some(v) => v
+                        .as_ref()
+                        .try_into()
+                        .map(u32::from_be_bytes)
+                        .map_err(|_| JournalError::Corruption("meta.next_scope".into()))?,
+                    None => 1,
+                };
+                let info = IdentityInfo {
+                    scope: next,
+                    server: identity.server.clone(),
+                    credential: identity.credential.clone(),
+                    instance_id: identity.instance_id,
+                };
+                self.meta
+                    .insert(NEXT_SCOPE, &(next.saturating_add(1)).to_be_bytes())?;
+                self.identities.insert(
+                    key.as_bytes(),
+                    serde_json::to_vec(&info).unwrap_or_default(),
+                )?;
+                info
+            }
+        };
+        self.adopt_unscoped_active(info.scope)?;
+        self.db.flush()?;
+        self.keep_private();
+        Ok(self.view_of(&info))
+    }
+
+    /// Moves every run in flight without an identity into `scope` (one transaction per run).
+    fn adopt_unscoped_active(&self, scope: u32) -> Result<(), JournalError> {
+        if scope == 0 {
+            return Ok(());
+        }
+        let mut runs = Vec::new();
+        for entry in self.active.scan_prefix(0u32.to_be_bytes()) {
+            let (k, _) = entry?;
+            if let Some((_, run)) = parse_skey(&k) {
+                runs.push(run);
+            }
+        }
+        for run in runs {
+            let to = skey(scope, run);
+            if self.active.contains_key(to)? || self.ended.contains_key(to)? {
+                continue; // this identity has its own run with that id: leave both alone
+            }
+            let from = skey(0, run);
+            let mut keys = Vec::new();
+            for entry in self.records.scan_prefix(from) {
+                let (k, v) = entry?;
+                keys.push((k, v));
+            }
+            let result = (&self.records, &self.plans, &self.secrets, &self.active).transaction(
+                |(records, plans, secrets, active)| {
+                    for (k, v) in &keys {
+                        let mut nk = k.to_vec();
+                        nk[..4].copy_from_slice(&scope.to_be_bytes());
+                        records.insert(nk, v)?;
+                        records.remove(k)?;
+                    }
+                    for tree in [plans, secrets, active] {
+                        if let Some(v) = tree.remove(&from)? {
+                            tree.insert(&to, v)?;
+                        }
+                    }
+                    Ok::<(), ConflictableTransactionError<String>>(())
+                },
+            );
+            match result {
+                Ok(()) => {}
+                Err(TransactionError::Abort(msg)) => return Err(JournalError::Bug(msg)),
+                Err(TransactionError::Storage(e)) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The scopes this view reads: its own, or every known one.
+    fn scopes(&self) -> Result<Vec<u32>, JournalError> {
+        match &self.view {
+            View::Scope(s, _) => Ok(vec![*s]),
+            View::Any => Ok(self.identities()?.into_iter().map(|i| i.scope).collect()),
+        }
+    }
+
+    /// The scope that holds (or will hold) `run` in this view.
+    fn scope_of(&self, run: i64) -> Result<u32, JournalError> {
+        if let View::Scope(s, _) = &self.view {
+            return Ok(*s);
+        }
+        let scopes = self.scopes()?;
+        for s in &scopes {
+            if self.active.contains_key(skey(*s, run))? {
+                return Ok(*s);
+            }
+        }
+        for s in scopes.iter().rev() {
+            if self.records.scan_prefix(skey(*s, run)).next().is_some() {
+                return Ok(*s);
+            }
+        }
+        Ok(0)
+    }
+
     /// Writes raw record bytes at (run, seq) and advances the active index to `seq`, without
     /// decoding: the importer uses it to restore quarantined records exactly.
     pub fn import_raw(&self, run_id: i64, seq: u64, bytes: &[u8]) -> Result<(), JournalError> {
-        self.records.insert(record_key(run_id, seq), bytes)?;
-        if self.ended.get(run_key(run_id))?.is_none() {
-            self.active.insert(run_key(run_id), &seq.to_be_bytes())?;
+        let scope = self.scope_of(run_id)?;
+        self.records.insert(srkey(scope, run_id, seq), bytes)?;
+        if self.ended.get(skey(scope, run_id))?.is_none() {
+            self.active
+                .insert(skey(scope, run_id), &seq.to_be_bytes())?;
         }
         Ok(())
     }
 
     /// Raw view of the active index: run → last seq (for `journal verify`).
     pub fn active_index(&self) -> Result<Vec<(i64, u64)>, JournalError> {
-        index_entries(&self.active)
+        let mut out = Vec::new();
+        for scope in self.scopes()? {
+            for entry in self.active.scan_prefix(scope.to_be_bytes()) {
+                let (k, v) = entry?;
+                out.push((key_scoped_run(&k)?, index_seq(&v)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Raw view of the ended index: run → last seq.
     pub fn ended_index(&self) -> Result<Vec<(i64, u64)>, JournalError> {
         let mut out = Vec::new();
-        for entry in self.ended.iter() {
-            let (k, v) = entry?;
-            let run = key_run(&k)?;
-            let seq = v
-                .get(8..16)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| JournalError::Corruption("bad ended index value".into()))?;
-            out.push((run, seq));
+        for scope in self.scopes()? {
+            for entry in self.ended.scan_prefix(scope.to_be_bytes()) {
+                let (k, v) = entry?;
+                out.push((key_scoped_run(&k)?, ended_value(&v)?.1));
+            }
         }
         Ok(out)
+    }
+
+    /// Terminal runs of this view as (scope, run, ended at ms), oldest first.
+    fn ended_runs(&self) -> Result<Vec<(u32, i64, i64)>, JournalError> {
+        let mut out = Vec::new();
+        for scope in self.scopes()? {
+            for entry in self.ended.scan_prefix(scope.to_be_bytes()) {
+                let (k, v) = entry?;
+                let (s, run) = parse_skey(&k)
+                    .ok_or_else(|| JournalError::Corruption("bad ended index key".into()))?;
+                out.push((s, run, ended_value(&v)?.0));
+            }
+        }
+        out.sort_by_key(|(s, run, at)| (*at, *s, *run));
+        Ok(out)
+    }
+
+    /// Deletes whole terminal runs (records, plan, secrets, index entry) in one batch per tree.
+    fn delete_runs(&self, runs: &[(u32, i64)]) -> Result<usize, JournalError> {
+        let mut records = sled::Batch::default();
+        let mut heads = sled::Batch::default();
+        let mut count = 0;
+        for (scope, run) in runs {
+            for key in self.records.scan_prefix(skey(*scope, *run)).keys() {
+                records.remove(key?);
+                count += 1;
+            }
+            heads.remove(&skey(*scope, *run));
+        }
+        self.records.apply_batch(records)?;
+        self.plans.apply_batch(heads.clone())?;
+        self.secrets.apply_batch(heads.clone())?;
+        self.ended.apply_batch(heads)?;
+        Ok(count)
     }
 
     /// Retention: appends every terminal run that ended before `cutoff_ms` to `archive`
@@ -163,18 +754,12 @@ impl SledJournal {
         cutoff_ms: i64,
         archive: &Path,
     ) -> Result<ArchiveSummary, JournalError> {
-        let mut old = Vec::new();
-        for entry in self.ended.iter() {
-            let (k, v) = entry?;
-            let ended_at = v
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(i64::from_be_bytes)
-                .ok_or_else(|| JournalError::Corruption("bad ended index value".into()))?;
-            if ended_at < cutoff_ms {
-                old.push(key_run(&k)?);
-            }
-        }
+        let old: Vec<(u32, i64)> = self
+            .ended_runs()?
+            .into_iter()
+            .filter(|(_, _, at)| *at < cutoff_ms)
+            .map(|(s, run, _)| (s, run))
+            .collect();
         let mut summary = ArchiveSummary::default();
         if old.is_empty() {
             return Ok(summary);
@@ -191,37 +776,150 @@ impl SledJournal {
             file.write_all(ExportLine::header().to_json_line().as_bytes())
                 .map_err(|e| JournalError::Io(format!("archive write failed: {e}")))?;
         }
-        let mut keys = Vec::new();
-        for run in &old {
-            for slot in self.records(*run)? {
+        let identities = self.identities()?;
+        for (scope, run) in &old {
+            if let Some(info) = identities.iter().find(|i| i.scope == *scope && *scope != 0) {
+                let line = ExportLine::Run {
+                    run_id: *run,
+                    identity: info.describe(),
+                };
+                file.write_all(line.to_json_line().as_bytes())
+                    .map_err(|e| JournalError::Io(format!("archive write failed: {e}")))?;
+            }
+            for slot in self.scope_records(*scope, *run)? {
                 let line = ExportLine::from_slot(&slot).to_json_line();
                 file.write_all(line.as_bytes())
                     .map_err(|e| JournalError::Io(format!("archive write failed: {e}")))?;
-                keys.push(record_key(*run, slot.seq()));
                 summary.records += 1;
             }
             summary.runs += 1;
         }
         file.sync_all()
             .map_err(|e| JournalError::Io(format!("archive fsync failed: {e}")))?;
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(&key);
-        }
-        self.records.apply_batch(batch)?;
-        let mut ended = sled::Batch::default();
-        for run in &old {
-            ended.remove(&run_key(*run));
-        }
-        self.ended.apply_batch(ended)?;
+        self.delete_runs(&old)?;
         self.db.flush()?;
         Ok(summary)
     }
 
-    fn slot_from(&self, key: &[u8], value: &[u8]) -> Result<Slot, JournalError> {
-        let (run_id, seq) = parse_record_key(key)
-            .ok_or_else(|| JournalError::Corruption(format!("bad record key {key:02x?}")))?;
-        Ok(match decode_record(value) {
+    /// Sets the size budget (`WSRUNNER_JOURNAL_MAX_BYTES`; `None`: no budget). Checked after
+    /// a flush that made a run terminal: past the budget, the oldest terminal runs are deleted
+    /// (never a run in flight), see [`SledJournal::enforce_size_budget`].
+    pub fn set_size_budget(&self, max_bytes: Option<u64>) {
+        self.budget
+            .max_bytes
+            .store(max_bytes.unwrap_or(0), Ordering::Relaxed);
+        self.budget.check.store(true, Ordering::Relaxed);
+    }
+
+    /// The journal's size on disk (sled's files), in bytes.
+    pub fn size_on_disk(&self) -> Result<u64, JournalError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Past the budget, deletes the oldest half of the terminal runs (every identity; runs
+    /// in flight are never touched) and flushes. sled is log-structured: its files do not
+    /// shrink when records are deleted, the freed space is reused by later writes (and its
+    /// files grow in steps), so pruning starts at half the budget and frees generously,
+    /// keeping the files under the budget.
+    /// Returns the number of runs deleted.
+    pub fn enforce_size_budget(&self) -> Result<usize, JournalError> {
+        let max = self.budget.max_bytes.load(Ordering::Relaxed);
+        if max == 0 {
+            return Ok(0);
+        }
+        let size = self.db.size_on_disk()?;
+        if size < max / 2 {
+            return Ok(0);
+        }
+        let mut all = self.clone();
+        all.view = View::Any;
+        let ended = all.ended_runs()?;
+        let n = ended.len().div_ceil(2);
+        let victims: Vec<(u32, i64)> = ended.iter().take(n).map(|(s, r, _)| (*s, *r)).collect();
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        all.delete_runs(&victims)?;
+        self.db.flush()?;
+        tracing::warn!(
+            size_bytes = size,
+            budget_bytes = max,
+            runs = victims.len(),
+            "journal past half its size budget (WSRUNNER_JOURNAL_MAX_BYTES): deleted the oldest terminal runs"
+        );
+        Ok(victims.len())
+    }
+
+    /// A run's slots in seq order; states not stored are replayed from the previous one.
+    fn scope_records(&self, scope: u32, run: i64) -> Result<Vec<Slot>, JournalError> {
+        let head = self.head(scope, run)?;
+        let mut out: Vec<Slot> = Vec::new();
+        let mut prev: Option<RunState> = None;
+        for entry in self.records.scan_prefix(skey(scope, run)) {
+            let (k, v) = entry?;
+            let slot = slot_from(&k, &v, &head, prev.as_ref())?;
+            prev = match &slot {
+                Slot::Record(r) => Some(r.state.clone()),
+                Slot::Quarantined(_) => None,
+            };
+            out.push(slot);
+        }
+        Ok(out)
+    }
+
+    /// The run's stored plan (parsed) and secrets.
+    fn head(&self, scope: u32, run: i64) -> Result<Head, JournalError> {
+        let plan = match self.plans.get(skey(scope, run))? {
+            Some(v) => serde_json::from_slice(&v).ok(),
+            None => None,
+        };
+        let secrets = match self.secrets.get(skey(scope, run))? {
+            Some(v) => serde_json::from_slice(&v).ok(),
+            None => None,
+        };
+        Ok(Head { plan, secrets })
+    }
+
+    fn repeated_run_message(&self, run: i64) -> String {
+        match &self.view {
+            View::Scope(_, label) => format!(
+                "run {run} already ran to the end on this runner for the same server and \
+                 runner instance ({label}); a server hands out each run id once, so the server \
+                 was most likely restored from a backup (or its database reset) and is \
+                 reusing ids. The run is refused so the old run's history stays intact. To \
+                 run such runs, register this runner again (a new instance gets its own \
+                 journal scope), or archive the old runs out of the journal \
+                 (`windshift-runner journal archive --older-than-days 0 --to FILE`, runner \
+                 stopped)"
+            ),
+            View::Any => format!("run {run} is already terminal; it takes no more records"),
+        }
+    }
+}
+
+/// A run's plan and secrets, read once per run.
+struct Head {
+    plan: Option<Value>,
+    secrets: Option<RunSecrets>,
+}
+
+fn slot_from(
+    key: &[u8],
+    value: &[u8],
+    head: &Head,
+    prev: Option<&RunState>,
+) -> Result<Slot, JournalError> {
+    let (_, run_id, seq) = parse_srkey(key)
+        .ok_or_else(|| JournalError::Corruption(format!("bad record key {key:02x?}")))?;
+    Ok(
+        match decode_stored(
+            run_id,
+            seq,
+            value,
+            head.plan.as_ref(),
+            head.secrets.as_ref(),
+            prev,
+        ) {
             Ok(r) if r.run_id == run_id && r.seq == seq => Slot::Record(r),
             Ok(r) => Slot::Quarantined(Quarantined {
                 run_id,
@@ -238,8 +936,44 @@ impl SledJournal {
                 bytes: value.to_vec(),
                 error,
             }),
-        })
+        },
+    )
+}
+
+fn read_schema(meta: &sled::Tree) -> Result<Option<u32>, JournalError> {
+    match meta.get("schema")? {
+        Some(v) => v
+            .as_ref()
+            .try_into()
+            .map(|b| Some(u32::from_be_bytes(b)))
+            .map_err(|_| JournalError::Corruption("meta.schema is not a u32".into())),
+        None => Ok(None),
     }
+}
+
+fn index_seq(v: &[u8]) -> Result<u64, JournalError> {
+    v.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| JournalError::Corruption("bad active index value".into()))
+}
+
+fn ended_value(v: &[u8]) -> Result<(i64, u64), JournalError> {
+    let at = v
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(i64::from_be_bytes);
+    let seq = v
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes);
+    at.zip(seq)
+        .ok_or_else(|| JournalError::Corruption("bad ended index value".into()))
+}
+
+fn key_scoped_run(key: &[u8]) -> Result<i64, JournalError> {
+    parse_skey(key)
+        .map(|(_, run)| run)
+        .ok_or_else(|| JournalError::Corruption(format!("bad index key {key:02x?}")))
 }
 
 /// Directories 0700 and files 0600 under the journal directory, kept so as sled adds files.
@@ -306,6 +1040,132 @@ fn set_mode(path: &Path, meta: &fs::Metadata, mode: u32) {
     }
 }
 
+/// Test hook: `WSRUNNER_JOURNAL_FAILPOINT=<name>` aborts the process at that step of a
+/// migration (`migration_before_commit`, `migration_after_commit`), as a crash would.
+fn migration_failpoint(name: &str) {
+    if std::env::var("WSRUNNER_JOURNAL_FAILPOINT").as_deref() == Ok(name) {
+        eprintln!("journal failpoint {name} reached: aborting");
+        std::process::abort();
+    }
+}
+
+fn k_array(key: &[u8]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    if key.len() == 12 {
+        out.copy_from_slice(key);
+    }
+    out
+}
+
+impl SledJournal {
+    fn lock_states(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 12], RunState>> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The append's transaction. A first record also stores the run's plan and secrets (five
+    /// trees); later ones touch only the records and the indexes: the plan never changes.
+    fn append_in_tx(
+        &self,
+        record: &Record,
+        rkey: [u8; 12],
+        key: [u8; 20],
+        plan: &[u8],
+        keep_state: bool,
+    ) -> Result<(), JournalError> {
+        let terminal = record.state.is_terminal();
+        let mut ended_value = [0u8; 16];
+        ended_value[..8].copy_from_slice(&record.at_ms.to_be_bytes());
+        ended_value[8..].copy_from_slice(&record.seq.to_be_bytes());
+        let repeated = self.repeated_run_message(record.run_id);
+        let same_plan = record.seq == 1 || self.plans.get(rkey)?.is_some_and(|p| p == plan);
+        let bytes = if same_plan {
+            encode_stored(record, Some(plan), keep_state)
+        } else {
+            // Not the run's stored plan (an imported history): keep it whole.
+            encode_stored(record, None, true)
+        };
+        let secrets = record
+            .secrets
+            .as_ref()
+            .filter(|s| !s.is_empty())
+            .map(|s| serde_json::to_vec(s).unwrap_or_default());
+        // No IO in the closures: sled may run them more than once.
+        let check = |active: &sled::transaction::TransactionalTree,
+                     ended: &sled::transaction::TransactionalTree|
+         -> Result<(), ConflictableTransactionError<String>> {
+            if ended.get(rkey)?.is_some() {
+                return Err(ConflictableTransactionError::Abort(repeated.clone()));
+            }
+            let last = match active.get(rkey)? {
+                Some(v) => Some(index_seq(&v).map_err(|_| {
+                    ConflictableTransactionError::Abort("bad active index value".to_owned())
+                })?),
+                None => None,
+            };
+            let expected = last.map_or(1, |s| s + 1);
+            if record.seq != expected {
+                return Err(ConflictableTransactionError::Abort(format!(
+                    "run {} seq {} is not contiguous (expected {expected})",
+                    record.run_id, record.seq
+                )));
+            }
+            Ok(())
+        };
+        let index = |active: &sled::transaction::TransactionalTree,
+                     ended: &sled::transaction::TransactionalTree|
+         -> Result<(), ConflictableTransactionError<String>> {
+            if terminal {
+                active.remove(&rkey)?;
+                ended.insert(&rkey, &ended_value)?;
+            } else {
+                active.insert(&rkey, &record.seq.to_be_bytes())?;
+            }
+            Ok(())
+        };
+        let result = if record.seq == 1 {
+            (
+                &self.records,
+                &self.active,
+                &self.ended,
+                &self.plans,
+                &self.secrets,
+            )
+                .transaction(|(records, active, ended, plans, secret_tree)| {
+                    check(active, ended)?;
+                    plans.insert(&rkey, plan)?;
+                    if let Some(s) = &secrets {
+                        secret_tree.insert(&rkey, s.as_slice())?;
+                    }
+                    records.insert(&key, bytes.as_slice())?;
+                    index(active, ended)
+                })
+        } else {
+            (&self.records, &self.active, &self.ended).transaction(|(records, active, ended)| {
+                check(active, ended)?;
+                records.insert(&key, bytes.as_slice())?;
+                index(active, ended)
+            })
+        };
+        match result {
+            Ok(()) => {
+                let mut states = self.lock_states();
+                if terminal {
+                    states.remove(&rkey);
+                    self.budget.check.store(true, Ordering::Relaxed);
+                } else {
+                    states.insert(rkey, record.state.clone());
+                }
+                Ok(())
+            }
+            Err(TransactionError::Abort(msg)) if msg == repeated && record.seq == 1 => {
+                Err(JournalError::RunIdReused(msg))
+            }
+            Err(TransactionError::Abort(msg)) => Err(JournalError::Misuse(msg)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+}
+
 fn key_run(key: &[u8]) -> Result<i64, JournalError> {
     let b: [u8; 8] = key
         .try_into()
@@ -313,87 +1173,61 @@ fn key_run(key: &[u8]) -> Result<i64, JournalError> {
     Ok((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
 }
 
-fn index_entries(tree: &sled::Tree) -> Result<Vec<(i64, u64)>, JournalError> {
-    let mut out = Vec::new();
-    for entry in tree.iter() {
-        let (k, v) = entry?;
-        let seq = v
-            .as_ref()
-            .try_into()
-            .map(u64::from_be_bytes)
-            .map_err(|_| JournalError::Corruption("bad active index value".into()))?;
-        out.push((key_run(&k)?, seq));
-    }
-    Ok(out)
-}
-
 impl Journal for SledJournal {
     fn append(&self, record: &Record) -> Result<(), JournalError> {
-        let bytes = encode_record(record);
-        let rkey = run_key(record.run_id);
-        let key = record_key(record.run_id, record.seq);
-        let terminal = record.state.is_terminal();
-        let mut ended_value = [0u8; 16];
-        ended_value[..8].copy_from_slice(&record.at_ms.to_be_bytes());
-        ended_value[8..].copy_from_slice(&record.seq.to_be_bytes());
-        let result =
-            (&self.records, &self.active, &self.ended).transaction(|(records, active, ended)| {
-                // No IO in here: sled may run this closure more than once.
-                if ended.get(rkey)?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(format!(
-                        "run {} is already terminal; it takes no more records",
-                        record.run_id
-                    )));
+        let scope = self.scope_of(record.run_id)?;
+        let rkey = skey(scope, record.run_id);
+        let key = srkey(scope, record.run_id, record.seq);
+        let plan = plan_bytes(record);
+        let replayed = {
+            let states = self.lock_states();
+            let prev = if record.seq == 1 {
+                None
+            } else {
+                match states.get(&rkey) {
+                    Some(prev) => Some(prev),
+                    None => return self.append_in_tx(record, rkey, key, &plan, true),
                 }
-                let last = match active.get(rkey)? {
-                    Some(v) => {
-                        Some(v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
-                            ConflictableTransactionError::Abort("bad active index value".to_owned())
-                        })?)
-                    }
-                    None => None,
-                };
-                let expected = last.map_or(1, |s| s + 1);
-                if record.seq != expected {
-                    return Err(ConflictableTransactionError::Abort(format!(
-                        "run {} seq {} is not contiguous (expected {expected})",
-                        record.run_id, record.seq
-                    )));
-                }
-                records.insert(&key, bytes.as_slice())?;
-                if terminal {
-                    active.remove(&rkey)?;
-                    ended.insert(&rkey, &ended_value)?;
-                } else {
-                    active.insert(&rkey, &record.seq.to_be_bytes())?;
-                }
-                Ok(())
-            });
-        match result {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Abort(msg)) => Err(JournalError::Misuse(msg)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+            };
+            crate::fsm::apply(prev, &record.event).is_ok_and(|(s, _)| s == record.state)
+        };
+        self.append_in_tx(record, rkey, key, &plan, !replayed)
     }
 
     fn flush(&self) -> Result<(), JournalError> {
         self.db.flush()?;
         self.keep_private();
+        if self.budget.check.swap(false, Ordering::Relaxed) {
+            self.enforce_size_budget()?;
+        }
         Ok(())
     }
 
     fn active(&self) -> Result<Vec<Slot>, JournalError> {
         let mut out = Vec::new();
-        for (run, seq) in index_entries(&self.active)? {
-            let key = record_key(run, seq);
-            match self.records.get(key)? {
-                Some(v) => out.push(self.slot_from(&key, &v)?),
-                None => out.push(Slot::Quarantined(Quarantined {
-                    run_id: run,
-                    seq,
-                    bytes: Vec::new(),
-                    error: "the active index points at a missing record".into(),
-                })),
+        for scope in self.scopes()? {
+            for entry in self.active.scan_prefix(scope.to_be_bytes()) {
+                let (k, v) = entry?;
+                let (scope, run) = parse_skey(&k)
+                    .ok_or_else(|| JournalError::Corruption("bad active index key".into()))?;
+                let seq = index_seq(&v)?;
+                // A run in flight has a handful of records (the agent's are budgeted):
+                // replaying them gives the last state where it is not stored.
+                let slots = self.scope_records(scope, run)?;
+                match slots.into_iter().find(|s| s.seq() == seq) {
+                    Some(slot) => {
+                        if let Slot::Record(r) = &slot {
+                            self.lock_states().insert(k_array(&k), r.state.clone());
+                        }
+                        out.push(slot)
+                    }
+                    None => out.push(Slot::Quarantined(Quarantined {
+                        run_id: run,
+                        seq,
+                        bytes: Vec::new(),
+                        error: "the active index points at a missing record".into(),
+                    })),
+                }
             }
         }
         Ok(out)
@@ -424,23 +1258,23 @@ impl Journal for SledJournal {
 
     fn run_ids(&self) -> Result<Vec<i64>, JournalError> {
         let mut out: Vec<i64> = Vec::new();
-        for key in self.records.iter().keys() {
-            let key = key?;
-            if let Some((run, _)) = parse_record_key(&key) {
-                if out.last() != Some(&run) {
-                    out.push(run);
+        for scope in self.scopes()? {
+            let mut last = None;
+            for key in self.records.scan_prefix(scope.to_be_bytes()).keys() {
+                if let Some((_, run, _)) = parse_srkey(&key?) {
+                    if last != Some(run) {
+                        out.push(run);
+                        last = Some(run);
+                    }
                 }
             }
         }
+        out.sort_unstable();
+        out.dedup();
         Ok(out)
     }
 
     fn records(&self, run_id: i64) -> Result<Vec<Slot>, JournalError> {
-        let mut out = Vec::new();
-        for entry in self.records.scan_prefix(run_key(run_id)) {
-            let (k, v) = entry?;
-            out.push(self.slot_from(&k, &v)?);
-        }
-        Ok(out)
+        self.scope_records(self.scope_of(run_id)?, run_id)
     }
 }

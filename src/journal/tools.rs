@@ -1,5 +1,9 @@
 //! The offline journal tools: `windshift-runner journal list | show <run> | replay | verify |
-//! export | import | archive`. Exit codes: 0 clean, 1 findings, 2 cannot run.
+//! export | import | archive | migrate`. Exit codes: 0 clean, 1 findings, 2 cannot run.
+//!
+//! Runs are kept per identity (server and runner instance); every command walks each identity
+//! and says whose runs it shows. A journal of an older schema is read through a migrated
+//! temporary copy (the tools never migrate in place, except `migrate`).
 //!
 //! sled holds an exclusive lock on its directory while a runner runs; the tools detect that,
 //! say so, and offer `--copy` (copy the directory to a temp dir and open the copy).
@@ -11,8 +15,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{
-    export_lines, import_lines, replay_run, ExportLine, Journal, JournalError, Record, SledJournal,
-    Slot,
+    export_all, import_lines, replay_run, ExportLine, IdentityInfo, Journal, JournalError,
+    Migration, Record, SledJournal, Slot, OLDEST_SCHEMA, SCHEMA_VERSION,
 };
 use crate::fsm::{describe_verdict, Event};
 
@@ -67,12 +71,15 @@ pub enum JournalCommand {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Migrate a journal of an older schema in place (the runner does this when it starts;
+    /// stop the runner first).
+    Migrate,
 }
 
 /// Runs a journal command, writing its report to `out` and problems to `err`.
 /// Returns the process exit code.
 pub fn run(args: &JournalArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
-    match run_inner(args, out) {
+    match run_inner(args, out, err) {
         Ok(code) => code,
         Err(message) => {
             let _ = writeln!(
@@ -85,9 +92,33 @@ pub fn run(args: &JournalArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 
     }
 }
 
-fn run_inner(args: &JournalArgs, out: &mut dyn Write) -> Result<i32, String> {
+fn run_inner(args: &JournalArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32, String> {
     if let JournalCommand::Import { file } = &args.command {
         return import(&args.db, file, out);
+    }
+    if let JournalCommand::Migrate = &args.command {
+        if args.copy {
+            return Err("migrate changes the journal; it cannot run on a --copy".into());
+        }
+        if !args.db.join("conf").exists() && !args.db.join("db").exists() {
+            return Err(JournalError::Missing {
+                path: args.db.display().to_string(),
+            }
+            .to_string());
+        }
+        let (_, migration) = SledJournal::open_reporting(&args.db).map_err(|e| e.to_string())?;
+        let text = match migration {
+            Migration::None => format!("the journal is already schema {SCHEMA_VERSION}\n"),
+            Migration::Migrated {
+                from,
+                runs,
+                records,
+            } => format!(
+                "migrated schema {from} to {SCHEMA_VERSION}: {runs} runs, {records} records\n"
+            ),
+        };
+        emit(out, &text)?;
+        return Ok(EXIT_CLEAN);
     }
     if let JournalCommand::Archive {
         older_than_days,
@@ -113,13 +144,34 @@ fn run_inner(args: &JournalArgs, out: &mut dyn Write) -> Result<i32, String> {
         )?;
         return Ok(EXIT_CLEAN);
     }
-    let (_copy_guard, dir) = if args.copy {
+    let (mut copy_guard, dir) = if args.copy {
         let (guard, dir) = copy_db(&args.db)?;
         (Some(guard), dir)
     } else {
         (None, args.db.clone())
     };
-    let journal = open(&dir)?;
+    let (journal, stored_schema) = match SledJournal::open_existing(&dir) {
+        Err(JournalError::NeedsMigration { schema, .. }) => {
+            // Read an older journal through a migrated copy: the original stays as the older
+            // runner left it (it may still need to open it).
+            let (guard, copy) = copy_db(&dir)?;
+            let journal = SledJournal::open(&copy).map_err(|e| e.to_string())?;
+            let _ = writeln!(
+                err,
+                "note: {} is journal schema {schema}; reading a migrated copy (the runner \
+                 migrates it in place when it starts)",
+                args.db.display()
+            );
+            copy_guard = Some(guard);
+            (journal, schema)
+        }
+        other => {
+            let journal = other.map_err(|e| open_error(e, &dir))?;
+            let schema = journal.stored_schema().map_err(|e| e.to_string())?;
+            (journal, schema)
+        }
+    };
+    let _keep_copy = copy_guard;
     register_secrets(&journal);
     match &args.command {
         JournalCommand::List => list(&journal, args.json, out),
@@ -128,29 +180,58 @@ fn run_inner(args: &JournalArgs, out: &mut dyn Write) -> Result<i32, String> {
         JournalCommand::Verify { retention_days } => {
             let findings =
                 verify(&journal, *retention_days, super::now_ms()).map_err(|e| e.to_string())?;
-            report_findings("verify", &findings, args.json, out)
+            let schema = format!(
+                "schema {stored_schema} (this build writes {SCHEMA_VERSION}, opens {OLDEST_SCHEMA} to {SCHEMA_VERSION})"
+            );
+            if !args.json {
+                emit(out, &format!("journal {schema}\n"))?;
+            }
+            report_findings_with(
+                "verify",
+                &findings,
+                args.json.then_some(stored_schema),
+                args.json,
+                out,
+            )
         }
         JournalCommand::Export => {
-            for line in export_lines(&journal).map_err(|e| e.to_string())? {
+            for line in export_all(&journal).map_err(|e| e.to_string())? {
                 emit(out, &line.to_json_line())?;
             }
             Ok(EXIT_CLEAN)
         }
-        JournalCommand::Import { .. } | JournalCommand::Archive { .. } => {
-            Err("unreachable: handled above".into())
-        }
+        JournalCommand::Import { .. }
+        | JournalCommand::Archive { .. }
+        | JournalCommand::Migrate => Err("unreachable: handled above".into()),
     }
 }
 
-fn open(dir: &Path) -> Result<SledJournal, String> {
-    SledJournal::open_existing(dir).map_err(|e| match e {
+/// Each identity's view, with its description (`None` for runs of no recorded identity).
+fn views(journal: &SledJournal) -> Result<Vec<(Option<String>, SledJournal)>, String> {
+    Ok(journal
+        .identities()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|info: &IdentityInfo| {
+            let label = (info.scope != 0).then(|| info.describe());
+            (label, journal.view_of(info))
+        })
+        .collect())
+}
+
+fn open_error(e: JournalError, dir: &Path) -> String {
+    match e {
         JournalError::Locked { .. } => format!(
             "{e}\n  a live runner holds this journal; read a snapshot instead:\n    \
              windshift-runner journal --db {} --copy <command>",
             dir.display()
         ),
         other => other.to_string(),
-    })
+    }
+}
+
+fn open(dir: &Path) -> Result<SledJournal, String> {
+    SledJournal::open_existing(dir).map_err(|e| open_error(e, dir))
 }
 
 /// Copies the db directory into a fresh 0700 temp dir. sled files are append-mostly and
@@ -255,26 +336,29 @@ pub fn describe_event(event: &Event) -> String {
 fn list(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i32, String> {
     let mut rows = Vec::new();
     let mut quarantined = 0;
-    for run in journal.run_ids().map_err(|e| e.to_string())? {
-        let slots = journal.records(run).map_err(|e| e.to_string())?;
-        let bad = slots
-            .iter()
-            .filter(|s| matches!(s, Slot::Quarantined(_)))
-            .count();
-        quarantined += bad;
-        let last = slots.iter().rev().find_map(|s| match s {
-            Slot::Record(r) => Some(r),
-            Slot::Quarantined(_) => None,
-        });
-        rows.push(json!({
-            "run_id": run,
-            "records": slots.len(),
-            "quarantined": bad,
-            "state": last.map(|r| r.state.kind().to_string()),
-            "last_at": last.map(|r| fmt_time(r.at_ms)),
-            "verdict": last.and_then(|r| r.state.verdict()).map(|v| v.status.as_wire()),
-            "describe": last.map(|r| r.state.describe()),
-        }));
+    for (identity, journal) in views(journal)? {
+        for run in journal.run_ids().map_err(|e| e.to_string())? {
+            let slots = journal.records(run).map_err(|e| e.to_string())?;
+            let bad = slots
+                .iter()
+                .filter(|s| matches!(s, Slot::Quarantined(_)))
+                .count();
+            quarantined += bad;
+            let last = slots.iter().rev().find_map(|s| match s {
+                Slot::Record(r) => Some(r),
+                Slot::Quarantined(_) => None,
+            });
+            rows.push(json!({
+                "run_id": run,
+                "records": slots.len(),
+                "quarantined": bad,
+                "state": last.map(|r| r.state.kind().to_string()),
+                "last_at": last.map(|r| fmt_time(r.at_ms)),
+                "verdict": last.and_then(|r| r.state.verdict()).map(|v| v.status.as_wire()),
+                "describe": last.map(|r| r.state.describe()),
+                "identity": identity,
+            }));
+        }
     }
     if as_json {
         emit(out, &format!("{}\n", serde_json::Value::Array(rows)))?;
@@ -286,7 +370,15 @@ fn list(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i32
                 "RUN", "STATE", "RECORDS", "LAST (UTC)", "DETAIL"
             ),
         )?;
+        let mut shown_identity: Option<&serde_json::Value> = None;
         for row in &rows {
+            if !row["identity"].is_null() && shown_identity != Some(&row["identity"]) {
+                emit(
+                    out,
+                    &format!("-- {}\n", row["identity"].as_str().unwrap_or_default()),
+                )?;
+                shown_identity = Some(&row["identity"]);
+            }
             let note = if row["quarantined"].as_u64() > Some(0) {
                 format!("  [{} quarantined record(s)]", row["quarantined"])
             } else {
@@ -319,12 +411,32 @@ fn show(
     as_json: bool,
     out: &mut dyn Write,
 ) -> Result<i32, String> {
-    let slots = journal.records(run).map_err(|e| e.to_string())?;
-    if slots.is_empty() {
+    let mut found = Vec::new();
+    for (identity, view) in views(journal)? {
+        let slots = view.records(run).map_err(|e| e.to_string())?;
+        if !slots.is_empty() {
+            found.push((identity, slots));
+        }
+    }
+    if found.is_empty() {
         return Err(format!(
             "run {run} is not in this journal (see `journal list`)"
         ));
     }
+    let mut code = EXIT_CLEAN;
+    let several = found.len() > 1;
+    for (identity, slots) in found {
+        if !as_json || several {
+            if let Some(identity) = &identity {
+                emit(out, &format!("-- {identity}\n"))?;
+            }
+        }
+        code = code.max(show_slots(run, &slots, as_json, out)?);
+    }
+    Ok(code)
+}
+
+fn show_slots(run: i64, slots: &[Slot], as_json: bool, out: &mut dyn Write) -> Result<i32, String> {
     let mut quarantined = 0;
     if as_json {
         let lines: Vec<serde_json::Value> = slots
@@ -367,7 +479,7 @@ fn show(
             ),
         )?;
         let mut prev: Option<i64> = None;
-        for slot in &slots {
+        for slot in slots {
             match slot {
                 Slot::Record(r) => {
                     let since = prev.map_or("-".to_owned(), |p| fmt_duration(r.at_ms - p));
@@ -414,10 +526,12 @@ fn show(
 fn replay(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i32, String> {
     let mut findings = Vec::new();
     let mut runs = 0;
-    for run in journal.run_ids().map_err(|e| e.to_string())? {
-        runs += 1;
-        let slots = journal.records(run).map_err(|e| e.to_string())?;
-        findings.extend(replay_run(&slots));
+    for (identity, journal) in views(journal)? {
+        for run in journal.run_ids().map_err(|e| e.to_string())? {
+            runs += 1;
+            let slots = journal.records(run).map_err(|e| e.to_string())?;
+            findings.extend(labelled(&identity, replay_run(&slots)));
+        }
     }
     if !as_json && findings.is_empty() {
         emit(
@@ -429,20 +543,40 @@ fn replay(journal: &SledJournal, as_json: bool, out: &mut dyn Write) -> Result<i
     report_findings("replay", &findings, as_json, out)
 }
 
+/// Findings of a known identity's runs say whose runs they are.
+fn labelled(identity: &Option<String>, findings: Vec<String>) -> Vec<String> {
+    match identity {
+        None => findings,
+        Some(identity) => findings
+            .into_iter()
+            .map(|f| format!("{f} [{identity}]"))
+            .collect(),
+    }
+}
+
 fn report_findings(
     what: &str,
     findings: &[String],
     as_json: bool,
     out: &mut dyn Write,
 ) -> Result<i32, String> {
+    report_findings_with(what, findings, None, as_json, out)
+}
+
+fn report_findings_with(
+    what: &str,
+    findings: &[String],
+    schema: Option<u32>,
+    as_json: bool,
+    out: &mut dyn Write,
+) -> Result<i32, String> {
     if as_json {
-        emit(
-            out,
-            &format!(
-                "{}\n",
-                json!({"command": what, "clean": findings.is_empty(), "findings": findings})
-            ),
-        )?;
+        let mut report =
+            json!({"command": what, "clean": findings.is_empty(), "findings": findings});
+        if let Some(schema) = schema {
+            report["schema"] = json!(schema);
+        }
+        emit(out, &format!("{report}\n"))?;
     } else if findings.is_empty() {
         emit(out, &format!("{what}: clean\n"))?;
     } else {
@@ -458,8 +592,22 @@ fn report_findings(
     })
 }
 
-/// The `verify` checks. Each finding is one human-readable line.
+/// The `verify` checks, per identity. Each finding is one human-readable line.
 pub fn verify(
+    journal: &SledJournal,
+    retention_days: u32,
+    now_ms: i64,
+) -> Result<Vec<String>, JournalError> {
+    let mut findings = Vec::new();
+    for info in journal.identities()? {
+        let label = (info.scope != 0).then(|| info.describe());
+        let found = verify_view(&journal.view_of(&info), retention_days, now_ms)?;
+        findings.extend(labelled(&label, found));
+    }
+    Ok(findings)
+}
+
+fn verify_view(
     journal: &SledJournal,
     retention_days: u32,
     now_ms: i64,
