@@ -538,6 +538,9 @@ async fn the_stop_ending_a_session_reaches_the_agent_through_the_engines_init() 
     let r = &driven.result;
     assert!(r.saw_session_idle && r.stopped_by_runner, "{r:?}");
     assert_eq!(r.exit_code, Some(143), "SIGTERM, not the SIGKILL: {r:?}");
-    assert!(r.ended_by_runner_at_handshake && !r.killed_after_grace, "{r:?}");
+    assert!(
+        r.ended_by_runner_at_handshake && !r.killed_after_grace,
+        "{r:?}"
+    );
     assert_eq!(r.judged_exit_code(), Some(0));
 }

@@ -1379,28 +1379,40 @@ impl Engine {
             .get_or_init(|| async {
                 if let Some(api) = &self.api {
                     let info = api.info().await.unwrap_or_default();
+                    let mut log_driver = info.log_driver;
+                    if log_driver.is_empty() {
+                        // Podman's compat `/info` leaves LoggingDriver empty (4.3, measured):
+                        // its CLI says which driver it is, or no log cap is set through the API.
+                        log_driver = self.cli_log_driver().await;
+                    }
                     return super::engine_api::CreateFacts {
-                        log_driver: info.log_driver,
+                        log_driver,
                         init: info.has_init,
                         ..Default::default()
                     };
                 }
-                for format in ["{{.LoggingDriver}}", "{{.Host.LogDriver}}"] {
-                    if let Ok(out) = self.cli(&["info", "--format", format], CLI_TIMEOUT).await {
-                        let driver = out.stdout.trim();
-                        if out.success && !driver.is_empty() && !driver.contains('<') {
-                            return super::engine_api::CreateFacts {
-                                log_driver: driver.to_owned(),
-                                init: false,
-                                ..Default::default()
-                            };
-                        }
-                    }
+                super::engine_api::CreateFacts {
+                    log_driver: self.cli_log_driver().await,
+                    init: false,
+                    ..Default::default()
                 }
-                super::engine_api::CreateFacts::default()
             })
             .await
             .clone()
+    }
+
+    /// The default log driver as the CLI's `info` says it (docker, then podman's field);
+    /// `""` when neither answers.
+    async fn cli_log_driver(&self) -> String {
+        for format in ["{{.LoggingDriver}}", "{{.Host.LogDriver}}"] {
+            if let Ok(out) = self.cli(&["info", "--format", format], CLI_TIMEOUT).await {
+                let driver = out.stdout.trim();
+                if out.success && !driver.is_empty() && !driver.contains('<') {
+                    return driver.to_owned();
+                }
+            }
+        }
+        String::new()
     }
 
     /// Whether the engine is (rootless) Podman and on cgroups v1, asked once it answers; the

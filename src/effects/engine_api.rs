@@ -946,7 +946,8 @@ mod tests {
                 userns: podman.userns_mode().map(str::to_owned),
                 ..facts
             },
-        ).expect("body");
+        )
+        .expect("body");
         assert_eq!(
             body.host_config.and_then(|h| h.userns_mode).as_deref(),
             flags[0].strip_prefix("--userns=")
