@@ -7,6 +7,7 @@
 //! ([`crate::control::EXIT_CONFIG`]).
 
 pub mod ctl;
+mod failpoint;
 pub mod http;
 mod recovery;
 mod run_task;
@@ -326,7 +327,7 @@ async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<Ctx>, BootEr
         .map_err(|e| boot_err(EXIT_FATAL, format!("journal open task failed: {e}")))?
         .map_err(|e| boot_err(EXIT_FATAL, e.to_string()))?;
     let containers_dir = cfg.cache_root.join(".containers");
-    run_task::create_private_dir(&containers_dir).map_err(|e| {
+    crate::effects::session::create_private_dir(&containers_dir).map_err(|e| {
         boot_err(
             EXIT_FATAL,
             format!(
@@ -455,7 +456,7 @@ impl Supervisor {
         match committed {
             Ok(c) => {
                 let Some(record) = c.record else { return };
-                run_task::crash_failpoint(&record);
+                failpoint::crash_failpoint(&record);
                 self.spawn_run(
                     record.clone(),
                     record,
@@ -705,7 +706,7 @@ async fn claim_loop(sup: &mut Supervisor, once: bool) {
         };
         let got_job = matches!(claimed, Ok(Some(_))) && bad_id.is_none();
         if got_job {
-            run_task::crash_failpoint_at("claim-answered");
+            failpoint::crash_failpoint_at("claim-answered");
         }
         let lost = lost_claim_answers(&ctx) > lost_before;
         if lost {

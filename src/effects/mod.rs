@@ -4,3 +4,4 @@ pub mod agent_driver;
 pub mod container;
 pub mod engine_api;
 pub mod git;
+pub mod session;
