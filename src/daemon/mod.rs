@@ -577,19 +577,19 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
         tokio::pin!(deadline);
         let mut cancelled = ctx.shutdown.level() >= 2;
         if cancelled {
-            sup.stop_all(StopRequest::Drain);
+            sup.stop_all(StopRequest::CancelNow);
         }
         loop {
             tokio::select! {
                 joined = sup.tasks.join_next() => if joined.is_none() { break },
                 _ = &mut deadline, if !cancelled => {
                     warn!("drain deadline passed; cancelling in-flight runs");
-                    sup.stop_all(StopRequest::Drain);
+                    sup.stop_all(StopRequest::CancelNow);
                     cancelled = true;
                 }
                 _ = shutdown.changed(), if !cancelled => {
                     if ctx.shutdown.level() >= 2 {
-                        sup.stop_all(StopRequest::Drain);
+                        sup.stop_all(StopRequest::CancelNow);
                         cancelled = true;
                     }
                 }

@@ -1,31 +1,56 @@
-//! The effect handlers of a run outside its container phase: prepare, checkout removal,
-//! head inspection, push, events, the report, and the terminal clean-up.
+//! The run's effect handlers outside its container phase. Each performs its one effect and
+//! returns the one event that is its outcome; the run loop journals it. The git steps come
+//! back as a [`Step`] (work the loop awaits while it watches stops), built from a copy of
+//! what they need, so nothing here holds the run's state while the loop journals a stop.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use tracing::{debug, info, warn};
 
-use super::{Interrupted, RunTask, StopRequest, ABANDONED};
+use super::{Interrupted, RunTask, Step, ABANDONED};
 use crate::control::client::ControlError;
-use crate::control::wire::{EventRequest, ReportRequest};
+use crate::control::wire::ReportRequest;
 use crate::effects::git::{
     self, cache_objects, repo_proxy_url, run_paths, validate_slug, RepoGitError, RunRepo,
     RunWorkspaceRequest, WsToml,
 };
-use crate::effects::session::remove_dir;
-use crate::fsm::{Checkout, CheckoutRepo, Effect, Event, RepoHead, RunState};
+use crate::fsm::{Checkout, CheckoutRepo, Event, RepoHead, RunState};
 use crate::redact::redact;
 
 impl RunTask {
-    pub(super) async fn prepare(&mut self) -> Result<Vec<Effect>, Interrupted> {
-        let plan = self.last.state.plan().clone();
+    /// A fresh retry budget for one git step (`WSRUNNER_GIT_RETRY_TIMEOUT`).
+    fn git_retry(&self) -> git::GitRetry {
+        git::GitRetry::new(git::RetryPolicy {
+            max_elapsed: self.ctx.cfg.git_retry_timeout,
+            ..git::DEFAULT_GIT_RETRY
+        })
+    }
+
+    fn token(&self) -> Option<String> {
+        self.secrets
+            .env
+            .get("WS_TOKEN")
+            .filter(|t| !t.trim().is_empty())
+            .cloned()
+    }
+
+    /// The checkout of a run past its container (where heads are read and pushed).
+    fn checkout(&self) -> Checkout {
+        match self.state() {
+            RunState::Running { checkout, .. } => checkout.clone(),
+            _ => Checkout::default(),
+        }
+    }
+
+    /// Prepare: the run's workspace (caches, checkouts, ws.toml) → `checkout_ready` or
+    /// `checkout_failed`.
+    pub(super) fn prepare(&self) -> Step {
+        let plan = self.state().plan().clone();
         let Some(token) = self.token() else {
-            return self
-                .commit(Event::CheckoutFailed {
-                    error: "no WS_TOKEN for git-proxy auth".into(),
-                })
-                .await;
+            return Step::done(Event::CheckoutFailed {
+                error: "no WS_TOKEN for git-proxy auth".into(),
+            });
         };
         let mut repos = Vec::new();
         for repo in &plan.repos {
@@ -34,11 +59,9 @@ impl RunTask {
                 let why = validate_slug(&repo.slug)
                     .err()
                     .map_or_else(|| "want owner/name".to_owned(), |e| e.problem);
-                return self
-                    .commit(Event::CheckoutFailed {
-                        error: format!("invalid repo slug: {why}"),
-                    })
-                    .await;
+                return Step::done(Event::CheckoutFailed {
+                    error: format!("invalid repo slug: {why}"),
+                });
             };
             repos.push(RunRepo {
                 workspace_id: repo.workspace_id,
@@ -53,9 +76,7 @@ impl RunTask {
             });
         }
         let env: HashMap<String, String> = plan.container_env(&self.secrets).into_iter().collect();
-        // If this future is dropped (shutdown), the blocking prepare stops retrying too.
         let retry = self.git_retry();
-        let _cancel_if_dropped = retry.cancel_on_drop();
         let request = RunWorkspaceRequest {
             root: self.ctx.cfg.cache_root.display().to_string(),
             run_id: self.run_id,
@@ -66,45 +87,48 @@ impl RunTask {
             retry: retry.clone(),
             ..Default::default()
         };
-        let work = tokio::task::spawn_blocking(move || git::prepare_run_workspace(&request));
-        let (result, mut extra) = self.with_stops(work, Some(&retry)).await?;
-        let event = match result {
-            Some(Ok(Ok(ws))) => Event::CheckoutReady {
-                checkout: Checkout {
-                    root: ws.mount_path.display().to_string(),
-                    repos: ws
-                        .repos
-                        .iter()
-                        .map(|r| CheckoutRepo {
-                            slug: r.slug.clone(),
-                            path: r.output.checkout_path.display().to_string(),
-                            branch: r.output.branch.clone(),
-                            base_commit: r.output.base_commit.clone(),
-                        })
-                        .collect(),
+        // If the work is dropped (shutdown, abandoned), the blocking prepare stops retrying.
+        let cancel_if_dropped = retry.cancel_on_drop();
+        let work = async move {
+            let _cancel_if_dropped = cancel_if_dropped;
+            let prepared =
+                tokio::task::spawn_blocking(move || git::prepare_run_workspace(&request)).await;
+            match prepared {
+                Ok(Ok(ws)) => Event::CheckoutReady {
+                    checkout: Checkout {
+                        root: ws.mount_path.display().to_string(),
+                        repos: ws
+                            .repos
+                            .iter()
+                            .map(|r| CheckoutRepo {
+                                slug: r.slug.clone(),
+                                path: r.output.checkout_path.display().to_string(),
+                                branch: r.output.branch.clone(),
+                                base_commit: r.output.base_commit.clone(),
+                            })
+                            .collect(),
+                    },
                 },
-            },
-            Some(Ok(Err(e))) => Event::CheckoutFailed {
-                error: redact(&e.to_string()).into_owned(),
-            },
-            Some(Err(e)) => Event::CheckoutFailed {
-                error: format!("prepare task failed: {e}"),
-            },
-            None => Event::CheckoutFailed {
+                Ok(Err(e)) => Event::CheckoutFailed {
+                    error: redact(&e.to_string()).into_owned(),
+                },
+                Err(e) => Event::CheckoutFailed {
+                    error: format!("prepare task failed: {e}"),
+                },
+            }
+        };
+        Step {
+            work: Box::pin(work),
+            retry: Some(retry),
+            abandoned: Event::CheckoutFailed {
                 error: ABANDONED.into(),
             },
-        };
-        extra.extend(self.commit(event).await?);
-        Ok(extra)
+        }
     }
 
-    /// Removes every path this run may have checked out (idempotent).
+    /// Removes every path this run may have checked out (idempotent; no event).
     pub(super) async fn remove_checkout(&self) {
-        let paths = run_paths(
-            &self.ctx.cfg.cache_root,
-            self.run_id,
-            self.last.state.plan(),
-        );
+        let paths = run_paths(&self.ctx.cfg.cache_root, self.run_id, self.state().plan());
         let result = tokio::task::spawn_blocking(move || {
             for path in paths {
                 match std::fs::remove_dir_all(&path) {
@@ -123,51 +147,51 @@ impl RunTask {
         }
     }
 
-    pub(super) async fn inspect_heads(&mut self) -> Result<Vec<Effect>, Interrupted> {
-        let checkout = match &self.last.state {
-            RunState::Running { checkout, .. } => checkout.clone(),
-            _ => Checkout::default(),
-        };
-        let work = tokio::task::spawn_blocking(move || {
-            let mut heads = Vec::new();
-            for repo in &checkout.repos {
-                let head = git::branch_head(Path::new(&repo.path), &repo.branch)
-                    .map_err(|e| RepoGitError::new(&repo.slug, e))?;
-                heads.push(RepoHead {
-                    slug: repo.slug.clone(),
-                    head,
-                });
+    /// Reads each repo's run branch head → `heads_inspected` or `push_failed`.
+    pub(super) fn inspect_heads(&self) -> Step {
+        let checkout = self.checkout();
+        let run_id = self.run_id;
+        let work = async move {
+            let read = tokio::task::spawn_blocking(move || {
+                let mut heads = Vec::new();
+                for repo in &checkout.repos {
+                    let head = git::branch_head(Path::new(&repo.path), &repo.branch)
+                        .map_err(|e| RepoGitError::new(&repo.slug, e))?;
+                    heads.push(RepoHead {
+                        slug: repo.slug.clone(),
+                        head,
+                    });
+                }
+                Ok::<_, RepoGitError>(heads)
+            })
+            .await;
+            match read {
+                Ok(Ok(heads)) => Event::HeadsInspected { heads },
+                Ok(Err(e)) => Event::PushFailed {
+                    error: e.report(run_id, "reading the run branch"),
+                },
+                Err(e) => Event::PushFailed {
+                    error: format!("head inspection task failed: {e}"),
+                },
             }
-            Ok::<_, RepoGitError>(heads)
-        });
-        let (result, mut extra) = self.with_stops(work, None).await?;
-        let event = match result {
-            Some(Ok(Ok(heads))) => Event::HeadsInspected { heads },
-            Some(Ok(Err(e))) => Event::PushFailed {
-                error: e.report(self.run_id, "reading the run branch"),
-            },
-            Some(Err(e)) => Event::PushFailed {
-                error: format!("head inspection task failed: {e}"),
-            },
-            None => Event::PushFailed {
+        };
+        Step {
+            work: Box::pin(work),
+            retry: None,
+            abandoned: Event::PushFailed {
                 error: ABANDONED.into(),
             },
-        };
-        extra.extend(self.commit(event).await?);
-        Ok(extra)
+        }
     }
 
-    pub(super) async fn push(&mut self, heads: Vec<RepoHead>) -> Result<Vec<Effect>, Interrupted> {
-        let plan = self.last.state.plan().clone();
-        let checkout = match &self.last.state {
-            RunState::Running { checkout, .. } => checkout.clone(),
-            _ => Checkout::default(),
-        };
+    /// Pushes each repo's run branch → `push_done`, `push_skipped` (nothing new) or
+    /// `push_failed`.
+    pub(super) fn push(&self, heads: Vec<RepoHead>) -> Step {
+        let plan = self.state().plan().clone();
+        let checkout = self.checkout();
         let token = self.token().unwrap_or_default();
-        // One budget and cancel switch for the run's pushes; dropping this future cancels it
-        // (and kills the git call under way).
+        // One budget and cancel switch for the run's pushes.
         let retry = self.git_retry();
-        let _cancel_if_dropped = retry.cancel_on_drop();
         let mut requests = Vec::new();
         for head in &heads {
             let Some(repo) = checkout.repos.iter().find(|r| r.slug == head.slug) else {
@@ -186,91 +210,64 @@ impl RunTask {
                 cache_objects: cache_objects(&self.ctx.cfg.cache_root, &plan, &repo.slug),
             });
         }
-        let work = tokio::task::spawn_blocking(move || {
-            let mut pushed = Vec::new();
-            for (request, head) in requests.iter().zip(&heads) {
-                let outcome = git::push(request).map_err(|e| RepoGitError::new(&head.slug, e))?;
-                if !outcome.skipped {
-                    pushed.push(RepoHead {
-                        slug: head.slug.clone(),
-                        head: outcome.head_sha,
-                    });
+        let run_id = self.run_id;
+        // Dropping the work cancels the pushes (and kills the git call under way).
+        let cancel_if_dropped = retry.cancel_on_drop();
+        let work = async move {
+            let _cancel_if_dropped = cancel_if_dropped;
+            let pushed = tokio::task::spawn_blocking(move || {
+                let mut pushed = Vec::new();
+                for (request, head) in requests.iter().zip(&heads) {
+                    let outcome =
+                        git::push(request).map_err(|e| RepoGitError::new(&head.slug, e))?;
+                    if !outcome.skipped {
+                        pushed.push(RepoHead {
+                            slug: head.slug.clone(),
+                            head: outcome.head_sha,
+                        });
+                    }
                 }
+                Ok::<_, RepoGitError>(pushed)
+            })
+            .await;
+            match pushed {
+                Ok(Ok(pushed)) if pushed.is_empty() => Event::PushSkipped,
+                Ok(Ok(pushed)) => Event::PushDone { heads: pushed },
+                Ok(Err(e)) => Event::PushFailed {
+                    error: e.report(run_id, "push"),
+                },
+                Err(e) => Event::PushFailed {
+                    error: format!("push task failed: {e}"),
+                },
             }
-            Ok::<_, RepoGitError>(pushed)
-        });
-        let (result, mut extra) = self.with_stops(work, Some(&retry)).await?;
-        let event = match result {
-            Some(Ok(Ok(pushed))) if pushed.is_empty() => Event::PushSkipped,
-            Some(Ok(Ok(pushed))) => Event::PushDone { heads: pushed },
-            Some(Ok(Err(e))) => Event::PushFailed {
-                error: e.report(self.run_id, "push"),
-            },
-            Some(Err(e)) => Event::PushFailed {
-                error: format!("push task failed: {e}"),
-            },
-            None => Event::PushFailed {
+        };
+        Step {
+            work: Box::pin(work),
+            retry: Some(retry),
+            abandoned: Event::PushFailed {
                 error: ABANDONED.into(),
             },
-        };
-        extra.extend(self.commit(event).await?);
-        Ok(extra)
-    }
-
-    pub(super) async fn send_event(&mut self, event_type: String, payload_json: String) {
-        if let Some(events) = &self.events {
-            events
-                .send(EventRequest {
-                    event_type,
-                    payload_json,
-                })
-                .await;
         }
     }
 
-    pub(super) async fn report(
-        &mut self,
-        report: ReportRequest,
-    ) -> Result<Vec<Effect>, Interrupted> {
+    /// Sends the verdict → `report_accepted`, `report_rejected409` or `report_failed`. A
+    /// rejected credential or a shutdown leaves the run for the next start (the report
+    /// intent is journaled, so it is sent again).
+    pub(super) async fn report(&mut self, report: ReportRequest) -> Result<Event, Interrupted> {
         // Every event goes out before the verdict: after it the server answers 409.
-        if let Some(events) = self.events.take() {
-            let finish = events.finish();
-            tokio::pin!(finish);
-            let summary = loop {
-                tokio::select! {
-                    summary = &mut finish => break summary,
-                    stop = self.stops.recv() => match stop {
-                        // A drain past its deadline: the report intent is journaled.
-                        Some(StopRequest::Drain) => return Err(Interrupted::Shutdown),
-                        Some(StopRequest::Cancel) => {}
-                        None => break finish.await,
-                    },
-                }
-            };
+        if let Some(finish) = self.output.finish_events() {
+            let summary = self.while_reporting(finish).await?;
             if let Some(why) = summary.stopped {
                 debug!(run_id = self.run_id, "event stream ended early: {why}");
             }
         }
         // Every event was delivered or refused for good: nothing is left to replay.
-        self.settle_output().await;
+        self.output.settle().await;
         // The client retries within its budget (minutes). A drain past its deadline must not
         // wait that out: the report intent is journaled, so the next start sends it again.
         let client = self.ctx.client.clone();
-        let answer = {
-            let call = client.report(self.run_id, &report);
-            tokio::pin!(call);
-            loop {
-                tokio::select! {
-                    answer = &mut call => break answer,
-                    stop = self.stops.recv() => match stop {
-                        Some(StopRequest::Drain) => return Err(Interrupted::Shutdown),
-                        // A cancel cannot change a decided verdict; keep reporting it.
-                        Some(StopRequest::Cancel) => {}
-                        None => break call.await,
-                    },
-                }
-            }
-        };
+        let run_id = self.run_id;
+        let answer = self.while_reporting(client.report(run_id, &report)).await?;
         let event = match answer {
             Ok(()) => {
                 self.ctx.metrics.request("report", "ok");
@@ -315,43 +312,13 @@ impl RunTask {
                 }
             }
         };
-        self.commit(event).await
+        Ok(event)
     }
 
     /// The run is terminal: drop every trace on the host (containers of any attempt, private
     /// files, checkout) and forget its secrets.
     pub(super) async fn finish_terminal(&mut self) {
-        if let Some(events) = self.events.take() {
-            events.finish().await;
-        }
-        if let Ok(found) = self.ctx.engine.find_instance_containers().await {
-            for c in found.iter().filter(|c| c.run_id == Some(self.run_id)) {
-                if let Err(e) = self.ctx.engine.remove(&c.name).await {
-                    warn!(container = %c.name, "container removal failed (the sweep retries): {e}");
-                }
-                remove_dir(&self.container_dir(&c.name));
-            }
-        }
-        // Private dirs of attempts whose container was already gone (e.g. removed before a
-        // crash, then redone by recovery); found by the chaos suite, else only the next
-        // start's sweep removed them.
-        let attempt0 = crate::effects::container::container_name(
-            &self.ctx.engine.cfg.instance,
-            self.run_id,
-            0,
-        );
-        if let Some(prefix) = attempt0.strip_suffix('0') {
-            if let Ok(entries) = std::fs::read_dir(&self.ctx.containers_dir) {
-                for entry in entries.flatten() {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if name.strip_prefix(prefix).is_some_and(|attempt| {
-                        !attempt.is_empty() && attempt.bytes().all(|b| b.is_ascii_digit())
-                    }) {
-                        remove_dir(&entry.path());
-                    }
-                }
-            }
-        }
+        self.output.finish_terminal().await;
         self.remove_checkout().await;
         for secret in self.secrets.env.values() {
             crate::redact::forget_secret(secret);

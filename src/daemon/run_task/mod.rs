@@ -1,45 +1,37 @@
-//! One run, driven from its journal: commit an event (transaction + flush), then hand the
-//! effects the transition returned to their handlers; each handler's outcome is the next
-//! event. The order is the crash-tolerance rule: nothing leaves the host before the record
-//! announcing it is durable.
+//! One run, driven from its journal. The run loop is the only place that commits: it
+//! journals an event (transaction + flush), routes the effects the transition hands out and
+//! runs them one at a time; each handler performs its one effect and returns one event,
+//! which the loop journals next (the container phase also hands back the agent's signals as
+//! they come). The order is the crash-tolerance rule: nothing leaves the host before the
+//! record announcing it is durable. Stops reach the loop as messages; `stops::decide` says
+//! what each does.
 //!
-//! The loop and the journal side live here; the effect handlers in `handlers.rs`, the
-//! container phase (start, re-attach, output, replay) in `container.rs`.
+//! Files: the loop here; `journal.rs` its commits (with the agent-record budget);
+//! `stops.rs` what a stop does; `handlers.rs` the git steps, the report and the terminal
+//! clean-up; `container.rs` the container phase and the replay, over `effects::session`.
 
 mod container;
 mod handlers;
+mod journal;
+mod stops;
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn, Span};
+use tracing::{error, info, warn, Span};
 
 use super::Ctx;
-use crate::control::events::{Delivery, RunEvents};
-use crate::effects::git::{self};
-use crate::effects::session::Progress;
-use crate::fsm::{AgentBudget, Effect, Event, RunSecrets, RunState, AGENT_RECORD_BUDGET};
-use crate::journal::{agent_records, commit_event_async, now_ms, CommitError, Record};
-
-/// A stop asked of a running run from outside its task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StopRequest {
-    /// The server listed the run in the heartbeat `abort` list (spec 4.5).
-    Cancel,
-    /// The drain deadline passed, or a second signal asked to cancel at once (spec 4.6).
-    Drain,
-}
-
-impl StopRequest {
-    fn event(self) -> Event {
-        match self {
-            StopRequest::Cancel => Event::CancelRequested { force: false },
-            StopRequest::Drain => Event::DrainDeadlinePassed,
-        }
-    }
-}
+use crate::effects::git::GitRetry;
+use crate::effects::session::RunOutput;
+use crate::fsm::{Effect, Event, RunSecrets, RunState};
+use crate::journal::{now_ms, Record};
+use journal::{current_container, RunJournal};
+pub(crate) use stops::StopRequest;
+use stops::{StopAction, Stops, Waiting};
 
 /// How a run task begins: from a claim's effects, or from a recovery decision.
 pub(crate) enum Start {
@@ -71,24 +63,33 @@ const ABANDON_AFTER: Duration = Duration::from_secs(10);
 /// The failure text a step abandoned after a stop records.
 const ABANDONED: &str = "stopped: the step did not end after the stop and was abandoned";
 
+/// A step the loop awaits while it watches stops: the work (its outcome is the event to
+/// journal), the retry switch a stop flips (ends a wait between retries and kills the git
+/// call under way), and the event journaled if the work is abandoned.
+struct Step {
+    work: Pin<Box<dyn Future<Output = Event> + Send>>,
+    retry: Option<GitRetry>,
+    abandoned: Event,
+}
+
+impl Step {
+    /// A step whose outcome is already known (refused before any work).
+    fn done(event: Event) -> Step {
+        Step {
+            abandoned: event.clone(),
+            work: Box::pin(std::future::ready(event)),
+            retry: None,
+        }
+    }
+}
+
 pub(crate) struct RunTask {
     ctx: Arc<Ctx>,
     run_id: i64,
-    last: Record,
+    journal: RunJournal,
     secrets: RunSecrets,
-    events: Option<RunEvents>,
-    stops: mpsc::UnboundedReceiver<StopRequest>,
-    /// When the run's own wall-clock limit passes (from the claim time, across restarts).
-    deadline: tokio::time::Instant,
-    deadline_fired: bool,
-    /// Stopped containers whose output was handed to the event sender but may not be
-    /// delivered yet. Their logs are the only copy of that output after a crash, so they are
-    /// removed only once the sender has drained (see [`RunTask::settle_output`]).
-    pending_output: Vec<(String, Progress)>,
-    /// The run's event stream progress, kept after `events` is consumed (report, shutdown).
-    delivery: Delivery,
-    /// The journal budget of the current container's output (docs/journal.md).
-    agent_budget: Option<AgentBudget>,
+    output: RunOutput,
+    stops: Stops,
     span: Span,
 }
 
@@ -106,30 +107,32 @@ impl RunTask {
             .cfg
             .run_timeout
             .saturating_sub(Duration::from_millis(elapsed_ms));
-        let events = ctx.events.open_run(run_id);
-        let delivery = events.delivery();
-        let events = Some(events);
+        let output = RunOutput::new(
+            run_id,
+            ctx.events.open_run(run_id),
+            ctx.engine.clone(),
+            ctx.containers_dir.clone(),
+        );
         // The state is logged per line, not as a span field: the fmt layer appends every
         // re-recorded field value, which would turn the span prefix into the whole history.
         let span = tracing::info_span!("run", run_id);
         RunTask {
+            journal: RunJournal::new(ctx.clone(), last),
             ctx,
             run_id,
-            last,
             secrets,
-            events,
-            stops,
-            deadline: tokio::time::Instant::now() + remaining,
-            deadline_fired: false,
-            pending_output: Vec::new(),
-            delivery,
-            agent_budget: None,
+            output,
+            stops: Stops::new(stops, remaining),
             span,
         }
     }
 
     pub(crate) fn span(&self) -> Span {
         self.span.clone()
+    }
+
+    fn state(&self) -> &RunState {
+        self.journal.state()
     }
 
     /// Drives the run until it is terminal (or interrupted: shutdown, credential revoked,
@@ -139,7 +142,7 @@ impl RunTask {
         match outcome {
             Ok(()) => {
                 self.finish_terminal().await;
-                let status = match &self.last.state {
+                let status = match self.state() {
                     RunState::Reported { verdict, .. } => verdict.status.as_wire().to_owned(),
                     _ => "abandoned".to_owned(),
                 };
@@ -147,7 +150,7 @@ impl RunTask {
                     run_id = self.run_id,
                     status,
                     "run finished: {}",
-                    self.last.state.describe()
+                    self.state().describe()
                 );
                 Some(status)
             }
@@ -160,31 +163,22 @@ impl RunTask {
                     Interrupted::CredentialRejected => warn!(
                         run_id = self.run_id,
                         "credential rejected; run left in the journal ({})",
-                        self.last.state.describe()
+                        self.state().describe()
                     ),
                     Interrupted::Shutdown => info!(
                         run_id = self.run_id,
                         "shutting down; run left in the journal for the next start ({})",
-                        self.last.state.describe()
+                        self.state().describe()
                     ),
                 }
-                // Flush what is queued, briefly: a server that is down must not hold up a
-                // shutdown (the verdict-relevant facts are journaled already).
-                if let Some(events) = self.events.take() {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), events.finish()).await;
-                }
-                // Then stop sending and record exactly how far the stopped containers' output
-                // got, so the next start replays the rest and repeats nothing.
-                self.delivery.halt(Duration::from_secs(5)).await;
-                let completed = self.delivery.completed();
-                for (_, progress) in &mut self.pending_output {
-                    progress.save_delivered(completed);
-                }
+                self.output.halt().await;
                 None
             }
         }
     }
 
+    /// The run loop: begin as `start` says, then run the queued effects in order, journaling
+    /// each handler's event and the stops that arrive between them.
     async fn drive_inner(&mut self, start: Start) -> Result<(), Interrupted> {
         let mut queue: VecDeque<Effect> = VecDeque::new();
         let start = match start {
@@ -200,33 +194,26 @@ impl RunTask {
             Start::Effects(effects) => queue.extend(effects),
             Start::Feed(events) => {
                 for event in events {
-                    queue.extend(self.commit(event).await?);
+                    queue.extend(self.journal.commit(event).await?);
                 }
             }
             Start::Reattach { name, feed } => {
                 for event in feed {
-                    queue.extend(self.commit(event).await?);
+                    queue.extend(self.journal.commit(event).await?);
+                }
+                if current_container(self.state()).as_deref() != Some(name.as_str()) {
+                    // Recovery decided from a state the feed did not lead to (a concurrent
+                    // transition): let the next start-up decide again.
+                    return Err(Interrupted::Journal(format!(
+                        "cannot re-attach to {name} in state {}",
+                        self.state().describe()
+                    )));
                 }
                 // A stop journaled before the restart hands out a kill here; the re-attached
-                // driver performs it (abort, grace, kill) instead, see `stop_pending`.
+                // driver performs it (abort, grace, kill) once attached, as for any stop the
+                // state records (`journal::stop_pending`).
                 queue.retain(|e| !matches!(e, Effect::KillContainer { .. }));
-                match &self.last.state {
-                    RunState::Running {
-                        container,
-                        after: None,
-                        ..
-                    } if container.name == name => {
-                        queue.extend(self.run_container(&name, true).await?);
-                    }
-                    other => {
-                        // Recovery decided from a state the feed did not lead to (a
-                        // concurrent transition): let the next start-up decide again.
-                        return Err(Interrupted::Journal(format!(
-                            "cannot re-attach to {name} in state {}",
-                            other.describe()
-                        )));
-                    }
-                }
+                queue.extend(self.container_phase(&name, true).await?);
             }
             Start::Replay { .. } => {
                 return Err(Interrupted::Journal(
@@ -235,135 +222,86 @@ impl RunTask {
             }
         }
         loop {
-            while let Ok(stop) = self.stops.try_recv() {
-                queue.extend(self.commit(stop.event()).await?);
+            while let Some(action) = self.stops.try_next(Waiting::NextEffect) {
+                queue.extend(self.apply_stop(action).await?);
             }
             let Some(effect) = queue.pop_front() else {
                 break;
             };
             let next = match effect {
-                Effect::Prepare { .. } => self.prepare().await?,
+                Effect::Prepare { .. } => {
+                    let step = self.prepare();
+                    self.run_step(step).await?
+                }
+                Effect::InspectHeads => {
+                    let step = self.inspect_heads();
+                    self.run_step(step).await?
+                }
+                Effect::Push { heads } => {
+                    let step = self.push(heads);
+                    self.run_step(step).await?
+                }
+                Effect::StartContainer { name, .. } => self.container_phase(&name, false).await?,
+                Effect::Report(report) => {
+                    let event = self.report(report).await?;
+                    self.journal.commit(event).await?
+                }
                 Effect::RemoveCheckout => {
                     self.remove_checkout().await;
                     Vec::new()
                 }
-                Effect::StartContainer { name, .. } => self.run_container(&name, false).await?,
                 Effect::KillContainer { name } => {
-                    // Outside a driver (the container is not attached here): kill it directly.
+                    // No driver is attached outside the container phase: kill it directly.
                     if let Err(e) = self.ctx.engine.kill(&name).await {
                         warn!(container = %name, "kill failed: {e}");
                     }
                     Vec::new()
                 }
-                Effect::InspectHeads => self.inspect_heads().await?,
-                Effect::Push { heads } => self.push(heads).await?,
-                Effect::Report(report) => self.report(report).await?,
                 Effect::SendEvent {
                     event_type,
                     payload_json,
                 } => {
-                    self.send_event(event_type, payload_json).await;
+                    self.output.send_event(event_type, payload_json).await;
                     Vec::new()
                 }
             };
             queue.extend(next);
         }
-        if self.last.state.is_terminal() {
+        if self.state().is_terminal() {
             Ok(())
         } else {
             // Every non-terminal state hands out an effect; an empty queue here is a bug in
             // the wiring, not in the run: keep it for recovery rather than guess.
             Err(Interrupted::Journal(format!(
                 "no effect left to run in state {:?}",
-                self.last.state.describe()
+                self.state().describe()
             )))
         }
     }
 
-    /// Journals one event (transaction + flush) and returns the effects to run now. A
-    /// container's exit is preceded by the agent signals coalesced past its journal budget,
-    /// so the exit is judged on every signal (docs/journal.md, "Agent output budget").
-    async fn commit(&mut self, event: Event) -> Result<Vec<Effect>, Interrupted> {
-        if matches!(event, Event::ContainerExited { .. }) {
-            self.commit_coalesced().await?;
-        }
-        self.commit_record(event).await
-    }
-
-    async fn commit_record(&mut self, event: Event) -> Result<Vec<Effect>, Interrupted> {
-        let started = Instant::now();
-        let kind = event.kind();
-        match commit_event_async(
-            self.ctx.journal.clone(),
-            Some(self.last.clone()),
-            event,
-            now_ms(),
-            None,
-        )
-        .await
-        {
-            Ok(committed) => {
-                if let Some(record) = committed.record {
-                    self.ctx.metrics.journal_commit(started.elapsed());
-                    super::failpoint::crash_failpoint(&record);
-                    self.span
-                        .record("state", tracing::field::display(record.state.kind()));
-                    debug!(run_id = self.run_id, event = %kind, seq = record.seq, "{}", record.state.describe());
-                    self.last = record;
-                }
-                Ok(committed.effects)
-            }
-            Err(CommitError::Rejected(r)) => {
-                debug!(run_id = self.run_id, "event not applied: {r}");
-                Ok(Vec::new())
-            }
-            Err(CommitError::Journal(e)) => {
-                self.ctx.metrics.journal_error();
-                Err(Interrupted::Journal(e.to_string()))
-            }
+    /// Does what `stops::decide` said; the effects a journaled stop hands out come back.
+    async fn apply_stop(&mut self, action: StopAction) -> Result<Vec<Effect>, Interrupted> {
+        match action {
+            StopAction::Journal(event) => self.journal.commit(event).await,
+            StopAction::Ignore => Ok(Vec::new()),
+            StopAction::LeaveForNextStart => Err(Interrupted::Shutdown),
         }
     }
 
-    /// Waits for the next stop: a request from outside, or the run's own time limit.
-    async fn next_stop(&mut self) -> Event {
-        let deadline = self.deadline;
-        let fired = self.deadline_fired;
-        tokio::select! {
-            stop = self.stops.recv() => match stop {
-                Some(stop) => stop.event(),
-                // The supervisor went away: no more stops, only the deadline.
-                None => {
-                    if fired {
-                        std::future::pending::<()>().await;
-                    }
-                    tokio::time::sleep_until(deadline).await;
-                    self.deadline_fired = true;
-                    Event::RunTimeoutPassed
-                }
-            },
-            _ = tokio::time::sleep_until(deadline), if !fired => {
-                self.deadline_fired = true;
-                warn!(run_id = self.run_id, "the run exceeded WSRUNNER_RUN_TIMEOUT; stopping it");
-                Event::RunTimeoutPassed
-            }
-        }
-    }
-
-    /// Awaits `work` while journaling stops that arrive meanwhile. The effects those stops
-    /// hand out are returned for the queue; the state machine decides what the stop means
-    /// once the outcome is known. A stop cancels `retry`, which ends a wait between retries
-    /// and kills the git call under way; if the work still has not ended
-    /// [`ABANDON_AFTER`] later (it is stuck on something no kill reaches), it is abandoned:
-    /// `None` comes back and the caller records a failure, so no stop waits on the effect.
-    async fn with_stops<T>(
-        &mut self,
-        work: impl std::future::Future<Output = T>,
-        retry: Option<&git::GitRetry>,
-    ) -> Result<(Option<T>, Vec<Effect>), Interrupted> {
-        tokio::pin!(work);
-        let mut extra = Vec::new();
+    /// Awaits a step while journaling the stops that arrive meanwhile, then journals its
+    /// outcome. A stop is journaled first (the outcome it hastens must find it), then cancels
+    /// the step's retry; if the work still has not ended [`ABANDON_AFTER`] later (it is stuck
+    /// on something no kill reaches), it is abandoned and its failure journaled, so no stop
+    /// waits on the effect. Returns the effects of the stops, then of the outcome.
+    async fn run_step(&mut self, step: Step) -> Result<Vec<Effect>, Interrupted> {
+        let Step {
+            mut work,
+            retry,
+            abandoned,
+        } = step;
+        let mut effects = Vec::new();
         let mut abandon_at: Option<tokio::time::Instant> = None;
-        loop {
+        let event = loop {
             let abandon = async {
                 match abandon_at {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -371,156 +309,44 @@ impl RunTask {
                 }
             };
             tokio::select! {
-                out = &mut work => return Ok((Some(out), extra)),
-                stop = self.next_stop() => {
-                    // Journaled first: the outcome that the cancel hastens must find it.
-                    let more = self.commit(stop).await?;
-                    if let Some(retry) = retry {
+                event = &mut work => break event,
+                action = self.stops.next(Waiting::Step) => {
+                    effects.extend(self.apply_stop(action).await?);
+                    if let Some(retry) = &retry {
                         retry.cancel();
                     }
                     abandon_at.get_or_insert_with(|| tokio::time::Instant::now() + ABANDON_AFTER);
-                    extra.extend(more);
                 }
                 () = abandon => {
                     warn!(
                         run_id = self.run_id,
                         "the step did not end within {ABANDON_AFTER:?} of the stop; abandoning it"
                     );
-                    return Ok((None, extra));
+                    break abandoned;
                 }
+            }
+        };
+        // Dropping the work (abandoned) cancels its retry too.
+        drop(work);
+        effects.extend(self.journal.commit(event).await?);
+        Ok(effects)
+    }
+
+    /// Awaits `work` while the verdict is sent: a stop is ignored or leaves the run for the
+    /// next start (`stops::decide` journals nothing while reporting).
+    async fn while_reporting<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+    ) -> Result<T, Interrupted> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                action = self.stops.next(Waiting::Report) => match action {
+                    StopAction::LeaveForNextStart => return Err(Interrupted::Shutdown),
+                    StopAction::Ignore | StopAction::Journal(_) => {}
+                },
             }
         }
     }
-
-    /// A fresh retry budget for one git step (`WSRUNNER_GIT_RETRY_TIMEOUT`).
-    fn git_retry(&self) -> git::GitRetry {
-        git::GitRetry::new(git::RetryPolicy {
-            max_elapsed: self.ctx.cfg.git_retry_timeout,
-            ..git::DEFAULT_GIT_RETRY
-        })
-    }
-
-    fn token(&self) -> Option<String> {
-        self.secrets
-            .env
-            .get("WS_TOKEN")
-            .filter(|t| !t.trim().is_empty())
-            .cloned()
-    }
-
-    /// Journals an agent event (signal, degradation) within the current container's budget,
-    /// or folds it in memory once the budget is spent: the agent decides how many it prints,
-    /// and each record carries the whole state.
-    async fn commit_agent(&mut self, event: Event) -> Result<(), Interrupted> {
-        let Some(name) = current_container(&self.last.state) else {
-            // Not in the container phase: the state machine refuses it; nothing is written.
-            self.commit_record(event).await?;
-            return Ok(());
-        };
-        let budget = self.agent_budget_for(&name).await;
-        let Some(event) = budget.admit(event) else {
-            return Ok(());
-        };
-        let before = self.last.seq;
-        self.commit_record(event).await?;
-        if self.last.seq != before {
-            let run_id = self.run_id;
-            let budget = self.agent_budget_for(&name).await;
-            budget.recorded();
-            if budget.spent() {
-                warn!(
-                    run_id,
-                    container = %name,
-                    records = budget.journaled(),
-                    "the agent's output reached its journal budget; further signals are \
-                     coalesced and journaled when the container exits"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Journals the signals coalesced past the current container's budget (at most one per
-    /// fact kind) so that the exit that follows is judged on them.
-    async fn commit_coalesced(&mut self) -> Result<(), Interrupted> {
-        let Some(name) = current_container(&self.last.state) else {
-            return Ok(());
-        };
-        let Some(budget) = self
-            .agent_budget
-            .as_mut()
-            .filter(|b| b.container() == name && !b.pending().is_empty())
-        else {
-            return Ok(());
-        };
-        let folded = budget.pending().folded();
-        let events = budget.take_pending();
-        info!(
-            run_id = self.run_id,
-            container = %name,
-            folded,
-            records = events.len(),
-            "journaling the agent signals coalesced past the journal budget"
-        );
-        for event in events {
-            self.commit_record(event).await?;
-        }
-        Ok(())
-    }
-
-    /// The budget of container `name`, counting the records its output already caused in
-    /// the journal (so a restart continues where the previous process stopped). A journal
-    /// that cannot be read counts as spent: folding loses no verdict, writing might overrun.
-    async fn agent_budget_for(&mut self, name: &str) -> &mut AgentBudget {
-        if self.agent_budget.as_ref().map(AgentBudget::container) != Some(name) {
-            let journal = self.ctx.journal.clone();
-            let run_id = self.run_id;
-            let read = tokio::task::spawn_blocking(move || journal.records(run_id)).await;
-            let used = match read {
-                Ok(Ok(slots)) => agent_records(&slots, name),
-                Ok(Err(e)) => {
-                    warn!(
-                        run_id = self.run_id,
-                        "cannot count the agent's records ({e}); its journal budget counts as spent"
-                    );
-                    AGENT_RECORD_BUDGET
-                }
-                Err(e) => {
-                    warn!(
-                        run_id = self.run_id,
-                        "journal read task failed ({e}); the agent's journal budget counts as spent"
-                    );
-                    AGENT_RECORD_BUDGET
-                }
-            };
-            debug!(
-                run_id = self.run_id,
-                container = name,
-                used,
-                "agent journal budget"
-            );
-            self.agent_budget = Some(AgentBudget::new(name, used, AGENT_RECORD_BUDGET));
-        }
-        self.agent_budget
-            .get_or_insert_with(|| AgentBudget::new(name, AGENT_RECORD_BUDGET, AGENT_RECORD_BUDGET))
-    }
-}
-
-/// The container whose exit is still to be judged, if the run is in its container phase.
-pub(super) fn current_container(state: &RunState) -> Option<String> {
-    match state {
-        RunState::Running {
-            container,
-            after: None,
-            ..
-        } => Some(container.name.clone()),
-        _ => None,
-    }
-}
-
-fn stop_pending(state: &RunState) -> bool {
-    matches!(
-        state,
-        RunState::Prepared { stop: Some(_), .. } | RunState::Running { stop: Some(_), .. }
-    )
 }
