@@ -15,10 +15,11 @@ use crate::control::credential::{
 };
 use crate::control::events::{EventSender, EventSenderConfig};
 use crate::control::EXIT_CONFIG;
+use crate::effects::clock::SystemClock;
 use crate::effects::container::{
     sanitize_name_part, BootImageCheck, ContainerError, Engine, NetworkStatus,
 };
-use crate::effects::git::TransportPolicy;
+use crate::effects::git::{SystemGit, TransportPolicy};
 use crate::journal::SledJournal;
 
 /// A start-up failure: the exit code and what to tell the operator.
@@ -193,6 +194,9 @@ pub(super) async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<C
     opts.metrics.set_paused(pause.is_paused());
     Ok(Arc::new(Ctx {
         cfg,
+        control: Arc::new(client.clone()),
+        git: Arc::new(SystemGit),
+        clock: Arc::new(SystemClock),
         client,
         events,
         journal: Arc::new(journal),

@@ -2,7 +2,6 @@
 //! claim in flight, the lease yield after a lost answer (F6), idle-cache eviction between
 //! claims, and journaling a claimed run before its task starts.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
@@ -70,7 +69,7 @@ impl Supervisor {
                     error: format!("runner journal unavailable: {e}"),
                     ..Default::default()
                 };
-                let _ = self.ctx.client.report(run_id, &report).await;
+                let _ = self.ctx.control.report(run_id, &report).await;
             }
         }
     }
@@ -96,7 +95,7 @@ pub(super) async fn claim_loop(sup: &mut Supervisor, once: bool) {
                 error!("a run task failed: {e}");
             }
         }
-        if ctx.shutting_down() || ctx.client.auth_state().is_rejected() {
+        if ctx.shutting_down() || ctx.control.auth_state().is_rejected() {
             return;
         }
         if sup.yield_pending {
@@ -129,7 +128,7 @@ pub(super) async fn claim_loop(sup: &mut Supervisor, once: bool) {
             let wait = errors.next_backoff().unwrap_or(ctx.cfg.poll_interval);
             error!(retry_in = ?wait, "not claiming: the journal cannot record the claim: {e}");
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = ctx.clock.sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -138,7 +137,7 @@ pub(super) async fn claim_loop(sup: &mut Supervisor, once: bool) {
         // A claim retrying against an unreachable server must not hold up a shutdown for
         // its whole retry budget; one that is merely slow gets a few seconds to answer, so
         // a run the server already handed us is not dropped.
-        let claim = ctx.client.claim();
+        let claim = ctx.control.claim();
         tokio::pin!(claim);
         let claimed = tokio::select! {
             r = &mut claim => r,
@@ -230,7 +229,7 @@ pub(super) async fn claim_loop(sup: &mut Supervisor, once: bool) {
             continue;
         }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.clock.sleep(wait) => {}
             _ = shutdown.changed() => {}
         }
     }
@@ -238,10 +237,7 @@ pub(super) async fn claim_loop(sup: &mut Supervisor, once: bool) {
 
 /// Claim answers the client lost after the request left, so far (F6).
 fn lost_claim_answers(ctx: &Ctx) -> u64 {
-    ctx.client
-        .counters()
-        .lost_claim_answers
-        .load(Ordering::Relaxed)
+    ctx.control.lost_claim_answers()
 }
 
 /// Sets or clears the journal's unresolved-claim mark off the async workers (it flushes).

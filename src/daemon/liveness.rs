@@ -170,7 +170,7 @@ pub(super) async fn heartbeat_loop(
         // After a failure the next beat comes sooner than a full interval, so the gap the
         // server sees after an outage stays short.
         tokio::select! {
-            _ = tokio::time::sleep(policy.wait_before_next(failures)) => {}
+            _ = ctx.clock.sleep(policy.wait_before_next(failures)) => {}
             _ = stop.changed() => return,
         }
         liveness.heartbeat_turned(now_ms());
@@ -179,7 +179,7 @@ pub(super) async fn heartbeat_loop(
         }
         // The stop signal also interrupts a heartbeat that is retrying an unreachable server.
         let beat = tokio::select! {
-            r = ctx.client.heartbeat() => r,
+            r = ctx.control.heartbeat() => r,
             _ = stop.changed() => return,
         };
         match beat {
@@ -247,11 +247,11 @@ pub(super) async fn watchdog_loop(
             _ = stop.changed() => return,
         }
         ctx.metrics
-            .set_credential_rejected(ctx.client.auth_state().is_rejected());
-        let health = if ctx.client.auth_state().is_rejected() {
+            .set_credential_rejected(ctx.control.auth_state().is_rejected());
+        let health = if ctx.control.auth_state().is_rejected() {
             Health::Unhealthy(format!(
                 "credential rejected: {}",
-                ctx.client.auth_state().rejection().unwrap_or_default()
+                ctx.control.auth_state().rejection().unwrap_or_default()
             ))
         } else {
             liveness.health(now_ms(), &policy)

@@ -29,9 +29,11 @@ use tracing::{error, info, warn, Instrument};
 use crate::config::ValidConfig;
 use crate::control::client::{Client, ClientConfig, ControlError};
 use crate::control::events::EventSender;
+use crate::control::plane::ControlPlane;
 use crate::control::EXIT_CREDENTIAL_REJECTED;
+use crate::effects::clock::Clock;
 use crate::effects::container::Engine;
-use crate::effects::git::TransportPolicy;
+use crate::effects::git::{GitOps, TransportPolicy};
 use crate::journal::{now_ms, Journal};
 use crate::metrics::{Health, Metrics};
 pub use boot::instance_name;
@@ -126,6 +128,12 @@ impl DaemonOptions {
 pub(crate) struct Ctx {
     pub cfg: ValidConfig,
     pub client: Client,
+    /// The control plane as the loops use it (`client`, or a stand-in).
+    pub control: Arc<dyn ControlPlane>,
+    /// Git as the run loop uses it.
+    pub git: Arc<dyn GitOps>,
+    /// Wall-clock time and sleeps.
+    pub clock: Arc<dyn Clock>,
     pub events: EventSender,
     pub journal: Arc<dyn Journal>,
     pub engine: Engine,
@@ -352,10 +360,10 @@ async fn serve(ctx: Arc<Ctx>, opts: DaemonOptions) -> i32 {
     // caller may open the journal right after (the demo prints the run's timeline).
     let _ = ctl_server.await;
 
-    if ctx.client.auth_state().is_rejected() {
+    if ctx.control.auth_state().is_rejected() {
         error!(
             "exiting: the runner credential was rejected ({}); register again with a new WSRUNNER_REGISTRATION_TOKEN (remove the stored credential file)",
-            ctx.client.auth_state().rejection().unwrap_or_default()
+            ctx.control.auth_state().rejection().unwrap_or_default()
         );
         return EXIT_CREDENTIAL_REJECTED;
     }

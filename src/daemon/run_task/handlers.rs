@@ -89,10 +89,11 @@ impl RunTask {
         };
         // If the work is dropped (shutdown, abandoned), the blocking prepare stops retrying.
         let cancel_if_dropped = retry.cancel_on_drop();
+        let git = self.ctx.git.clone();
         let work = async move {
             let _cancel_if_dropped = cancel_if_dropped;
             let prepared =
-                tokio::task::spawn_blocking(move || git::prepare_run_workspace(&request)).await;
+                tokio::task::spawn_blocking(move || git.prepare_run_workspace(&request)).await;
             match prepared {
                 Ok(Ok(ws)) => Event::CheckoutReady {
                     checkout: Checkout {
@@ -151,11 +152,13 @@ impl RunTask {
     pub(super) fn inspect_heads(&self) -> Step {
         let checkout = self.checkout();
         let run_id = self.run_id;
+        let git = self.ctx.git.clone();
         let work = async move {
             let read = tokio::task::spawn_blocking(move || {
                 let mut heads = Vec::new();
                 for repo in &checkout.repos {
-                    let head = git::branch_head(Path::new(&repo.path), &repo.branch)
+                    let head = git
+                        .branch_head(Path::new(&repo.path), &repo.branch)
                         .map_err(|e| RepoGitError::new(&repo.slug, e))?;
                     heads.push(RepoHead {
                         slug: repo.slug.clone(),
@@ -213,13 +216,15 @@ impl RunTask {
         let run_id = self.run_id;
         // Dropping the work cancels the pushes (and kills the git call under way).
         let cancel_if_dropped = retry.cancel_on_drop();
+        let git = self.ctx.git.clone();
         let work = async move {
             let _cancel_if_dropped = cancel_if_dropped;
             let pushed = tokio::task::spawn_blocking(move || {
                 let mut pushed = Vec::new();
                 for (request, head) in requests.iter().zip(&heads) {
-                    let outcome =
-                        git::push(request).map_err(|e| RepoGitError::new(&head.slug, e))?;
+                    let outcome = git
+                        .push(request)
+                        .map_err(|e| RepoGitError::new(&head.slug, e))?;
                     if !outcome.skipped {
                         pushed.push(RepoHead {
                             slug: head.slug.clone(),
@@ -265,9 +270,11 @@ impl RunTask {
         self.output.settle().await;
         // The client retries within its budget (minutes). A drain past its deadline must not
         // wait that out: the report intent is journaled, so the next start sends it again.
-        let client = self.ctx.client.clone();
+        let control = self.ctx.control.clone();
         let run_id = self.run_id;
-        let answer = self.while_reporting(client.report(run_id, &report)).await?;
+        let answer = self
+            .while_reporting(control.report(run_id, &report))
+            .await?;
         let event = match answer {
             Ok(()) => {
                 self.ctx.metrics.request("report", "ok");
@@ -301,7 +308,7 @@ impl RunTask {
                         let pause = self.ctx.report_retry_pause;
                         let mut shutdown = self.ctx.shutdown.subscribe();
                         tokio::select! {
-                            _ = tokio::time::sleep(pause) => {}
+                            _ = self.ctx.clock.sleep(pause) => {}
                             _ = shutdown.changed() => return Err(Interrupted::Shutdown),
                         }
                         Event::ReportFailed {

@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 use super::super::failpoint::crash_failpoint;
 use super::{Ctx, Interrupted};
 use crate::fsm::{AgentBudget, Effect, Event, RunState, AGENT_RECORD_BUDGET};
-use crate::journal::{agent_records, commit_event_async, now_ms, CommitError, Record};
+use crate::journal::{agent_records, commit_event_async, CommitError, Record};
 
 pub(super) struct RunJournal {
     ctx: Arc<Ctx>,
@@ -61,7 +61,7 @@ impl RunJournal {
             self.ctx.journal.clone(),
             Some(self.last.clone()),
             event,
-            now_ms(),
+            self.ctx.clock.now_ms(),
             None,
         )
         .await

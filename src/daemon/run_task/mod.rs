@@ -28,7 +28,7 @@ use super::Ctx;
 use crate::effects::git::GitRetry;
 use crate::effects::session::RunOutput;
 use crate::fsm::{Effect, Event, RunSecrets, RunState};
-use crate::journal::{now_ms, Record};
+use crate::journal::Record;
 use journal::{current_container, RunJournal};
 pub(crate) use stops::StopRequest;
 use stops::{StopAction, Stops, Waiting};
@@ -102,7 +102,7 @@ impl RunTask {
         stops: mpsc::UnboundedReceiver<StopRequest>,
     ) -> RunTask {
         let run_id = last.run_id;
-        let elapsed_ms = (now_ms() - first.at_ms).max(0) as u64;
+        let elapsed_ms = (ctx.clock.now_ms() - first.at_ms).max(0) as u64;
         let remaining = ctx
             .cfg
             .run_timeout

@@ -14,6 +14,7 @@ mod cache;
 mod cmd;
 mod error;
 mod lock;
+mod ops;
 mod ownership;
 mod prepare;
 mod push;
@@ -32,6 +33,7 @@ pub use cache::{
 };
 pub use error::{GitError, RepoGitError};
 pub use lock::CacheLock;
+pub use ops::{GitOps, SystemGit};
 pub use ownership::{hand_to_agent, readable_by_agent, AGENT_GID, AGENT_UID};
 pub use prepare::{prepare, GitTransport, PrepareOutput, PrepareRequest, DEFAULT_LOCK_TIMEOUT};
 pub use push::{branch_head, push, remote_ref_sha, PushOutcome, PushRequest};
