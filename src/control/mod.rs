@@ -3,6 +3,7 @@
 pub mod client;
 pub mod credential;
 pub mod events;
+pub mod plane;
 pub mod ratelimit;
 pub mod wire;
 

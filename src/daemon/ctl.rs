@@ -173,7 +173,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// Creates the control directory (0700, ours) and binds `ctl.sock` (0600). Refuses to take
 /// over a socket another live runner answers on.
 pub(crate) fn bind(dir: &Path) -> Result<(UnixListener, SocketGuard), String> {
-    super::run_task::create_private_dir(dir).map_err(|e| {
+    crate::effects::session::create_private_dir(dir).map_err(|e| {
         format!(
             "cannot create the control directory {}: {e} (set WSRUNNER_CTL_DIR to a directory the runner user owns)",
             dir.display()

@@ -7,12 +7,13 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
-use super::run_task::{repo_proxy_url, Start};
+use super::run_task::Start;
 use super::Ctx;
 use crate::control::client::ControlError;
 use crate::control::wire::EventRequest;
 use crate::effects::container::{ContainerState, FoundContainer};
 use crate::effects::git;
+use crate::effects::git::repo_proxy_url;
 use crate::fsm::{
     recover, ContainerObservation, Observations, Phase, RecoveryDecision, RunSecrets, RunState,
 };

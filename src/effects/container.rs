@@ -287,33 +287,7 @@ impl ContainerConfig {
     }
 }
 
-/// Keeps a name part to the characters container names allow (`[a-zA-Z0-9_.-]`).
-pub fn sanitize_name_part(raw: &str) -> String {
-    let cleaned: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let trimmed = cleaned.trim_start_matches(['-', '.', '_']);
-    if trimmed.is_empty() {
-        "default".into()
-    } else {
-        trimmed.to_owned()
-    }
-}
-
-/// The deterministic container name of one run attempt.
-pub fn container_name(instance: &str, run_id: i64, attempt: u32) -> String {
-    format!(
-        "wsr-{}-run-{run_id}-{attempt}",
-        sanitize_name_part(instance)
-    )
-}
+pub use crate::fsm::names::{container_name, sanitize_name_part};
 
 /// Which launch shape a job gets (spec 5.1 vs 5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,10 @@
 //! - [`verdict`]: spec 6.5 / 5.4 / 4.9 verdict rules.
 //! - [`recover`](mod@recover): the start-up recovery table.
 //! - [`signals`]: the journal budget of agent output and the coalescing past it.
+//! - [`names`]: the one container-name builder (the journal's and the engine's).
 pub mod contract;
 pub mod machine;
+pub mod names;
 pub mod phase;
 pub mod plan;
 pub mod recover;

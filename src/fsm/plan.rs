@@ -136,15 +136,10 @@ impl RunPlan {
         self.kind == KIND_CODING_AGENT
     }
 
-    /// The deterministic container name for an attempt: `wsr-<instance>-run-<id>-<attempt>`
-    /// (`wsr-run-<id>-<attempt>` when the instance name is empty).
+    /// The deterministic container name for an attempt (`names::container_name`, which the
+    /// engine uses too).
     pub fn container_name(&self, attempt: u32) -> String {
-        let instance = sanitize_name(&self.instance);
-        if instance.is_empty() {
-            format!("wsr-run-{}-{}", self.run_id, attempt)
-        } else {
-            format!("wsr-{}-run-{}-{}", instance, self.run_id, attempt)
-        }
+        super::names::container_name(&self.instance, self.run_id, attempt)
     }
 
     /// The branch a repo's work is pushed to: its continuation branch, else
@@ -204,19 +199,6 @@ pub fn env_entry_problem(key: &str, value: &str) -> Option<String> {
     Some(format!(
         "claim env {key}: the value holds {what}, which a container environment cannot carry; the runner refuses the run (the value is not shown)"
     ))
-}
-
-/// Docker names allow `[a-zA-Z0-9_.-]`; anything else in an instance name becomes `-`.
-fn sanitize_name(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect()
 }
 
 impl fmt::Debug for RunPlan {
@@ -321,7 +303,7 @@ mod tests {
         let (mut plan, _) = RunPlan::from_job(&job(), "host a/1");
         assert_eq!(plan.container_name(2), "wsr-host-a-1-run-42-2");
         plan.instance.clear();
-        assert_eq!(plan.container_name(1), "wsr-run-42-1");
+        assert_eq!(plan.container_name(1), "wsr-default-run-42-1");
     }
 
     #[test]

@@ -147,3 +147,32 @@ fn first_words(what: &str) -> String {
         .take(60)
         .collect()
 }
+
+/// A git failure of one repo of the run, kept whole until it is reported.
+#[derive(Debug)]
+pub struct RepoGitError {
+    slug: String,
+    error: GitError,
+}
+
+impl RepoGitError {
+    pub fn new(slug: &str, error: GitError) -> Self {
+        Self {
+            slug: slug.to_owned(),
+            error,
+        }
+    }
+
+    /// Logs the whole failure for the operator (redacted, bounded by the git layer) and
+    /// returns the run's error in the runner's own words: what failed and in which repo,
+    /// never git's output, which may quote what the agent left in its checkout.
+    pub fn report(&self, run_id: i64, step: &str) -> String {
+        tracing::warn!(
+            run_id,
+            repo = %self.slug,
+            "{step} failed: {}",
+            crate::redact::redact(&self.error.to_string())
+        );
+        format!("{}: {}", self.slug, self.error.public_summary())
+    }
+}

@@ -14,10 +14,12 @@ mod cache;
 mod cmd;
 mod error;
 mod lock;
+mod ops;
 mod ownership;
 mod prepare;
 mod push;
 mod retry;
+mod run_paths;
 pub mod validate;
 mod workspace;
 mod wstoml;
@@ -29,14 +31,16 @@ pub use cache::{
     clean_stale, disk_use, evict, evict_idle, tree_bytes, workspace_root, EvictionReport,
     RepoCache, StaleCleanup, BARE_DIR, DEFAULT_CACHE_MAX_AGE, LOCK_FILE,
 };
-pub use error::GitError;
+pub use error::{GitError, RepoGitError};
 pub use lock::CacheLock;
+pub use ops::{GitOps, SystemGit};
 pub use ownership::{hand_to_agent, readable_by_agent, AGENT_GID, AGENT_UID};
 pub use prepare::{prepare, GitTransport, PrepareOutput, PrepareRequest, DEFAULT_LOCK_TIMEOUT};
 pub use push::{branch_head, push, remote_ref_sha, PushOutcome, PushRequest};
 pub use retry::{
     classify_git_stderr, CancelOnDrop, GitRetry, RetryPolicy, Transience, DEFAULT_GIT_RETRY,
 };
+pub use run_paths::{cache_objects, repo_proxy_url, run_paths};
 pub use validate::{
     run_branch, validate_branch_name, validate_prepare_inputs, validate_slug, PrepareInputs,
     TransportPolicy, ValidatedPrepare, ValidationError,

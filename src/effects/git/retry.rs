@@ -269,6 +269,13 @@ impl GitRetry {
                 return Err(err);
             }
             if self.is_cancelled() {
+                // The cancel came while the attempt was failing on its own: the retry stops
+                // all the same, and says so like the other two cancel paths.
+                tracing::info!(
+                    step,
+                    attempts,
+                    "git retry stopped: the operation was cancelled"
+                );
                 return Err(err);
             }
             self.shared.retries.fetch_add(1, Ordering::Relaxed);
