@@ -188,4 +188,3 @@ impl RunJournal {
             .get_or_insert_with(|| AgentBudget::new(name, AGENT_RECORD_BUDGET, AGENT_RECORD_BUDGET))
     }
 }
-
