@@ -309,10 +309,8 @@ pub fn agent_records(slots: &[Slot], container: &str) -> u32 {
         .iter()
         .filter(|slot| match slot {
             Slot::Record(r) => {
-                let ran = match &r.state {
-                    RunState::Running { container: c, .. } => c.name == container,
-                    _ => false,
-                };
+                let ran = r.state.kind() == fsm::StateKind::Running
+                    && r.state.container().is_some_and(|c| c.name == container);
                 ran && fsm::signals::is_agent_event(&r.event)
             }
             Slot::Quarantined(_) => false,
