@@ -20,13 +20,17 @@ fn list_dir(path: &std::path::Path) -> Vec<String> {
 
 /// The container's root filesystem changes, without the mount points Podman itself adds to
 /// every container before it starts (`/etc` for hosts/resolv.conf, `/var/tmp`): those are
-/// the engine's, not the agent's. Docker adds none.
+/// the engine's, not the agent's. Docker adds only the mount point of its init
+/// (`/sbin/docker-init`, present when the API driver asks for the engine's init).
 fn docker_diff(name: &str) -> String {
     let out = engine_command()
         .args(["diff", name])
         .output()
         .expect("docker diff");
     let engine_made = [
+        "A /sbin",
+        "C /sbin",
+        "A /sbin/docker-init",
         "C /etc",
         "A /var",
         "A /var/tmp",

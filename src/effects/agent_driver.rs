@@ -902,7 +902,13 @@ pub async fn drive(
             engine.state(name).await?,
             Some(ContainerState::Running) | Some(ContainerState::Other(_))
         );
-        if running {
+        if running && budget.over() {
+            // Past the output limit the meter kills (SIGKILL); so does this, so that a stop's
+            // SIGTERM (which reaches an agent under the engine's init) never races the kill
+            // and the exit is the limit's whatever ends the stream first.
+            engine.kill(name).await?;
+            result.stopped_by_runner = true;
+        } else if running {
             if idle_fired && !result.cancelled {
                 if let Some(marker) = &options.handshake_marker {
                     let _ = std::fs::write(marker, b"1\n");
