@@ -1198,7 +1198,12 @@ impl Journal for SledJournal {
         self.db.flush()?;
         self.keep_private();
         if self.budget.check.swap(false, Ordering::Relaxed) {
-            self.enforce_size_budget()?;
+            // Best effort: the commit is durable already; a failed prune is retried at the
+            // next terminal run and must not fail this one.
+            if let Err(e) = self.enforce_size_budget() {
+                self.budget.check.store(true, Ordering::Relaxed);
+                tracing::warn!("journal size budget: pruning failed: {e}");
+            }
         }
         Ok(())
     }
