@@ -869,15 +869,22 @@ impl SledJournal {
 
     /// The run's stored plan (parsed) and secrets.
     fn head(&self, scope: u32, run: i64) -> Result<Head, JournalError> {
-        let plan = match self.plans.get(skey(scope, run))? {
-            Some(v) => serde_json::from_slice(&v).ok(),
-            None => None,
+        let (plan, run_plan) = match self.plans.get(skey(scope, run))? {
+            Some(v) => (
+                serde_json::from_slice(&v).ok(),
+                serde_json::from_slice(&v).ok(),
+            ),
+            None => (None, None),
         };
         let secrets = match self.secrets.get(skey(scope, run))? {
             Some(v) => serde_json::from_slice(&v).ok(),
             None => None,
         };
-        Ok(Head { plan, secrets })
+        Ok(Head {
+            plan,
+            run_plan,
+            secrets,
+        })
     }
 
     fn repeated_run_message(&self, run: i64) -> String {
@@ -897,10 +904,57 @@ impl SledJournal {
     }
 }
 
-/// A run's plan and secrets, read once per run.
+/// A run's plan (as JSON and parsed) and secrets, read once per run.
 struct Head {
     plan: Option<Value>,
+    run_plan: Option<crate::fsm::RunPlan>,
     secrets: Option<RunSecrets>,
+}
+
+/// The common stored form: only the event (the state is replayed, the plan is the run's).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventOnly {
+    schema: u32,
+    seq: u64,
+    at_ms: i64,
+    event: Value,
+}
+
+/// Fast path of [`decode_stored`] for an [`EventOnly`] record: no JSON round trip of the plan.
+/// `None` when the bytes are not of that form (the general path decides).
+fn decode_event_only(
+    run_id: i64,
+    bytes: &[u8],
+    head: &Head,
+    prev: Option<&RunState>,
+) -> Option<Record> {
+    let stored: EventOnly = serde_json::from_slice(bytes).ok()?;
+    if stored.schema != SCHEMA_VERSION || (stored.seq > 1) != prev.is_some() {
+        return None;
+    }
+    let claimed = stored.event.get("event").and_then(Value::as_str) == Some("claimed");
+    let event = if claimed && stored.event.get("plan").is_none() {
+        Event::Claimed {
+            plan: head.run_plan.clone()?,
+        }
+    } else {
+        serde_json::from_value(stored.event).ok()?
+    };
+    let (state, _) = crate::fsm::apply(prev, &event).ok()?;
+    Some(Record {
+        schema: stored.schema,
+        run_id,
+        seq: stored.seq,
+        at_ms: stored.at_ms,
+        event,
+        state,
+        secrets: if stored.seq == 1 {
+            head.secrets.clone()
+        } else {
+            None
+        },
+    })
 }
 
 fn slot_from(
@@ -911,6 +965,11 @@ fn slot_from(
 ) -> Result<Slot, JournalError> {
     let (_, run_id, seq) = parse_srkey(key)
         .ok_or_else(|| JournalError::Corruption(format!("bad record key {key:02x?}")))?;
+    if let Some(r) = decode_event_only(run_id, value, head, prev) {
+        if r.seq == seq {
+            return Ok(Slot::Record(r));
+        }
+    }
     Ok(
         match decode_stored(
             run_id,
@@ -1179,17 +1238,16 @@ impl Journal for SledJournal {
         let rkey = skey(scope, record.run_id);
         let key = srkey(scope, record.run_id, record.seq);
         let plan = plan_bytes(record);
+        // The lock is released before the transaction (which takes it again on success).
         let replayed = {
             let states = self.lock_states();
-            let prev = if record.seq == 1 {
-                None
+            let prev = states.get(&rkey);
+            if record.seq > 1 && prev.is_none() {
+                false // not known here (first append after a restart): keep the state
             } else {
-                match states.get(&rkey) {
-                    Some(prev) => Some(prev),
-                    None => return self.append_in_tx(record, rkey, key, &plan, true),
-                }
-            };
-            crate::fsm::apply(prev, &record.event).is_ok_and(|(s, _)| s == record.state)
+                crate::fsm::apply(if record.seq == 1 { None } else { prev }, &record.event)
+                    .is_ok_and(|(s, _)| s == record.state)
+            }
         };
         self.append_in_tx(record, rkey, key, &plan, !replayed)
     }
@@ -1198,7 +1256,12 @@ impl Journal for SledJournal {
         self.db.flush()?;
         self.keep_private();
         if self.budget.check.swap(false, Ordering::Relaxed) {
-            self.enforce_size_budget()?;
+            // Best effort: the commit is durable already; a failed prune is retried at the
+            // next terminal run and must not fail this one.
+            if let Err(e) = self.enforce_size_budget() {
+                self.budget.check.store(true, Ordering::Relaxed);
+                tracing::warn!("journal size budget: pruning failed: {e}");
+            }
         }
         Ok(())
     }
