@@ -920,6 +920,13 @@ async fn chaos_runner_keeps_every_invariant_under_faults() {
             chaos.start_runner();
         }
         if plan.disk_full {
+            // A runner that cannot store the credential it just registered for stops at boot
+            // (exit 78, by design): the disk fills once the first start has stored it.
+            let stored = chaos.cache_root.join("credential");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stored.exists() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             chaos.fill_disk();
         }
         let ids: Vec<i64> = plan.runs.iter().map(|(p, _)| chaos.enqueue(p)).collect();

@@ -27,10 +27,7 @@ fn docker_diff(name: &str) -> String {
         .args(["diff", name])
         .output()
         .expect("docker diff");
-    let engine_made = [
-        "A /sbin",
-        "C /sbin",
-        "A /sbin/docker-init",
+    let podman_made = [
         "C /etc",
         "A /var",
         "A /var/tmp",
@@ -38,11 +35,19 @@ fn docker_diff(name: &str) -> String {
         "A /run",
         "C /run",
     ];
+    let docker_init = ["A /sbin", "C /sbin", "A /sbin/docker-init"];
+    let engine_made = |l: &str| {
+        if engine_cli() == "podman" {
+            podman_made.contains(&l)
+        } else {
+            docker_init.contains(&l)
+        }
+    };
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .filter(|l| !(engine_cli() == "podman" && engine_made.contains(l)))
+        .filter(|l| !engine_made(l))
         .collect::<Vec<_>>()
         .join("\n")
 }
