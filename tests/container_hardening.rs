@@ -300,7 +300,15 @@ async fn output_past_the_limit_stops_the_container_and_replay_agrees() {
     )
     .await
     .expect("replay");
-    assert_eq!(counts, (r.stdout_lines, r.stderr_lines));
+    // The logs a replay reads hold at least what the follow read. They may hold more: a
+    // container killed mid-flood can end the engine's follow stream before its log copier
+    // wrote the last lines (seen on Docker 20.10), and the replay's read of the whole log
+    // finds them. Either way nothing past the limit is forwarded again.
+    assert!(
+        counts.0 >= r.stdout_lines && counts.1 >= r.stderr_lines,
+        "{counts:?} against {:?}",
+        (r.stdout_lines, r.stderr_lines)
+    );
     assert!(rx.recv().await.is_none(), "nothing new after the limit");
     // Replay from the start finds the limit at the same line.
     let (tx, mut rx) = mpsc::channel(100_000);
