@@ -16,4 +16,5 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod redact;
+pub mod sim;
 pub mod triage_cli;

@@ -14,6 +14,12 @@ const PROMPT: &str =
     r#"sleep 1500; commit file=work.txt msg="agent work"; finish completed "kept""#;
 
 async fn crash_then_restart(point: &str, decision: &str) {
+    crash_then_restart_when(point, decision, false).await;
+}
+
+/// `agent_exits_meanwhile`: the restart waits until the agent has finished and exited while
+/// no runner watched it.
+async fn crash_then_restart_when(point: &str, decision: &str, agent_exits_meanwhile: bool) {
     let h = Harness::start(&format!("crash-{}", point.replace('_', "-"))).await;
     let id = h.enqueue(PROMPT);
     let mut first = h.runner(&[("WSRUNNER_TEST_CRASH_AFTER", point)]);
@@ -25,6 +31,18 @@ async fn crash_then_restart(point: &str, decision: &str) {
         h.log()
     );
     assert_eq!(h.run(id).status, "running", "not final before the restart");
+    if agent_exits_meanwhile {
+        h.wait_until(Duration::from_secs(60), "the agent exited", || {
+            h.containers().iter().any(|name| {
+                let out = std::process::Command::new(engine_cli())
+                    .args(["inspect", "-f", "{{.State.Status}}", name])
+                    .output()
+                    .expect("engine inspect");
+                String::from_utf8_lossy(&out.stdout).trim() == "exited"
+            })
+        })
+        .await;
+    }
 
     let mut second = h.runner(&[]);
     let run = h.wait_final(id).await;
@@ -96,4 +114,13 @@ async fn crash_with_the_push_intent_pushes_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_the_push_reports_again() {
     crash_then_restart("push_done", "report_again").await;
+}
+
+/// Found by the simulation (docs/simulation.md): the runner dies after the container started
+/// and before that start is journaled, and the agent prints its finish and exits while no
+/// runner watches. Recovery harvests the exit; the agent's signals, read again from its logs,
+/// decide the verdict (before the fix: "exited without a single JSONL contract event").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_the_start_is_journaled_judges_the_exit_on_the_agents_output() {
+    crash_then_restart_when("container-started-unjournaled", "harvest_exit", true).await;
 }

@@ -220,9 +220,7 @@ async fn status_shows_the_run_in_flight_and_a_pause_lets_it_finish() {
     let mut runner = h.runner(&[("WSRUNNER_METRICS_ADDR", addr.as_str())]);
     let id = h.enqueue(r#"say start; sleep 3000; finish completed "done""#);
     h.wait_until(Duration::from_secs(60), "the agent running", || {
-        h.events(id)
-            .iter()
-            .any(|e| e.event_type == "stdout" && e.payload_json.contains("start"))
+        h.agent_printed(id, "start")
     })
     .await;
 

@@ -154,8 +154,8 @@ async fn a_crash_while_the_server_is_down_completes_once_both_are_back() {
         r#"say start; sleep 6000; commit file=down.txt msg="survived"; finish completed "ok""#,
     );
     let mut first = h.runner(&[]);
-    h.wait_until(Duration::from_secs(60), "the container running", || {
-        h.has_container_for(id) && h.run(id).status == "running"
+    h.wait_until(Duration::from_secs(60), "the agent running", || {
+        h.has_container_for(id) && h.agent_printed(id, "start")
     })
     .await;
     let _ = first.kill();

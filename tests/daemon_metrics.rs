@@ -121,10 +121,7 @@ async fn metrics_and_health_follow_the_daemon() {
     // Killed once the agent has spoken: a container that exists but has not started yet
     // would be recovered by starting it, not by a re-attach.
     h.wait_until(Duration::from_secs(60), "the agent running", || {
-        h.has_container_for(id)
-            && h.events(id)
-                .iter()
-                .any(|e| e.event_type == "stdout" && e.payload_json.contains("start"))
+        h.has_container_for(id) && h.agent_printed(id, "start")
     })
     .await;
     let _ = runner.kill();

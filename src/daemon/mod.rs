@@ -12,9 +12,9 @@ mod claiming;
 pub mod ctl;
 mod failpoint;
 pub mod http;
-mod liveness;
+pub(crate) mod liveness;
 mod recovery;
-mod run_task;
+pub(crate) mod run_task;
 pub mod systemd;
 
 use std::collections::HashMap;

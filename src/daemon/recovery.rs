@@ -90,7 +90,7 @@ pub(crate) async fn recover_runs(ctx: &Ctx) -> Result<Recovered, String> {
         }
         let observations = observe(ctx, &last.state, &secrets).await;
         let decision = recover(&last.state, &observations);
-        let label = decision_label(&decision);
+        let label = decision.label();
         ctx.metrics.recovery_decision(label);
         info!(
             run_id,
@@ -98,18 +98,10 @@ pub(crate) async fn recover_runs(ctx: &Ctx) -> Result<Recovered, String> {
             "recovering run ({})",
             last.state.describe()
         );
-        let replay = match &decision {
-            // Abandoned: the server refuses the run's events. Re-attached: the driver reads
-            // the container's output from the saved progress itself.
-            RecoveryDecision::Feed(events)
-                if matches!(events.first(), Some(crate::fsm::Event::RunNoLongerRunning)) =>
-            {
-                Vec::new()
-            }
-            RecoveryDecision::Feed(_) | RecoveryDecision::Redo(_) => {
-                replay_sources(&containers, run_id)
-            }
-            RecoveryDecision::Nothing | RecoveryDecision::Reattach { .. } => Vec::new(),
+        let replay = if decision.replays_output() {
+            replay_sources(&containers, run_id)
+        } else {
+            Vec::new()
         };
         let start = match decision {
             RecoveryDecision::Nothing => continue,
@@ -136,27 +128,6 @@ pub(crate) async fn recover_runs(ctx: &Ctx) -> Result<Recovered, String> {
         });
     }
     Ok(recovered)
-}
-
-fn decision_label(d: &RecoveryDecision) -> &'static str {
-    match d {
-        RecoveryDecision::Nothing => "nothing",
-        RecoveryDecision::Feed(events) => match events.first() {
-            Some(crate::fsm::Event::RunNoLongerRunning) => "abandon",
-            Some(crate::fsm::Event::PrepareStarted) => "prepare_again",
-            Some(crate::fsm::Event::ContainerStarting) => "start_container_again",
-            Some(crate::fsm::Event::ContainerExited { .. }) => "harvest_exit",
-            Some(crate::fsm::Event::ContainerVanished) => "container_gone",
-            Some(crate::fsm::Event::PushDone { .. }) => "push_already_landed",
-            _ => "feed",
-        },
-        RecoveryDecision::Redo(effects) => match effects.first() {
-            Some(crate::fsm::Effect::Report(_)) => "report_again",
-            Some(crate::fsm::Effect::Push { .. }) => "push_again",
-            _ => "redo",
-        },
-        RecoveryDecision::Reattach { .. } => "reattach",
-    }
 }
 
 /// The run's containers that have output to replay (any attempt, oldest first): every one

@@ -42,6 +42,44 @@ pub enum RecoveryDecision {
     Reattach { name: String, feed: Vec<Event> },
 }
 
+impl RecoveryDecision {
+    /// The decision's name in the log and the metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RecoveryDecision::Nothing => "nothing",
+            RecoveryDecision::Feed(events) => match events.first() {
+                Some(Event::RunNoLongerRunning) => "abandon",
+                Some(Event::PrepareStarted) => "prepare_again",
+                Some(Event::ContainerStarting) => "start_container_again",
+                Some(Event::ContainerExited { .. }) => "harvest_exit",
+                Some(Event::ContainerVanished) => "container_gone",
+                Some(Event::PushDone { .. }) => "push_already_landed",
+                _ => "feed",
+            },
+            RecoveryDecision::Redo(effects) => match effects.first() {
+                Some(Effect::Report(_)) => "report_again",
+                Some(Effect::Push { .. }) => "push_again",
+                _ => "redo",
+            },
+            RecoveryDecision::Reattach { .. } => "reattach",
+        }
+    }
+
+    /// Whether the run's stopped containers' output is read again before the decision is
+    /// acted on (chaos finding F5): lines the previous process read and queued died with it,
+    /// the container's logs did not. Not for an abandon (the server refuses the run's events)
+    /// nor a re-attach (the driver reads the output from the saved progress itself).
+    pub fn replays_output(&self) -> bool {
+        match self {
+            RecoveryDecision::Feed(events) => {
+                !matches!(events.first(), Some(Event::RunNoLongerRunning))
+            }
+            RecoveryDecision::Redo(_) => true,
+            RecoveryDecision::Nothing | RecoveryDecision::Reattach { .. } => false,
+        }
+    }
+}
+
 /// The recovery decision for `state`, from what the host observes.
 pub fn recover(state: &RunState, obs: &Observations) -> RecoveryDecision {
     if state.is_terminal() {

@@ -56,6 +56,15 @@ impl MemJournal {
             .collect()
     }
 
+    /// The last durable seq of `run_id` (0: none).
+    pub fn durable_seq(&self, run_id: i64) -> u64 {
+        self.lock()
+            .durable
+            .range((run_id, 0)..=(run_id, u64::MAX))
+            .next_back()
+            .map_or(0, |(k, _)| k.1)
+    }
+
     /// Number of flushes so far.
     pub fn flushes(&self) -> u64 {
         self.lock().flushes

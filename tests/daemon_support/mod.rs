@@ -410,6 +410,15 @@ impl Harness {
             .collect()
     }
 
+    /// Whether the server holds a stdout event of run `id` containing `text`: the agent is
+    /// running, so the runner journaled its container as started (a container that exists
+    /// but has not started yet is recovered by starting it again, not by a re-attach).
+    pub fn agent_printed(&self, id: i64, text: &str) -> bool {
+        self.events(id)
+            .iter()
+            .any(|e| e.event_type == "stdout" && e.payload_json.contains(text))
+    }
+
     /// Whether the runner's container for run `id` exists (any state).
     pub fn has_container_for(&self, id: i64) -> bool {
         self.containers()

@@ -11,11 +11,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::super::failpoint::crash_failpoint_at;
 use super::{Interrupted, RunTask, Waiting};
 use crate::effects::agent_driver::{self, DriveOptions, DriveResult, DriverOutput};
 use crate::effects::container::{ContainerSpec, LaunchKind};
 use crate::effects::session::{self, Driver, Launch, Progress};
-use crate::fsm::{Effect, Event};
+use crate::fsm::{Effect, Event, RunState};
 
 /// Routes effects handed out while a driver is attached: a kill is the driver's stop; the
 /// rest go to the run loop's queue.
@@ -70,6 +71,8 @@ impl RunTask {
             };
             match session::start(&self.ctx.engine, name, &dir, launch).await {
                 Ok(stdin) => {
+                    // Test failpoint: the agent runs with its prompt, its start not journaled.
+                    crash_failpoint_at("container-started-unjournaled");
                     stop_at_attach = self.journal.commit(Event::ContainerStarted).await?;
                     stdin
                 }
@@ -158,6 +161,12 @@ impl RunTask {
         self.state().current_container() == Some(name)
     }
 
+    /// Whether `name` is the container the run is prepared to start, journaled as starting
+    /// but not as started.
+    fn started_unjournaled(&self, name: &str) -> bool {
+        matches!(self.state(), RunState::Prepared { container, .. } if container.name == name)
+    }
+
     /// Recovery: forwards, in order, what each stopped container printed after the saved
     /// progress, through the normal event sender. While the run is still in its container
     /// phase (its exit not yet harvested), the signals and stream degradation of the run's
@@ -175,6 +184,12 @@ impl RunTask {
     ) -> Result<Vec<Effect>, Interrupted> {
         let mut extra = Vec::new();
         for name in containers {
+            if self.started_unjournaled(name) {
+                // It printed, so it started: the previous process died between its start and
+                // that record. Journal the start first, so its signals count toward the
+                // verdict of its exit (found by the simulation, docs/simulation.md).
+                extra.extend(self.journal.commit(Event::ContainerStarted).await?);
+            }
             let dir = self.output.container_dir(name);
             let mut progress = Progress::load(&dir);
             // Past the budget the previous process coalesced signals in memory, which died

@@ -13,7 +13,7 @@
 mod container;
 mod handlers;
 mod journal;
-mod stops;
+pub(crate) mod stops;
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -24,7 +24,7 @@ pub(crate) enum StopRequest {
 
 /// A stop the run loop reads: a request, or the run's own time limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Stop {
+pub(crate) enum Stop {
     Request(StopRequest),
     /// `WSRUNNER_RUN_TIMEOUT` passed (from the claim time, across restarts).
     RunTimeout,
@@ -32,7 +32,7 @@ pub(super) enum Stop {
 
 /// What the run is doing when a stop arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Waiting {
+pub(crate) enum Waiting {
     /// Between two effects.
     NextEffect,
     /// A step whose outcome a stop changes: git work or the container.
@@ -45,7 +45,7 @@ pub(super) enum Waiting {
 
 /// What a stop does.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) enum StopAction {
+pub(crate) enum StopAction {
     /// Journal the event; the state machine decides what it means in the run's state.
     Journal(Event),
     /// Nothing: a cancel cannot change a verdict already decided.
@@ -61,7 +61,7 @@ pub(super) enum StopAction {
 /// | cancel | journal `cancel_requested` | journal `cancel_requested` | journal `cancel_requested` | ignore |
 /// | cancel now (drain deadline, second signal) | journal `drain_deadline_passed` | journal `drain_deadline_passed` | leave for next start | leave for next start |
 /// | run timeout | (not watched) | journal `run_timeout_passed` | (not watched) | (not watched) |
-pub(super) fn decide(stop: Stop, waiting: Waiting) -> StopAction {
+pub(crate) fn decide(stop: Stop, waiting: Waiting) -> StopAction {
     use StopAction::*;
     use Waiting::*;
     match (stop, waiting) {
@@ -72,6 +72,25 @@ pub(super) fn decide(stop: Stop, waiting: Waiting) -> StopAction {
         }
         (Stop::Request(StopRequest::CancelNow), Replay | Report) => LeaveForNextStart,
         (Stop::RunTimeout, _) => Journal(Event::RunTimeoutPassed),
+    }
+}
+
+/// How long a report or a replay may still take once the drain deadline (or a second signal)
+/// has passed, when that stop came while the run was busy with something else: the run then
+/// leaves for the next start, its report intent journaled. Long enough for one answer from a
+/// server that is up, so a drain does not leave a verdict behind that the server would reap.
+pub(crate) const AFTER_DEADLINE_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether a cancel-now received earlier still bounds this wait ([`AFTER_DEADLINE_GRACE`]):
+/// the waits it would leave at once if it came now.
+pub(crate) fn bounded_after_deadline(waiting: Waiting) -> bool {
+    matches!(waiting, Waiting::Replay | Waiting::Report)
+}
+
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -87,6 +106,8 @@ pub(super) struct Stops {
     closed: bool,
     deadline: tokio::time::Instant,
     deadline_fired: bool,
+    /// When a cancel-now (drain deadline, second signal) arrived: it bounds later waits too.
+    cancel_now_at: Option<tokio::time::Instant>,
 }
 
 impl Stops {
@@ -96,13 +117,25 @@ impl Stops {
             closed: false,
             deadline: tokio::time::Instant::now() + remaining,
             deadline_fired: false,
+            cancel_now_at: None,
         }
+    }
+
+    fn received(&mut self, request: StopRequest) -> Stop {
+        if request == StopRequest::CancelNow {
+            self.cancel_now_at
+                .get_or_insert_with(tokio::time::Instant::now);
+        }
+        Stop::Request(request)
     }
 
     /// A request already waiting, decided for `waiting` (between effects: no wait).
     pub(super) fn try_next(&mut self, waiting: Waiting) -> Option<StopAction> {
         match self.requests.try_recv() {
-            Ok(request) => Some(decide(Stop::Request(request), waiting)),
+            Ok(request) => {
+                let stop = self.received(request);
+                Some(decide(stop, waiting))
+            }
             Err(_) => None,
         }
     }
@@ -112,17 +145,25 @@ impl Stops {
     pub(super) async fn next(&mut self, waiting: Waiting) -> StopAction {
         let deadline = self.deadline;
         let timeout_armed = watches_run_timeout(waiting) && !self.deadline_fired;
+        // A cancel-now that came while the run did something else bounds this wait too.
+        let leave_at = self
+            .cancel_now_at
+            .filter(|_| bounded_after_deadline(waiting))
+            .map(|at| at + AFTER_DEADLINE_GRACE);
         if self.closed && !timeout_armed {
-            // Neither can come: wait for the caller's work.
-            return std::future::pending().await;
+            // No request can come: wait for the caller's work, or the bound.
+            sleep_until_or_never(leave_at).await;
+            return StopAction::LeaveForNextStart;
         }
         let stop = tokio::select! {
+            () = sleep_until_or_never(leave_at) => return StopAction::LeaveForNextStart,
             request = self.requests.recv(), if !self.closed => match request {
-                Some(request) => Stop::Request(request),
+                Some(request) => self.received(request),
                 None => {
                     self.closed = true;
                     if !timeout_armed {
-                        return std::future::pending().await;
+                        sleep_until_or_never(leave_at).await;
+                        return StopAction::LeaveForNextStart;
                     }
                     tokio::time::sleep_until(deadline).await;
                     Stop::RunTimeout
@@ -167,6 +208,34 @@ mod tests {
         );
         assert_eq!(decide(now, Waiting::Replay), StopAction::LeaveForNextStart);
         assert_eq!(decide(now, Waiting::Report), StopAction::LeaveForNextStart);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_now_taken_in_a_step_still_bounds_the_report_that_follows() {
+        use futures_util::FutureExt;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stops = Stops::new(rx, Duration::from_secs(3600));
+        tx.send(StopRequest::CancelNow).unwrap();
+        assert_eq!(
+            stops.next(Waiting::Step).await,
+            StopAction::Journal(Event::DrainDeadlinePassed)
+        );
+        // No new request comes: the report still leaves once the grace has passed.
+        assert_eq!(stops.next(Waiting::Report).now_or_never(), None);
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            stops.next(Waiting::Report).await,
+            StopAction::LeaveForNextStart
+        );
+        assert!(started.elapsed() <= AFTER_DEADLINE_GRACE);
+        // A plain cancel never bounds a report.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stops = Stops::new(rx, Duration::from_secs(3600));
+        tx.send(StopRequest::Cancel).unwrap();
+        let _ = stops.next(Waiting::Step).await;
+        let waited =
+            tokio::time::timeout(Duration::from_secs(600), stops.next(Waiting::Report)).await;
+        assert!(waited.is_err(), "a cancel does not end a report");
     }
 
     #[tokio::test]
