@@ -21,7 +21,13 @@ async fn crash_then_restart(point: &str, decision: &str) {
 /// no runner watched it.
 async fn crash_then_restart_when(point: &str, decision: &str, agent_exits_meanwhile: bool) {
     let h = Harness::start(&format!("crash-{}", point.replace('_', "-"))).await;
-    let id = h.enqueue(PROMPT);
+    // An agent that ends by itself once its script is done (not on the runner's stdin EOF).
+    let exiting = format!("{PROMPT}; exit 0");
+    let id = h.enqueue(if agent_exits_meanwhile {
+        &exiting
+    } else {
+        PROMPT
+    });
     let mut first = h.runner(&[("WSRUNNER_TEST_CRASH_AFTER", point)]);
     let code = wait_exit(&mut first, Duration::from_secs(90)).await;
     assert_eq!(code, -1, "killed by the failpoint at {point}\n{}", h.log());

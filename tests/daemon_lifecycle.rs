@@ -392,3 +392,44 @@ async fn once_takes_one_run_finishes_it_and_exits() {
     assert!(h.containers().is_empty(), "{:?}", h.containers());
     assert!(h.checkouts().is_empty(), "{:?}", h.checkouts());
 }
+
+/// Found by the simulation (docs/simulation.md, `DeadlineBeforeReport`): the drain deadline
+/// reaches the run while its agent runs, so the stop is taken there (the agent is stopped and
+/// the run goes on to report `canceled`); the report then meets a failing server. The drain
+/// must still end soon after its deadline (before the fix the report retried for minutes),
+/// leaving the report intent for the next start, which reports it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_deadline_taken_by_the_agent_phase_still_bounds_the_report() {
+    let h = Harness::start("drain-then-report").await;
+    let id = h.enqueue_with(r#"say started; sleep 120000; exit 0"#, |r| r.repos.clear());
+    let mut runner = h.runner(&[("WSRUNNER_DRAIN_TIMEOUT", "3s")]);
+    h.wait_until(Duration::from_secs(60), "the agent running", || {
+        h.agent_printed(id, "started")
+    })
+    .await;
+    fail_server(&h);
+    signal(&runner, libc::SIGTERM);
+    let code = exit_code_within(&h, &mut runner, Duration::from_secs(30)).await;
+    let first = h.log();
+    assert_eq!(code, 0, "{first}");
+    assert!(first.contains("drain deadline passed"), "{first}");
+    let (state, describe) = h.journal_state(id).expect("the run is journaled");
+    assert_eq!(state, "pushed", "{describe}\n{first}");
+    assert!(describe.starts_with("report canceled"), "{describe}");
+    assert!(h.run(id).reported.is_none());
+
+    heal_server(&h);
+    let mut runner = h.runner(&[]);
+    let run = h.wait_final(id).await;
+    assert_eq!(run.status, "canceled", "{run:?}\n{}", h.log());
+    assert!(run.reported.is_some(), "reported by the runner: {run:?}");
+    assert_eq!(
+        h.log().matches("verdict reported").count(),
+        1,
+        "{}",
+        h.log()
+    );
+    signal(&runner, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+}
