@@ -22,6 +22,8 @@ pub struct Harness {
     pub base_commit: String,
     dev_addr: std::net::SocketAddr,
     dev_cfg: DevServerConfig,
+    /// Every runner process this harness started, so a failing test does not leak them.
+    runners: std::sync::Mutex<Vec<u32>>,
 }
 
 /// Runs git in `dir` with a throwaway identity and no user config; panics on failure.
@@ -82,6 +84,7 @@ impl Harness {
             base_commit,
             dev_addr,
             dev_cfg: cfg,
+            runners: Default::default(),
         }
     }
 
@@ -186,7 +189,12 @@ impl Harness {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        cmd.spawn().expect("runner starts")
+        let child = cmd.spawn().expect("runner starts");
+        self.runners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child.id());
+        child
     }
 
     pub fn log(&self) -> String {
@@ -469,6 +477,23 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        // A test that panicked leaves its runners running: kill each one still alive, known
+        // by its instance name in its environment (a reused pid belongs to someone else).
+        let marker = format!("WSRUNNER_NAME={}", self.name);
+        for pid in self
+            .runners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let ours = std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+                .unwrap_or(false);
+            if ours {
+                // SAFETY: kill(2) with a pid we started and a valid signal.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+        }
         // Remove any container a failed test left behind.
         for name in self.containers() {
             let _ = Command::new(engine_cli())
