@@ -938,6 +938,9 @@ pub struct Engine {
     pub cfg: ContainerConfig,
     /// What shapes every create (log driver, init), asked once.
     facts: std::sync::Arc<tokio::sync::OnceCell<super::engine_api::CreateFacts>>,
+    /// The API driver's `/info`, asked once it answers (the create facts and the host facts
+    /// both read it).
+    api_info: std::sync::Arc<tokio::sync::OnceCell<super::engine_api::ApiInfo>>,
     /// Rootless or not, and cgroups v1, asked once the engine answers.
     host: std::sync::Arc<tokio::sync::OnceCell<EngineHost>>,
     /// The API driver; `None`: the CLI driver (`cfg.docker`) runs.
@@ -1067,6 +1070,7 @@ impl Engine {
         Engine {
             cfg,
             facts: Default::default(),
+            api_info: Default::default(),
             host: Default::default(),
             image_use_lock: Default::default(),
             api,
@@ -1294,8 +1298,8 @@ impl Engine {
 
     /// The runtimes the engine knows (`docker info` Runtimes; podman: its OCI runtime).
     pub async fn runtimes(&self) -> Result<Vec<String>, ContainerError> {
-        if let Some(api) = &self.api {
-            return api.info().await.map(|info| info.runtimes);
+        if self.api.is_some() {
+            return self.api_info().await.map(|info| info.runtimes);
         }
         let docker = self
             .cli(&["info", "--format", "{{json .Runtimes}}"], CLI_TIMEOUT)
@@ -1351,8 +1355,8 @@ impl Engine {
     async fn create_facts(&self) -> super::engine_api::CreateFacts {
         self.facts
             .get_or_init(|| async {
-                if let Some(api) = &self.api {
-                    let info = api.info().await.unwrap_or_default();
+                if self.api.is_some() {
+                    let info = self.api_info().await.unwrap_or_default();
                     let mut log_driver = info.log_driver;
                     if log_driver.is_empty() {
                         // Podman's compat `/info` leaves LoggingDriver empty (4.3, measured):
@@ -1373,6 +1377,14 @@ impl Engine {
             })
             .await
             .clone()
+    }
+
+    /// The API driver's `/info`, asked once it answers (asked again after a failure).
+    async fn api_info(&self) -> Result<super::engine_api::ApiInfo, ContainerError> {
+        let Some(api) = &self.api else {
+            return Ok(Default::default());
+        };
+        self.api_info.get_or_try_init(|| api.info()).await.cloned()
     }
 
     /// The default log driver as the CLI's `info` says it (docker, then podman's field);
@@ -1413,11 +1425,11 @@ impl Engine {
             .file_name()
             .is_some_and(|n| n.to_string_lossy().contains("podman"));
         if let Some(api) = &self.api {
-            let (rootless, cgroups_v1, podman) = api.host_facts().await?;
+            let info = self.api_info().await?;
             return Ok(EngineHost {
-                podman: podman || podman_cli,
-                rootless,
-                cgroups_v1,
+                podman: podman_cli || api.is_podman().await?,
+                rootless: info.rootless,
+                cgroups_v1: info.cgroups_v1,
             });
         }
         let out = self

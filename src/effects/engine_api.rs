@@ -205,6 +205,9 @@ pub struct ApiInfo {
     pub log_driver: String,
     /// Whether it has an init binary it injects on request (`HostConfig.Init`).
     pub has_init: bool,
+    /// `SecurityOptions` lists `name=rootless` (rootless Docker, and Podman's compat API).
+    pub rootless: bool,
+    pub cgroups_v1: bool,
 }
 
 /// Facts about the engine that shape every create, learned once per engine.
@@ -631,6 +634,7 @@ impl ApiDriver {
 
     /// What the engine's `info` says that the driver uses.
     pub async fn info(&self) -> Result<ApiInfo, ContainerError> {
+        use bollard::models::SystemInfoCgroupVersionEnum;
         let docker = self.docker().await?;
         let info = self
             .call("info", docker.info())
@@ -644,34 +648,27 @@ impl ApiDriver {
             // Docker names its init (`docker-init`); Podman's compat API says "" (its
             // catatonit is optional and often not installed), so Podman runs without one.
             has_init: info.init_binary.is_some_and(|b| !b.trim().is_empty()),
+            rootless: info
+                .security_options
+                .unwrap_or_default()
+                .iter()
+                .any(|o| super::container::security_option_is_rootless(o)),
+            cgroups_v1: info.cgroup_version == Some(SystemInfoCgroupVersionEnum::_1),
         })
     }
 
-    /// (rootless, cgroups v1, Podman) from the engine's info: `SecurityOptions` lists
-    /// `name=rootless` on rootless Docker and on Podman's compat API alike.
-    pub async fn host_facts(&self) -> Result<(bool, bool, bool), ContainerError> {
-        use bollard::models::SystemInfoCgroupVersionEnum;
+    /// Whether the engine is Podman: its compat `/version` lists a "Podman Engine"
+    /// component, Docker's an "Engine".
+    pub async fn is_podman(&self) -> Result<bool, ContainerError> {
         let docker = self.docker().await?;
-        let info = self
-            .call("info", docker.info())
-            .await?
-            .map_err(|e| api_err("info", e))?;
-        let rootless = info
-            .security_options
-            .unwrap_or_default()
-            .iter()
-            .any(|o| super::container::security_option_is_rootless(o));
-        let cgroups_v1 = info.cgroup_version == Some(SystemInfoCgroupVersionEnum::_1);
-        // Podman's compat `/version` lists a "Podman Engine" component; Docker's an "Engine".
-        let podman = match self.call("version", docker.version()).await? {
+        Ok(match self.call("version", docker.version()).await? {
             Ok(version) => version
                 .components
                 .unwrap_or_default()
                 .iter()
                 .any(|c| c.name.contains("Podman")),
             Err(_) => false,
-        };
-        Ok((rootless, cgroups_v1, podman))
+        })
     }
 
     /// Removes an image, not forced; a missing one is fine.
