@@ -1,7 +1,8 @@
 //! The Windshift runner protocol's JSON bodies, field for field (spec sections 2 and 3).
 //!
-//! Shared vocabulary: the client sends and parses these, the devserver serves them, the state
-//! machine keeps the parts of a [`JobSpec`] it needs. Unknown fields are ignored on input
+//! Shared vocabulary: the client sends and parses these, and the state machine keeps the parts
+//! of a [`JobSpec`] it needs (the devserver has its own copy of the wire, devserver/src/types.rs,
+//! so a change here cannot silently agree with itself). Unknown fields are ignored on input
 //! (serde's default), and optional fields are omitted when empty on output, as upstream does.
 
 use std::collections::BTreeMap;

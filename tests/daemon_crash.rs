@@ -84,12 +84,7 @@ async fn crash_then_restart_when(point: &str, decision: &str, agent_exits_meanwh
     assert_eq!(phase_count("succeeded"), 1, "one terminal event");
     assert!(phase_count("pushed") <= 1, "no duplicate push announcement");
 
-    signal(&second, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
-    assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
-    assert!(h.checkouts().is_empty(), "leftovers: {:?}", h.checkouts());
-    let verify = h.journal_verify();
-    assert!(verify.status.success(), "journal verify: {verify:?}");
+    h.stop_and_check_clean(&mut second).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

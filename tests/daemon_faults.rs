@@ -138,12 +138,7 @@ async fn sigkill_at_random_moments_keeps_every_invariant() {
         assert_eq!(phase_count(&h, id, "succeeded"), 1, "one verdict");
         assert!(phase_count(&h, id, "pushed") <= 1, "no duplicate push");
 
-        signal(&second, libc::SIGTERM);
-        assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
-        assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
-        assert!(h.checkouts().is_empty(), "leftovers: {:?}", h.checkouts());
-        let verify = h.journal_verify();
-        assert!(verify.status.success(), "iteration {i}: {verify:?}");
+        h.stop_and_check_clean(&mut second).await;
     }
 }
 
@@ -178,12 +173,7 @@ async fn a_crash_while_the_server_is_down_completes_once_both_are_back() {
     assert_eq!(h.subject(&pushed), "survived");
     assert_eq!(phase_count(&h, id, "succeeded"), 1);
 
-    signal(&second, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
-    assert!(h.containers().is_empty(), "{:?}", h.containers());
-    assert!(h.checkouts().is_empty(), "{:?}", h.checkouts());
-    let verify = h.journal_verify();
-    assert!(verify.status.success(), "{verify:?}");
+    h.stop_and_check_clean(&mut second).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,12 +212,7 @@ async fn replay_after_crash(point: &str, decision: &str) {
     );
     assert_agent_output_complete(&h, id, &events, !harvest);
 
-    signal(&second, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut second, Duration::from_secs(30)).await, 0);
-    assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
-    assert!(h.checkouts().is_empty(), "leftovers: {:?}", h.checkouts());
-    let verify = h.journal_verify();
-    assert!(verify.status.success(), "journal verify: {verify:?}");
+    h.stop_and_check_clean(&mut second).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

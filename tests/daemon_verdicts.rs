@@ -139,12 +139,7 @@ async fn verdict_table_rows_through_the_daemon() {
         );
         assert_eq!(run.branch, "", "{}: no branch on a failed run", row.name);
     }
-    signal(&runner, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
-    assert!(h.containers().is_empty(), "{:?}", h.containers());
-    assert!(h.checkouts().is_empty(), "{:?}", h.checkouts());
-    let verify = h.journal_verify();
-    assert!(verify.status.success(), "{verify:?}");
+    h.stop_and_check_clean(&mut runner).await;
 }
 
 /// Row 6: completed with a commit → succeeded with the branch; completed without a change →

@@ -338,6 +338,30 @@ impl Harness {
         }
     }
 
+    /// Ends a test's last runner with SIGTERM and checks the host is clean: exit 0, no
+    /// container or checkout left, `journal verify` clean.
+    pub async fn stop_and_check_clean(&self, runner: &mut Child) {
+        signal(runner, libc::SIGTERM);
+        assert_eq!(
+            wait_exit(runner, Duration::from_secs(30)).await,
+            0,
+            "{}",
+            self.log()
+        );
+        assert!(
+            self.containers().is_empty(),
+            "orphans: {:?}",
+            self.containers()
+        );
+        assert!(
+            self.checkouts().is_empty(),
+            "leftovers: {:?}",
+            self.checkouts()
+        );
+        let verify = self.journal_verify();
+        assert!(verify.status.success(), "journal verify: {verify:?}");
+    }
+
     /// The devserver instance id of this test's runner (registered under `self.name`).
     pub fn instance_id(&self) -> Option<i64> {
         self.dev()
