@@ -5,9 +5,10 @@
 //! the rule the runner had before its fix.
 //!
 //! `WSR_SIM_SCHEDULES=N` (default 2,500 per shard, four shards) runs more: the long mode.
-//! `WSR_SIM_SEED=S` prints the trace of one seed.
+//! `WSR_SIM_WIDE=1` draws wider schedules (more runs, concurrency, faults).
+//! `WSR_SIM_SEED=S` prints the trace of one seed (`WSR_SIM_WIDE=1` for a wide one).
 
-use windshift_runner::sim::{run_seed, run_seeds, Finding, Outcome, Rules};
+use windshift_runner::sim::{run_scenario, run_seed, run_seeds, Finding, Outcome, Rules, Scenario};
 
 /// Each finding's seed: the first seed whose schedule breaks an invariant under the rule the
 /// runner had before the fix (found by scanning seeds from 0 with `Rules::without`).
@@ -35,7 +36,8 @@ fn schedules_per_shard() -> u64 {
 fn shard(index: u64) {
     let per = schedules_per_shard();
     let first = index * per;
-    let failing = run_seeds(first, per, &Rules::current());
+    let wide = std::env::var("WSR_SIM_WIDE").is_ok_and(|v| v == "1");
+    let failing = run_seeds(first, per, wide, &Rules::current());
     if let Some(worst) = failing.first() {
         panic!(
             "{} of {per} schedules broke an invariant; seeds {:?}; replay one with WSR_SIM_SEED={}\n{}\n--- trace ---\n{}",
@@ -76,7 +78,8 @@ fn one_seed_prints_its_trace_when_asked() {
     else {
         return;
     };
-    let outcome = run_seed(seed, &Rules::current());
+    let wide = std::env::var("WSR_SIM_WIDE").is_ok_and(|v| v == "1");
+    let outcome = run_scenario(seed, Scenario::generate(seed, wide), &Rules::current());
     println!("{}", outcome.trace_text());
     assert!(outcome.violations.is_empty(), "{:?}", outcome.violations);
 }
@@ -132,7 +135,7 @@ fn a_seed_replays_byte_for_byte() {
 fn schedules_cover_crashes_at_many_records_and_every_fault_kind() {
     // The generator is worth its schedules only if they reach the faults.
     use std::collections::{BTreeSet, HashSet};
-    use windshift_runner::sim::{Fault, Scenario};
+    use windshift_runner::sim::Fault;
     let mut kinds = HashSet::new();
     let mut crash_records = BTreeSet::new();
     let mut crashed = 0;

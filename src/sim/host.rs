@@ -214,8 +214,7 @@ fn backoff_ms(policy: &RetryPolicy, attempt: u32, rng: &mut Rng) -> i64 {
 }
 
 impl Sim {
-    pub fn new(seed: u64, rules: Rules) -> Sim {
-        let scenario = Scenario::from_seed(seed);
+    pub fn new(seed: u64, scenario: Scenario, rules: Rules) -> Sim {
         let mut sim = Sim {
             rules,
             rng: Rng::new(seed),

@@ -63,7 +63,12 @@ impl Outcome {
 
 /// Plays the schedule of `seed` under `rules` and checks every invariant.
 pub fn run_seed(seed: u64, rules: &Rules) -> Outcome {
-    let mut sim = Sim::new(seed, rules.clone());
+    run_scenario(seed, Scenario::from_seed(seed), rules)
+}
+
+/// Plays `scenario` (its actors ordered by `seed`) under `rules`, and checks every invariant.
+pub fn run_scenario(seed: u64, scenario: Scenario, rules: &Rules) -> Outcome {
+    let mut sim = Sim::new(seed, scenario, rules.clone());
     sim.run();
     check(&mut sim);
     Outcome {
@@ -236,10 +241,11 @@ fn check(sim: &mut Sim) {
     }
 }
 
-/// Runs `count` seeds from `first`; returns the failing outcomes.
-pub fn run_seeds(first: u64, count: u64, rules: &Rules) -> Vec<Outcome> {
+/// Runs `count` seeds from `first` (`wide`: [`Scenario::generate`]'s wide schedules);
+/// returns the failing outcomes.
+pub fn run_seeds(first: u64, count: u64, wide: bool, rules: &Rules) -> Vec<Outcome> {
     (first..first + count)
-        .map(|seed| run_seed(seed, rules))
+        .map(|seed| run_scenario(seed, Scenario::generate(seed, wide), rules))
         .filter(|o| !o.violations.is_empty())
         .collect()
 }

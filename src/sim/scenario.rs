@@ -132,10 +132,17 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// The scenario of `seed`.
+    /// The scenario of `seed` (what the named seeds and the README test command run).
     pub fn from_seed(seed: u64) -> Scenario {
+        Scenario::generate(seed, false)
+    }
+
+    /// The scenario of `seed`; `wide`: up to five runs, concurrency three and six faults
+    /// (the long mode's `WSR_SIM_WIDE=1`; its seeds are not the named ones).
+    pub fn generate(seed: u64, wide: bool) -> Scenario {
+        let (max_runs, max_faults, max_concurrency) = if wide { (5, 7, 3) } else { (3, 4, 2) };
         let mut rng = Rng::new(seed ^ 0x005E_ED0F_5C4E_D01E);
-        let runs = (0..rng.range(1, 3))
+        let runs = (0..rng.range(1, max_runs))
             .map(|_| AgentScript {
                 enqueue_at: rng.range(0, 8_000),
                 progress: rng.range(0, 8) as u32,
@@ -152,7 +159,7 @@ impl Scenario {
             })
             .collect::<Vec<_>>();
         let mut faults = Vec::new();
-        for _ in 0..rng.below(4) {
+        for _ in 0..rng.below(max_faults) {
             faults.push(match rng.below(6) {
                 0 | 1 => Fault::Crash {
                     record: rng.range(1, 30) as u32,
@@ -181,7 +188,7 @@ impl Scenario {
             });
         }
         Scenario {
-            concurrency: rng.range(1, 2) as usize,
+            concurrency: rng.range(1, max_concurrency) as usize,
             event_call_ms: if rng.chance(30) {
                 rng.range(200, 800)
             } else {
