@@ -396,6 +396,49 @@ mod tests {
             .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
     }
 
+    /// Security issue, item 6: git children inherit none of the runner's environment (its
+    /// credential, the registration token, the LLM key): only the pass-through names and what
+    /// the session sets. Run for real, printing the child's environment through an alias.
+    #[test]
+    fn a_git_child_carries_none_of_the_runners_environment() {
+        let s = GitSession::new(
+            Some("tok-env-test"),
+            TransportPolicy::default(),
+            RemoteScheme::Https,
+        )
+        .expect("session");
+        let mut cmd = s.command(Reach::Remote, ["-c", "alias.show-env=!env", "show-env"]);
+        let out = cmd.output().expect("git runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let child: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
+            .collect();
+        let set: Vec<String> = cmd
+            .get_envs()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        // What git and the alias's shell add themselves.
+        let added_by_git =
+            |k: &str| k.starts_with("GIT_") || ["PWD", "OLDPWD", "SHLVL", "_"].contains(&k);
+        for key in &child {
+            assert!(
+                PASSTHROUGH_ENV.contains(&key.as_str()) || set.contains(key) || added_by_git(key),
+                "the git child inherited {key}"
+            );
+        }
+        // The test process has variables of its own (cargo's), so the filter did something.
+        let parents_own = std::env::vars()
+            .map(|(k, _)| k)
+            .find(|k| k.starts_with("CARGO_"))
+            .expect("cargo sets CARGO_* for tests");
+        assert!(!child.contains(&parents_own), "{parents_own} reached git");
+    }
+
     #[test]
     fn every_call_is_hardened_and_the_token_stays_out_of_argv() {
         let token = "tok-0123456789abcdef";
@@ -410,6 +453,8 @@ mod tests {
             "core.hooksPath=/dev/null",
             "credential.helper=",
             "core.fsmonitor=",
+            // A redirect would replay the askpass answer (the run token) to another origin.
+            "http.followRedirects=false",
         ] {
             assert!(args.iter().any(|a| a == needed), "missing {needed}");
         }
