@@ -98,13 +98,15 @@ fi
 echo "test-podman: pass 2, the API driver (podman system service on $SOCK)" >&2
 # Podman 4.3's API closes a container's stdin when the attached client goes (StdinOnce=false
 # or not), so an agent cannot outlive the attaching runner there: the three tests of exactly
-# that are left out of this pass (docs/containers.md); `auto` picks the CLI for Podman.
+# that (and the crash before a start is journaled, whose agent must finish unwatched) are left
+# out of this pass (docs/containers.md); `auto` picks the CLI for Podman.
 # The output-limit verdict test is left out too: through Podman's API the killed agent's
 # exit is judged as the end of its handshake (row 3 instead of row 7; an open item in
 # docs/containers.md). Both stay in pass 1.
 SKIPS=(--skip rootless_podman_agent_writes_its_checkout_and_the_run_succeeds
   --skip reattach_after_the_driver_dies_collects_the_rest
   --skip crash_while_the_container_runs_reattaches_and_keeps_the_work
+  --skip crash_before_the_start_is_journaled_judges_the_exit_on_the_agents_output
   --skip sigkill_of_the_runner_mid_run_keeps_the_agents_session
   --skip output_past_the_limit_fails_the_run_naming_the_variable)
 WSRUNNER_ENGINE_DRIVER=api run_tests "$@" || status=$?
