@@ -70,14 +70,14 @@ fn schedules_shard_3_keep_every_invariant() {
     shard(3);
 }
 
+/// A tool, not a check: `WSR_SIM_SEED=S cargo test --test sim one_seed -- --ignored --nocapture`.
 #[test]
+#[ignore = "a tool: prints the trace of the seed WSR_SIM_SEED names"]
 fn one_seed_prints_its_trace_when_asked() {
-    let Some(seed) = std::env::var("WSR_SIM_SEED")
+    let seed: u64 = std::env::var("WSR_SIM_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-    else {
-        return;
-    };
+        .expect("set WSR_SIM_SEED to the seed to replay");
     let wide = std::env::var("WSR_SIM_WIDE").is_ok_and(|v| v == "1");
     let outcome = run_scenario(seed, Scenario::generate(seed, wide), &Rules::current());
     println!("{}", outcome.trace_text());

@@ -15,7 +15,7 @@ use super::rules::{Rules, HEARTBEAT_INTERVAL};
 use super::scenario::{AgentScript, Ending, Fault, Rng, Scenario};
 use super::world::{
     agent_sha, Container, ContainerPhase, CrashJournal, Engine, FinalBy, Git, Server, ServerRun,
-    ServerStatus, BASE_SHA, LIVENESS_WINDOW_MS, PROXY_503,
+    ServerStatus, BASE_SHA, PROXY_503,
 };
 use crate::control::client::{ClientConfig, RetryPolicy};
 use crate::control::wire::{JobSpec, RepoSpec};
@@ -1438,14 +1438,6 @@ impl Sim {
             .map(|t| t.last.state.describe())
             .unwrap_or_default();
         self.end_task(run_id, &format!("terminal ({what})"));
-    }
-
-    pub(super) fn server_run(&self, run_id: i64) -> Option<&ServerRun> {
-        self.server.runs.get(&run_id)
-    }
-
-    pub(super) fn liveness_window(&self) -> i64 {
-        LIVENESS_WINDOW_MS
     }
 
     pub(super) fn heartbeat_interval_ms() -> i64 {

@@ -302,12 +302,7 @@ impl RunTask {
         let mut effects = Vec::new();
         let mut abandon_at: Option<tokio::time::Instant> = None;
         let event = loop {
-            let abandon = async {
-                match abandon_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let abandon = stops::sleep_until_or_never(abandon_at);
             tokio::select! {
                 event = &mut work => break event,
                 action = self.stops.next(Waiting::Step) => {

@@ -61,6 +61,9 @@ pub(crate) enum StopAction {
 /// | cancel | journal `cancel_requested` | journal `cancel_requested` | journal `cancel_requested` | ignore |
 /// | cancel now (drain deadline, second signal) | journal `drain_deadline_passed` | journal `drain_deadline_passed` | leave for next start | leave for next start |
 /// | run timeout | (not watched) | journal `run_timeout_passed` | (not watched) | (not watched) |
+///
+/// A cancel-now taken earlier (in a step, say) still bounds a later replay or report: it
+/// leaves for the next start [`AFTER_DEADLINE_GRACE`] after the cancel-now came (`Stops`).
 pub(crate) fn decide(stop: Stop, waiting: Waiting) -> StopAction {
     use StopAction::*;
     use Waiting::*;
@@ -87,7 +90,8 @@ pub(crate) fn bounded_after_deadline(waiting: Waiting) -> bool {
     matches!(waiting, Waiting::Replay | Waiting::Report)
 }
 
-async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+/// Sleeps until `at`; never returns for `None` (a deadline not set).
+pub(super) async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
