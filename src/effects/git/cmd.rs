@@ -439,6 +439,96 @@ mod tests {
         assert!(!child.contains(&parents_own), "{parents_own} reached git");
     }
 
+    /// A loopback HTTP listener, one connection at a time, that answers every request with
+    /// `reply` and records each request's head. Ends with the test process.
+    fn http_listener(
+        reply: impl Fn() -> String + Send + 'static,
+    ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(&stream);
+                let mut head = String::new();
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                    line.clear();
+                }
+                log.lock().expect("log").push(head);
+                let _ = (&stream).write_all(reply().as_bytes());
+            }
+        });
+        (port, seen)
+    }
+
+    /// Security issue, item 6: a proxy answer that redirects elsewhere is an error, never a
+    /// second request: following it would hand the askpass answer (the run token) to whatever
+    /// origin the redirect names. Real git against two loopback listeners; the same request
+    /// from unhardened git does follow the redirect, so the fixture can tell.
+    #[test]
+    fn a_redirect_from_the_proxy_is_not_followed_and_the_token_goes_nowhere() {
+        let token = "tok-redirect-0123456789";
+        // The redirect's target asks for credentials, as a real origin would, and records.
+        let (elsewhere, reached) = http_listener(|| {
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"x\"\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_owned()
+        });
+        let (proxy, asked) = http_listener(move || {
+            format!(
+                "HTTP/1.1 302 Found\r\n\
+                 Location: http://127.0.0.1:{elsewhere}/r.git/info/refs?service=git-receive-pack\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        });
+        let url = format!("http://127.0.0.1:{proxy}/r.git");
+        let dev = TransportPolicy {
+            allow_file_url: false,
+            allow_insecure_http: true,
+        };
+
+        // The fixture works: git without the hardening follows the redirect.
+        let plain = Command::new("git")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .args(["ls-remote", &url])
+            .stdin(Stdio::null())
+            .output()
+            .expect("git runs");
+        assert!(!plain.status.success());
+        let followed = reached.lock().expect("log").len();
+        assert!(followed >= 1, "unhardened git did not follow the redirect");
+
+        let s = GitSession::new(Some(token), dev, RemoteScheme::Http).expect("session");
+        let out = s
+            .output(Reach::Remote, "ls-remote", ["ls-remote", url.as_str()])
+            .expect("git runs");
+        assert!(!out.status.success(), "a redirect must fail the call");
+        assert!(
+            asked.lock().expect("log").len() >= 2,
+            "the hardened call never reached the proxy"
+        );
+        let after = reached.lock().expect("log").clone();
+        assert_eq!(
+            after.len(),
+            followed,
+            "the hardened call followed the redirect: {after:?}"
+        );
+        assert!(!after
+            .iter()
+            .any(|head| head.to_ascii_lowercase().contains("authorization")));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains(token), "{stderr}");
+    }
+
     #[test]
     fn every_call_is_hardened_and_the_token_stays_out_of_argv() {
         let token = "tok-0123456789abcdef";
