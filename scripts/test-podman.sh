@@ -62,7 +62,8 @@ export WSR_TEST_ENGINE=podman
 export WSRUNNER_DOCKER=podman
 tests=(--test container_engine --test container_sandbox --test container_driver
   --test daemon_crash --test daemon_lifecycle --test daemon_verdicts --test daemon_podman
-  --test daemon_hostile --test daemon_session --test container_hardening)
+  --test daemon_hostile --test daemon_session --test container_hardening
+  --test daemon_input --test daemon_journal_budget)
 # daemon_podman's test is #[ignore]d in the Docker pass; these binaries have no other ignored test.
 # SKIPS: test names left out of a pass (passed after `--`, as libtest's --skip).
 # The rootless test runs in leg 3 only (it needs a non-root user).
@@ -97,7 +98,7 @@ if ! podman --url "unix://$SOCK" version >/dev/null 2>&1; then
 fi
 echo "test-podman: pass 2, the API driver (podman system service on $SOCK)" >&2
 # Podman 4.3's API closes a container's stdin when the attached client goes (StdinOnce=false
-# or not), so an agent cannot outlive the attaching runner there: the three tests of exactly
+# or not), so an agent cannot outlive the attaching runner there: the four tests of exactly
 # that (and the crash before a start is journaled, whose agent must finish unwatched) are left
 # out of this pass (docs/containers.md); `auto` picks the CLI for Podman.
 # The output-limit verdict test is left out too: through Podman's API the killed agent's
@@ -108,6 +109,7 @@ SKIPS=(--skip rootless_podman_agent_writes_its_checkout_and_the_run_succeeds
   --skip crash_while_the_container_runs_reattaches_and_keeps_the_work
   --skip crash_before_the_start_is_journaled_judges_the_exit_on_the_agents_output
   --skip sigkill_of_the_runner_mid_run_keeps_the_agents_session
+  --skip a_crash_past_the_budget_keeps_the_coalesced_finish_on_reattach
   --skip output_past_the_limit_fails_the_run_naming_the_variable)
 WSRUNNER_ENGINE_DRIVER=api run_tests "$@" || status=$?
 

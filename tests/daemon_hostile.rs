@@ -297,6 +297,49 @@ async fn cancel_and_drain_end_a_stalled_push_within_seconds() {
     assert!(h.log().contains("was stopped"), "{}", h.log());
 }
 
+/// The run timeout ends a stalled push too: the proxy holds the upload far past the limit;
+/// the run is reported failed for its timeout within seconds of it, the next run is claimed,
+/// and SIGTERM then stops the runner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_timeout_ends_a_stalled_push() {
+    let h = Harness::start("hostile-stall-timeout").await;
+    {
+        let mut faults = h
+            .dev()
+            .core()
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *faults = Faults {
+            added_latency_ms: 900_000,
+            only_path_prefix: Some("/api/git-proxy/1/acme/app/git-receive-pack".into()),
+            ..Faults::default()
+        };
+    }
+    let stalled = h.enqueue("commit; finish completed t");
+    let next = h.enqueue("finish completed nothing-to-push");
+    let mut runner = h.runner(&[("WSRUNNER_RUN_TIMEOUT", "25s")]);
+    // The deadline is far below the proxy's 900 s hold: the stop does not wait for the push.
+    let run = h
+        .wait_run(
+            stalled,
+            Duration::from_secs(90),
+            "the stalled run reported",
+            |r| !matches!(r.status.as_str(), "queued" | "running"),
+        )
+        .await;
+    assert_eq!(run.status, "failed", "{run:?}\n{}", h.log());
+    assert!(run.error.contains("RUN_TIMEOUT"), "{run:?}");
+    assert!(
+        h.log().contains("push of acme/app@"),
+        "the push never started, so the timeout did not end it\n{}",
+        h.log()
+    );
+    let run = h.wait_final(next).await;
+    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
+    stop_runner(&h, &mut runner).await;
+}
+
 /// A stop never waits on an effect that no kill reaches: a prepare stuck waiting for the
 /// repo cache's lock (held here by another process) is abandoned 10 s after the cancel and
 /// the run is reported; then SIGTERM ends the process although that blocking wait goes on.
