@@ -241,25 +241,29 @@ async fn a_symlinked_repo_directory_in_a_multi_repo_run_is_refused() {
     assert!(h.checkouts().is_empty(), "{:?}", h.checkouts());
 }
 
+/// The git proxy holds every push's upload for 15 minutes (far longer than git's own 300 s
+/// low-speed limit would wait).
+fn hold_the_push(h: &Harness) {
+    let mut faults = h
+        .dev()
+        .core()
+        .faults
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    *faults = Faults {
+        added_latency_ms: 900_000,
+        only_path_prefix: Some("/api/git-proxy/1/acme/app/git-receive-pack".into()),
+        ..Faults::default()
+    };
+}
+
 /// Every stop ends a stalled git call within seconds: the git proxy holds the push's upload
 /// (far longer than git's own 300 s low-speed limit would wait). A remote cancel ends the
 /// run, and then a drain past its deadline ends the process, each while the push hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_and_drain_end_a_stalled_push_within_seconds() {
     let h = Harness::start("hostile-stall").await;
-    {
-        let mut faults = h
-            .dev()
-            .core()
-            .faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *faults = Faults {
-            added_latency_ms: 900_000,
-            only_path_prefix: Some("/api/git-proxy/1/acme/app/git-receive-pack".into()),
-            ..Faults::default()
-        };
-    }
+    hold_the_push(&h);
     let canceled = h.enqueue("commit; finish completed c");
     let drained = h.enqueue("commit; finish completed d");
     let mut runner = h.runner(&[("WSRUNNER_DRAIN_TIMEOUT", "2s")]);
@@ -303,19 +307,7 @@ async fn cancel_and_drain_end_a_stalled_push_within_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_run_timeout_ends_a_stalled_push() {
     let h = Harness::start("hostile-stall-timeout").await;
-    {
-        let mut faults = h
-            .dev()
-            .core()
-            .faults
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *faults = Faults {
-            added_latency_ms: 900_000,
-            only_path_prefix: Some("/api/git-proxy/1/acme/app/git-receive-pack".into()),
-            ..Faults::default()
-        };
-    }
+    hold_the_push(&h);
     let stalled = h.enqueue("commit; finish completed t");
     let next = h.enqueue("finish completed nothing-to-push");
     let mut runner = h.runner(&[("WSRUNNER_RUN_TIMEOUT", "25s")]);
