@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use super::agent_driver::StdinChannel;
+use super::engine::{EngineFuture, LogSource, Logs};
 use crate::redact::redact;
 
 /// The image label naming the agent contract version (spec 4.8).
@@ -1820,6 +1822,64 @@ impl Engine {
         }
     }
 
+    /// The container's output from its start (`follow`: until it stops): an in-process logs
+    /// connection (API driver) or a `<docker> logs` child (CLI driver).
+    pub async fn open_logs(&self, name: &str, follow: bool) -> Result<Logs, ContainerError> {
+        if let Some(api) = self.api() {
+            let logs = api.logs(name, follow).await?;
+            return Ok(Logs {
+                stdout: Box::new(logs.stdout),
+                stderr: Box::new(logs.stderr),
+                source: Box::new(DriverLogs::Api(logs.task)),
+            });
+        }
+        let args: &[&str] = if follow {
+            &["logs", "--follow", name]
+        } else {
+            &["logs", name]
+        };
+        let mut child = self
+            .command(args)
+            .spawn()
+            .map_err(|source| ContainerError::Spawn {
+                docker: self.cfg.docker.clone(),
+                source,
+            })?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(ContainerError::Spawn {
+                docker: self.cfg.docker.clone(),
+                source: std::io::Error::other("logs pipes missing"),
+            });
+        };
+        Ok(Logs {
+            stdout: Box::new(stdout),
+            stderr: Box::new(stderr),
+            source: Box::new(DriverLogs::Cli(child)),
+        })
+    }
+
+    /// Attaches to a running container's stdin: the API driver makes a new attach
+    /// connection; the CLI driver spawns a new holder (`StdinChannel::open`).
+    pub async fn attach_stdin(&self, name: &str, run_dir: &Path) -> std::io::Result<StdinChannel> {
+        match self.api() {
+            Some(api) => api
+                .attach_stdin(name)
+                .await
+                .map(|stdin| StdinChannel::new(Box::new(stdin)))
+                .map_err(|e| std::io::Error::other(e.to_string())),
+            None => StdinChannel::open(self, name, run_dir),
+        }
+    }
+
+    /// Stdin again after the runner restarted: the API driver attaches again (the container
+    /// kept stdin open); the CLI driver finds the holder a previous process left.
+    pub async fn reattach_stdin(&self, name: &str, run_dir: &Path) -> Option<StdinChannel> {
+        match self.api() {
+            Some(_) => self.attach_stdin(name, run_dir).await.ok(),
+            None => StdinChannel::reopen(name, run_dir),
+        }
+    }
+
     /// Every container labelled for this runner instance, running or not.
     pub async fn find_instance_containers(&self) -> Result<Vec<FoundContainer>, ContainerError> {
         if let Some(api) = &self.api {
@@ -1858,6 +1918,44 @@ impl Engine {
             });
         }
         Ok(found)
+    }
+}
+
+/// What feeds an [`Engine`]'s [`Logs`].
+enum DriverLogs {
+    /// An in-process logs connection (API driver).
+    Api(tokio::task::JoinHandle<Result<(), String>>),
+    /// A `<docker> logs` child (CLI driver).
+    Cli(tokio::process::Child),
+}
+
+impl LogSource for DriverLogs {
+    fn kill(&mut self) -> EngineFuture<'_, ()> {
+        Box::pin(async move {
+            match self {
+                DriverLogs::Api(task) => task.abort(),
+                DriverLogs::Cli(child) => {
+                    let _ = child.kill().await;
+                }
+            }
+        })
+    }
+
+    fn finish(self: Box<Self>) -> EngineFuture<'static, Result<(), String>> {
+        Box::pin(async move {
+            match *self {
+                DriverLogs::Api(task) => match task.await {
+                    Ok(result) => result,
+                    Err(e) if e.is_cancelled() => Ok(()),
+                    Err(e) => Err(format!("logs task failed: {e}")),
+                },
+                DriverLogs::Cli(mut child) => match child.wait().await {
+                    Ok(status) if status.success() => Ok(()),
+                    Ok(status) => Err(format!("exited with {status}")),
+                    Err(e) => Err(e.to_string()),
+                },
+            }
+        })
     }
 }
 
