@@ -272,7 +272,9 @@ async fn stop_agent_ends_an_agent_that_never_exits_within_the_grace() {
     let asked = tokio::time::Instant::now();
     driver.stop_agent();
     driver.stop_agent(); // once is enough; twice is harmless
-    let result = driver.ended().await;
+    let result = tokio::time::timeout(GRACE * 10, driver.ended())
+        .await
+        .expect("the stop ends the agent");
     let took = asked.elapsed();
     let r = result.clone().expect("driven");
     assert!(
@@ -311,7 +313,10 @@ async fn stop_agent_of_an_agent_that_honours_sigterm_takes_no_grace() {
     assert!(rx.recv().await.is_some());
     let asked = tokio::time::Instant::now();
     driver.stop_agent();
-    let r = driver.ended().await.expect("driven");
+    let r = tokio::time::timeout(GRACE * 10, driver.ended())
+        .await
+        .expect("the stop ends the agent")
+        .expect("driven");
     assert!(asked.elapsed() < GRACE, "{:?}", asked.elapsed());
     assert!(r.cancelled && !r.killed_after_grace, "{r:?}");
     assert_eq!(r.exit_code, Some(crate::effects::mem_engine::TERMINATED));
