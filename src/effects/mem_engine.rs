@@ -122,8 +122,8 @@ struct Container {
     script: AgentScript,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
-    /// Every line written to its stdin, over every attach.
-    stdin: Vec<String>,
+    /// Lines written to its stdin, over every attach.
+    stdin_lines: usize,
     stdin_open: bool,
     printed: bool,
 }
@@ -163,6 +163,8 @@ struct World {
     default_script: AgentScript,
     /// Removed containers, in order.
     removed: Vec<String>,
+    /// Every line written to each container's stdin; kept after its removal.
+    stdin: HashMap<String, Vec<String>>,
     prunes: u32,
     /// Woken on every change (output, state, removal).
     wakers: Vec<Waker>,
@@ -247,13 +249,10 @@ impl MemEngine {
         self.world().default_script = script;
     }
 
-    /// Every line written to container `name`'s stdin, over every attach.
+    /// Every line written to container `name`'s stdin, over every attach (also after its
+    /// removal).
     pub fn stdin_lines(&self, name: &str) -> Vec<String> {
-        self.world()
-            .containers
-            .get(name)
-            .map(|c| c.stdin.clone())
-            .unwrap_or_default()
+        self.world().stdin.get(name).cloned().unwrap_or_default()
     }
 
     /// Whether container `name`'s stdin was closed for good.
@@ -326,10 +325,15 @@ impl MemEngine {
             .get_mut(name)
             .filter(|c| c.status == Status::Running && c.stdin_open)
             .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "nobody reads the stdin"))?;
-        c.stdin.push(line.to_owned());
-        if c.script.reads_prompt && c.stdin.len() == 1 {
+        c.stdin_lines += 1;
+        if c.script.reads_prompt && c.stdin_lines == 1 {
             c.print();
         }
+        world
+            .stdin
+            .entry(name.to_owned())
+            .or_default()
+            .push(line.to_owned());
         world.changed();
         Ok(())
     }
@@ -509,7 +513,7 @@ impl ContainerEngine for MemEngine {
                     script,
                     stdout: Vec::new(),
                     stderr: Vec::new(),
-                    stdin: Vec::new(),
+                    stdin_lines: 0,
                     stdin_open: spec.kind == LaunchKind::CodingAgent,
                     printed: false,
                 };

@@ -565,4 +565,4 @@ pub(crate) async fn replay_ended(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -484,24 +484,27 @@ async fn a_start_that_fails_leaves_no_container_and_no_private_dir() {
 }
 
 /// A stand-in for the server's events endpoint: answers every call `{"ok":true}`, once
-/// `open`; counts the events.
-struct EventsServer {
-    url: String,
-    open: Arc<AtomicBool>,
-    received: Arc<AtomicUsize>,
+/// `open`; keeps the request bodies.
+pub(crate) struct EventsServer {
+    pub(crate) url: String,
+    pub(crate) open: Arc<AtomicBool>,
+    pub(crate) received: Arc<AtomicUsize>,
+    pub(crate) bodies: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-async fn events_server() -> EventsServer {
+pub(crate) async fn events_server() -> EventsServer {
     let open = Arc::new(AtomicBool::new(true));
     let received = Arc::new(AtomicUsize::new(0));
-    let (gate, count) = (open.clone(), received.clone());
-    let app = axum::Router::new().fallback(move || {
-        let (gate, count) = (gate.clone(), count.clone());
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (gate, count, kept) = (open.clone(), received.clone(), bodies.clone());
+    let app = axum::Router::new().fallback(move |body: String| {
+        let (gate, count, kept) = (gate.clone(), count.clone(), kept.clone());
         async move {
             while !gate.load(Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             count.fetch_add(1, Ordering::SeqCst);
+            kept.lock().unwrap_or_else(|e| e.into_inner()).push(body);
             axum::Json(serde_json::json!({"ok": true}))
         }
     });
@@ -516,6 +519,7 @@ async fn events_server() -> EventsServer {
         url: format!("http://{addr}/api"),
         open,
         received,
+        bodies,
     }
 }
 
