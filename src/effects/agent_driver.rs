@@ -5,7 +5,8 @@
 //!
 //! It reaches the engine only through [`ContainerEngine`] (`effects::engine`).
 //!
-//! Re-attach design (docs/containers.md), two engine drivers behind [`Engine`]:
+//! Re-attach design (docs/containers.md), two engine drivers behind
+//! [`Engine`](super::container::Engine):
 //! - API driver: the container is created with stdin open and `StdinOnce=false`, so stdin is
 //!   never closed by a client going away. Stdin is an attach connection in this process; a
 //!   re-attached runner simply attaches again. Output is a logs stream in this process. The
