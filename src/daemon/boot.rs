@@ -211,7 +211,7 @@ pub(super) async fn boot(cfg: ValidConfig, opts: &DaemonOptions) -> Result<Arc<C
         client,
         events,
         journal: Arc::new(journal),
-        engine,
+        engine: Arc::new(engine),
         metrics: opts.metrics.clone(),
         shutdown: opts.shutdown.clone(),
         grace: opts.grace,

@@ -24,7 +24,7 @@ impl Supervisor {
         job: crate::control::wire::JobSpec,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let instance = self.ctx.engine.cfg.instance.clone();
+        let instance = self.ctx.engine.instance().to_owned();
         let (mut plan, secrets) = RunPlan::from_job(&job, &instance);
         plan.apply_host_defaults(&crate::fsm::plan::HostDefaults {
             llm_model: self.ctx.cfg.llm_model.clone(),

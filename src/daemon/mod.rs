@@ -32,7 +32,7 @@ use crate::control::events::EventSender;
 use crate::control::plane::ControlPlane;
 use crate::control::EXIT_CREDENTIAL_REJECTED;
 use crate::effects::clock::Clock;
-use crate::effects::container::Engine;
+use crate::effects::engine::ContainerEngine;
 use crate::effects::git::{GitOps, TransportPolicy};
 use crate::journal::{now_ms, Journal};
 use crate::metrics::{Health, Metrics};
@@ -136,7 +136,9 @@ pub(crate) struct Ctx {
     pub clock: Arc<dyn Clock>,
     pub events: EventSender,
     pub journal: Arc<dyn Journal>,
-    pub engine: Engine,
+    /// The container engine as runs use it (the real [`crate::effects::container::Engine`],
+    /// or a stand-in).
+    pub engine: Arc<dyn ContainerEngine>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     pub grace: Duration,

@@ -3,7 +3,10 @@
 //! (abort, stdin close, grace, kill). It decides no verdict: the caller folds the signals and
 //! the [`DriveResult`] into one with `crate::fsm`.
 //!
-//! Re-attach design (docs/containers.md), two engine drivers behind [`Engine`]:
+//! It reaches the engine only through [`ContainerEngine`] (`effects::engine`).
+//!
+//! Re-attach design (docs/containers.md), two engine drivers behind
+//! [`Engine`](super::container::Engine):
 //! - API driver: the container is created with stdin open and `StdinOnce=false`, so stdin is
 //!   never closed by a client going away. Stdin is an attach connection in this process; a
 //!   re-attached runner simply attaches again. Output is a logs stream in this process. The
@@ -19,9 +22,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +30,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-use super::container::{ContainerError, ContainerState, Engine, LINE_OVERHEAD};
+use super::container::{ContainerError, ContainerState, LINE_OVERHEAD};
+use super::engine::{ContainerEngine, Logs, OutputStream, StdinPort};
 use crate::fsm::contract::{classify_stdout_line, AgentSignal};
 use crate::redact::redact;
 
@@ -190,187 +192,60 @@ pub fn output_limit_message(limit: u64) -> String {
     format!("the agent printed more than {limit} bytes of output (WSRUNNER_AGENT_OUTPUT_LIMIT); the runner stopped its container and discarded the rest; raise WSRUNNER_AGENT_OUTPUT_LIMIT if this much output is expected")
 }
 
-/// The container's stdin: an attach connection of this process (API driver), or a FIFO read
-/// by a detached `<docker> attach` process (CLI driver).
+/// The container's stdin as its engine provides it: an attach connection of this process
+/// (API driver), a FIFO read by a detached `<docker> attach` process (CLI driver), or a
+/// stand-in's.
 pub struct StdinChannel {
-    inner: StdinInner,
+    port: Box<dyn StdinPort>,
 }
-
-enum StdinInner {
-    Api(super::engine_api::ApiStdin),
-    Cli {
-        fifo: PathBuf,
-        holder_pid: i32,
-        /// Present when this process spawned the holder (so it can reap it).
-        holder: Option<std::process::Child>,
-    },
-}
-
-const FIFO_NAME: &str = "stdin.fifo";
-const HOLDER_PID_FILE: &str = "stdin-holder.pid";
 
 impl StdinChannel {
-    /// Attaches a detached stdin holder to a started container. `run_dir` must be a private
-    /// (0700) directory owned by this run attempt.
-    pub fn open(engine: &Engine, name: &str, run_dir: &Path) -> io::Result<StdinChannel> {
-        let fifo = run_dir.join(FIFO_NAME);
-        match std::fs::remove_file(&fifo) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "run dir path has a NUL"))?;
-        // SAFETY: mkfifo with a valid NUL-terminated path.
-        if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // Read-write so the holder itself keeps a writer: it never sees EOF while the runner
-        // is away, only when it is killed on purpose.
-        let stdin = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&fifo)?;
-        use std::os::unix::process::CommandExt;
-        let child = std::process::Command::new(&engine.cfg.docker)
-            // Long-lived: it must not carry the runner's secrets (docs/containers.md).
-            .env_clear()
-            .envs(super::container::engine_env())
-            .args(["attach", "--sig-proxy=false", name])
-            .stdin(stdin)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // Its own process group: a Ctrl-C or group kill aimed at the runner spares it.
-            .process_group(0)
-            .spawn()?;
-        let holder_pid =
-            i32::try_from(child.id()).map_err(|_| io::Error::other("holder pid out of range"))?;
-        std::fs::write(run_dir.join(HOLDER_PID_FILE), format!("{holder_pid}\n"))?;
-        Ok(StdinChannel {
-            inner: StdinInner::Cli {
-                fifo,
-                holder_pid,
-                holder: Some(child),
-            },
-        })
+    /// Wraps an engine's stdin.
+    pub fn new(port: Box<dyn StdinPort>) -> StdinChannel {
+        StdinChannel { port }
     }
 
     /// Attaches to a running container's stdin through the engine's driver: the API driver
     /// makes a new attach connection; the CLI driver spawns a new holder.
-    pub async fn attach(engine: &Engine, name: &str, run_dir: &Path) -> io::Result<StdinChannel> {
-        match engine.api() {
-            Some(api) => api
-                .attach_stdin(name)
-                .await
-                .map(|stdin| StdinChannel {
-                    inner: StdinInner::Api(stdin),
-                })
-                .map_err(|e| io::Error::other(e.to_string())),
-            None => Self::open(engine, name, run_dir),
-        }
+    pub async fn attach(
+        engine: &dyn ContainerEngine,
+        name: &str,
+        run_dir: &Path,
+    ) -> io::Result<StdinChannel> {
+        engine.attach_stdin(name, run_dir).await
     }
 
     /// Stdin again after the runner restarted: the API driver attaches again (the container
     /// kept stdin open); the CLI driver finds the holder a previous process left.
-    pub async fn reattach(engine: &Engine, name: &str, run_dir: &Path) -> Option<StdinChannel> {
-        match engine.api() {
-            Some(_) => Self::attach(engine, name, run_dir).await.ok(),
-            None => Self::reopen(name, run_dir),
-        }
+    pub async fn reattach(
+        engine: &dyn ContainerEngine,
+        name: &str,
+        run_dir: &Path,
+    ) -> Option<StdinChannel> {
+        engine.reattach_stdin(name, run_dir).await
     }
 
     /// Whether closing this channel leaves the container's stdin open (API driver): the
     /// handshake then stops the container instead.
     pub fn survives_close(&self) -> bool {
-        matches!(self.inner, StdinInner::Api(_))
+        self.port.survives_close()
     }
 
-    /// Finds the stdin holder a previous runner process left for `name`; `None` when it is
-    /// gone (then the container's stdin is closed for good).
-    pub fn reopen(name: &str, run_dir: &Path) -> Option<StdinChannel> {
-        let pid: i32 = std::fs::read_to_string(run_dir.join(HOLDER_PID_FILE))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        // Guard against pid reuse: the process must still be our attach for this container.
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let ours = args.iter().any(|a| *a == b"attach") && args.contains(&name.as_bytes());
-        let fifo = run_dir.join(FIFO_NAME);
-        (ours && fifo.exists()).then_some(StdinChannel {
-            inner: StdinInner::Cli {
-                fifo,
-                holder_pid: pid,
-                holder: None,
-            },
-        })
-    }
-
-    /// Writes one command line. Fails when nobody reads the FIFO any more.
+    /// Writes one command line. Fails when nobody reads the stdin any more.
     pub async fn send(&self, line: &str) -> io::Result<()> {
-        let fifo = match &self.inner {
-            StdinInner::Api(stdin) => return stdin.send(line).await,
-            StdinInner::Cli { fifo, .. } => fifo.clone(),
-        };
-        let mut data = line.as_bytes().to_vec();
-        data.push(b'\n');
-        let write = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            use std::io::Write;
-            // Non-blocking open fails with ENXIO instead of hanging when no reader is left.
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&fifo)?;
-            let mut written = 0;
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while written < data.len() {
-                match file.write(&data[written..]) {
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if std::time::Instant::now() > deadline {
-                            return Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "the agent did not read its stdin for 30 s",
-                            ));
-                        }
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        });
-        write
-            .await
-            .map_err(|e| io::Error::other(format!("stdin writer task failed: {e}")))?
+        self.port.send(line).await
     }
 
     /// CLI driver: closes the container's stdin for good (the agent sees EOF) by ending the
     /// holder. API driver: drops the connection only; the container's stdin stays open.
     pub async fn close(self) {
-        let StdinInner::Cli {
-            fifo,
-            holder_pid,
-            holder,
-        } = self.inner
-        else {
-            return;
-        };
-        // SAFETY: plain kill(2) on a pid we verified or spawned.
-        unsafe {
-            libc::kill(holder_pid, libc::SIGKILL);
-        }
-        if let Some(mut child) = holder {
-            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-        }
-        let _ = std::fs::remove_file(&fifo);
+        self.port.close().await
     }
 }
 
 /// Starts a created container and, for `coding_agent`, attaches its stdin.
 pub async fn start(
-    engine: &Engine,
+    engine: &dyn ContainerEngine,
     name: &str,
     run_dir: &Path,
     with_stdin: bool,
@@ -386,82 +261,6 @@ pub async fn start(
             what: format!("attach {name}"),
             detail: format!("could not attach the container's stdin: {e}"),
         })
-}
-
-/// A container's output as two byte streams, from its start, whichever driver reads it.
-struct Logs {
-    stdout: Box<dyn AsyncRead + Unpin + Send>,
-    stderr: Box<dyn AsyncRead + Unpin + Send>,
-    source: LogSource,
-}
-
-enum LogSource {
-    /// An in-process logs connection (API driver).
-    Api(tokio::task::JoinHandle<Result<(), String>>),
-    /// A `<docker> logs` child (CLI driver).
-    Cli(tokio::process::Child),
-}
-
-impl LogSource {
-    /// Ends the reading early.
-    async fn kill(&mut self) {
-        match self {
-            LogSource::Api(task) => task.abort(),
-            LogSource::Cli(child) => {
-                let _ = child.kill().await;
-            }
-        }
-    }
-    /// Waits for the source to end; the error says why it failed.
-    async fn finish(self) -> Result<(), String> {
-        match self {
-            LogSource::Api(task) => match task.await {
-                Ok(result) => result,
-                Err(e) if e.is_cancelled() => Ok(()),
-                Err(e) => Err(format!("logs task failed: {e}")),
-            },
-            LogSource::Cli(mut child) => match child.wait().await {
-                Ok(status) if status.success() => Ok(()),
-                Ok(status) => Err(format!("exited with {status}")),
-                Err(e) => Err(e.to_string()),
-            },
-        }
-    }
-}
-
-/// Opens the container's output from its start (`follow`: until it stops).
-async fn open_logs(engine: &Engine, name: &str, follow: bool) -> Result<Logs, ContainerError> {
-    if let Some(api) = engine.api() {
-        let logs = api.logs(name, follow).await?;
-        return Ok(Logs {
-            stdout: Box::new(logs.stdout),
-            stderr: Box::new(logs.stderr),
-            source: LogSource::Api(logs.task),
-        });
-    }
-    let args: &[&str] = if follow {
-        &["logs", "--follow", name]
-    } else {
-        &["logs", name]
-    };
-    let mut child = engine
-        .command(args)
-        .spawn()
-        .map_err(|source| ContainerError::Spawn {
-            docker: engine.cfg.docker.clone(),
-            source,
-        })?;
-    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(ContainerError::Spawn {
-            docker: engine.cfg.docker.clone(),
-            source: io::Error::other("logs pipes missing"),
-        });
-    };
-    Ok(Logs {
-        stdout: Box::new(stdout),
-        stderr: Box::new(stderr),
-        source: LogSource::Cli(child),
-    })
 }
 
 /// What a stream reader found.
@@ -657,7 +456,7 @@ async fn handle_line<F, Fut>(
 /// `WSRUNNER_AGENT_OUTPUT_LIMIT`, kills the container and reports the limit as the agent's
 /// error and a degraded stream. Returns whether the limit was passed.
 async fn meter(
-    engine: Engine,
+    engine: Arc<dyn ContainerEngine>,
     name: String,
     out: mpsc::Sender<DriverOutput>,
 ) -> Result<bool, ContainerError> {
@@ -666,10 +465,10 @@ async fn meter(
         stdout,
         stderr,
         source,
-    } = open_logs(&engine, &name, true).await?;
+    } = engine.open_logs(&name, true).await?;
     let (hit_tx, hit_rx) = oneshot::channel();
-    let budget = OutputBudget::new(engine.cfg.output_limit, Some(hit_tx), false);
-    let count = |mut reader: Box<dyn AsyncRead + Unpin + Send>, budget: Arc<OutputBudget>| async move {
+    let budget = OutputBudget::new(engine.output_limit(), Some(hit_tx), false);
+    let count = |mut reader: OutputStream, budget: Arc<OutputBudget>| async move {
         let mut buf = vec![0u8; 64 * 1024];
         while let Ok(n @ 1..) = reader.read(&mut buf).await {
             let lines = buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
@@ -684,11 +483,11 @@ async fn meter(
     if hit {
         tracing::warn!(
             container = %name,
-            limit = engine.cfg.output_limit,
+            limit = engine.output_limit(),
             "agent output limit (WSRUNNER_AGENT_OUTPUT_LIMIT) exceeded: killing the container"
         );
         engine.kill(&name).await?;
-        let message = output_limit_message(engine.cfg.output_limit);
+        let message = output_limit_message(engine.output_limit());
         let _ = out
             .send(DriverOutput::Signal(AgentSignal::Error { message }))
             .await;
@@ -714,7 +513,7 @@ async fn meter(
 /// signals too (see [`DriveOptions::resignal_skipped`]). Returns the raw line counts of both
 /// streams.
 pub async fn replay(
-    engine: &Engine,
+    engine: &dyn ContainerEngine,
     name: &str,
     skip_stdout: u64,
     skip_stderr: u64,
@@ -725,9 +524,9 @@ pub async fn replay(
         stdout,
         stderr,
         mut source,
-    } = open_logs(engine, name, false).await?;
+    } = engine.open_logs(name, false).await?;
     // The container is stopped already: an exceeded budget only reports.
-    let budget = OutputBudget::new(engine.cfg.output_limit, None, true);
+    let budget = OutputBudget::new(engine.output_limit(), None, true);
     let stdout_task = tokio::spawn(pump(
         "stdout",
         stdout,
@@ -754,7 +553,7 @@ pub async fn replay(
     let Ok(lines) = tokio::time::timeout(DRAIN_TIMEOUT, read).await else {
         source.kill().await;
         return Err(ContainerError::Timeout {
-            docker: engine.cfg.docker.clone(),
+            docker: engine.program().to_owned(),
             what: format!("logs {name}"),
             secs: DRAIN_TIMEOUT.as_secs(),
         });
@@ -773,7 +572,7 @@ pub async fn replay(
 /// `cancel` completes first, the run is aborted. The container is left in place (stopped):
 /// the caller removes it after recording the result.
 pub async fn drive(
-    engine: &Engine,
+    engine: &dyn ContainerEngine,
     name: &str,
     stdin: Option<StdinChannel>,
     options: DriveOptions,
@@ -790,14 +589,14 @@ pub async fn drive(
             }
             Some(ContainerState::Created) => {
                 return Err(ContainerError::Cli {
-                    docker: engine.cfg.docker.clone(),
+                    docker: engine.program().to_owned(),
                     what: format!("start {name}"),
                     detail: "the container did not start within 60 s".into(),
                 })
             }
             None => {
                 return Err(ContainerError::Cli {
-                    docker: engine.cfg.docker.clone(),
+                    docker: engine.program().to_owned(),
                     what: format!("logs {name}"),
                     detail: "the container is gone".into(),
                 })
@@ -809,12 +608,12 @@ pub async fn drive(
         stdout,
         stderr,
         source: mut logs,
-    } = open_logs(engine, name, true).await?;
+    } = engine.open_logs(name, true).await?;
     let (idle_tx, idle_rx) = oneshot::channel();
     // The forwarding readers go at the pace the server takes events; the meter reads the
     // same output at full speed, so the limit holds on what the agent writes.
-    let budget = OutputBudget::new(engine.cfg.output_limit, None, false);
-    let meter_task = tokio::spawn(meter(engine.clone(), name.to_owned(), out.clone()));
+    let budget = OutputBudget::new(engine.output_limit(), None, false);
+    let meter_task = tokio::spawn(meter(engine.shared(), name.to_owned(), out.clone()));
     let mut stdout_task = tokio::spawn(pump(
         "stdout",
         stdout,

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use super::agent_driver::StdinChannel;
+use super::engine::{EngineFuture, LogSource, Logs, StdinPort};
 use crate::redact::redact;
 
 /// The image label naming the agent contract version (spec 4.8).
@@ -1820,6 +1822,64 @@ impl Engine {
         }
     }
 
+    /// The container's output from its start (`follow`: until it stops): an in-process logs
+    /// connection (API driver) or a `<docker> logs` child (CLI driver).
+    pub async fn open_logs(&self, name: &str, follow: bool) -> Result<Logs, ContainerError> {
+        if let Some(api) = self.api() {
+            let logs = api.logs(name, follow).await?;
+            return Ok(Logs {
+                stdout: Box::new(logs.stdout),
+                stderr: Box::new(logs.stderr),
+                source: Box::new(DriverLogs::Api(logs.task)),
+            });
+        }
+        let args: &[&str] = if follow {
+            &["logs", "--follow", name]
+        } else {
+            &["logs", name]
+        };
+        let mut child = self
+            .command(args)
+            .spawn()
+            .map_err(|source| ContainerError::Spawn {
+                docker: self.cfg.docker.clone(),
+                source,
+            })?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(ContainerError::Spawn {
+                docker: self.cfg.docker.clone(),
+                source: std::io::Error::other("logs pipes missing"),
+            });
+        };
+        Ok(Logs {
+            stdout: Box::new(stdout),
+            stderr: Box::new(stderr),
+            source: Box::new(DriverLogs::Cli(child)),
+        })
+    }
+
+    /// Attaches to a running container's stdin: the API driver makes a new attach
+    /// connection; the CLI driver spawns a new holder ([`Engine::open_stdin_holder`]).
+    pub async fn attach_stdin(&self, name: &str, run_dir: &Path) -> std::io::Result<StdinChannel> {
+        match self.api() {
+            Some(api) => api
+                .attach_stdin(name)
+                .await
+                .map(|stdin| StdinChannel::new(Box::new(stdin)))
+                .map_err(|e| std::io::Error::other(e.to_string())),
+            None => self.open_stdin_holder(name, run_dir),
+        }
+    }
+
+    /// Stdin again after the runner restarted: the API driver attaches again (the container
+    /// kept stdin open); the CLI driver finds the holder a previous process left.
+    pub async fn reattach_stdin(&self, name: &str, run_dir: &Path) -> Option<StdinChannel> {
+        match self.api() {
+            Some(_) => self.attach_stdin(name, run_dir).await.ok(),
+            None => find_stdin_holder(name, run_dir),
+        }
+    }
+
     /// Every container labelled for this runner instance, running or not.
     pub async fn find_instance_containers(&self) -> Result<Vec<FoundContainer>, ContainerError> {
         if let Some(api) = &self.api {
@@ -1858,6 +1918,194 @@ impl Engine {
             });
         }
         Ok(found)
+    }
+}
+
+// ---- The CLI driver's stdin holder (docs/containers.md, "Re-attach")
+
+const FIFO_NAME: &str = "stdin.fifo";
+const HOLDER_PID_FILE: &str = "stdin-holder.pid";
+
+/// The CLI driver's stdin: a FIFO read by a detached `<docker> attach` process.
+struct CliStdin {
+    fifo: PathBuf,
+    holder_pid: i32,
+    /// Present when this process spawned the holder (so it can reap it).
+    holder: Option<std::process::Child>,
+}
+
+impl Engine {
+    /// Attaches a detached stdin holder to a started container. `run_dir` must be a private
+    /// (0700) directory owned by this run attempt.
+    pub fn open_stdin_holder(&self, name: &str, run_dir: &Path) -> std::io::Result<StdinChannel> {
+        let fifo = run_dir.join(FIFO_NAME);
+        match std::fs::remove_file(&fifo) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "run dir path has a NUL")
+        })?;
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Read-write so the holder itself keeps a writer: it never sees EOF while the runner
+        // is away, only when it is killed on purpose.
+        let stdin = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)?;
+        use std::os::unix::process::CommandExt;
+        let child = std::process::Command::new(&self.cfg.docker)
+            // Long-lived: it must not carry the runner's secrets (docs/containers.md).
+            .env_clear()
+            .envs(engine_env())
+            .args(["attach", "--sig-proxy=false", name])
+            .stdin(stdin)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group: a Ctrl-C or group kill aimed at the runner spares it.
+            .process_group(0)
+            .spawn()?;
+        let holder_pid = i32::try_from(child.id())
+            .map_err(|_| std::io::Error::other("holder pid out of range"))?;
+        std::fs::write(run_dir.join(HOLDER_PID_FILE), format!("{holder_pid}\n"))?;
+        Ok(StdinChannel::new(Box::new(CliStdin {
+            fifo,
+            holder_pid,
+            holder: Some(child),
+        })))
+    }
+}
+
+/// Finds the stdin holder a previous runner process left for `name`; `None` when it is
+/// gone (then the container's stdin is closed for good).
+pub fn find_stdin_holder(name: &str, run_dir: &Path) -> Option<StdinChannel> {
+    let pid: i32 = std::fs::read_to_string(run_dir.join(HOLDER_PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // Guard against pid reuse: the process must still be our attach for this container.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = args.iter().any(|a| *a == b"attach") && args.contains(&name.as_bytes());
+    let fifo = run_dir.join(FIFO_NAME);
+    (ours && fifo.exists()).then(|| {
+        StdinChannel::new(Box::new(CliStdin {
+            fifo,
+            holder_pid: pid,
+            holder: None,
+        }))
+    })
+}
+
+impl CliStdin {
+    /// Writes one command line. Fails when nobody reads the FIFO any more.
+    async fn send_line(&self, line: &str) -> std::io::Result<()> {
+        let fifo = self.fifo.clone();
+        let mut data = line.as_bytes().to_vec();
+        data.push(b'\n');
+        let write = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            // Non-blocking open fails with ENXIO instead of hanging when no reader is left.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo)?;
+            let mut written = 0;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while written < data.len() {
+                match file.write(&data[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() > deadline {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the agent did not read its stdin for 30 s",
+                            ));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        write
+            .await
+            .map_err(|e| std::io::Error::other(format!("stdin writer task failed: {e}")))?
+    }
+
+    /// Closes the container's stdin for good (the agent sees EOF) by ending the holder.
+    async fn close_holder(self) {
+        let CliStdin {
+            fifo,
+            holder_pid,
+            holder,
+        } = self;
+        // SAFETY: plain kill(2) on a pid we verified or spawned.
+        unsafe {
+            libc::kill(holder_pid, libc::SIGKILL);
+        }
+        if let Some(mut child) = holder {
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
+        let _ = std::fs::remove_file(&fifo);
+    }
+}
+
+impl StdinPort for CliStdin {
+    fn send<'a>(&'a self, line: &'a str) -> EngineFuture<'a, std::io::Result<()>> {
+        Box::pin(self.send_line(line))
+    }
+
+    fn survives_close(&self) -> bool {
+        false
+    }
+
+    fn close(self: Box<Self>) -> EngineFuture<'static, ()> {
+        Box::pin(self.close_holder())
+    }
+}
+
+/// What feeds an [`Engine`]'s [`Logs`].
+enum DriverLogs {
+    /// An in-process logs connection (API driver).
+    Api(tokio::task::JoinHandle<Result<(), String>>),
+    /// A `<docker> logs` child (CLI driver).
+    Cli(tokio::process::Child),
+}
+
+impl LogSource for DriverLogs {
+    fn kill(&mut self) -> EngineFuture<'_, ()> {
+        Box::pin(async move {
+            match self {
+                DriverLogs::Api(task) => task.abort(),
+                DriverLogs::Cli(child) => {
+                    let _ = child.kill().await;
+                }
+            }
+        })
+    }
+
+    fn finish(self: Box<Self>) -> EngineFuture<'static, Result<(), String>> {
+        Box::pin(async move {
+            match *self {
+                DriverLogs::Api(task) => match task.await {
+                    Ok(result) => result,
+                    Err(e) if e.is_cancelled() => Ok(()),
+                    Err(e) => Err(format!("logs task failed: {e}")),
+                },
+                DriverLogs::Cli(mut child) => match child.wait().await {
+                    Ok(status) if status.success() => Ok(()),
+                    Ok(status) => Err(format!("exited with {status}")),
+                    Err(e) => Err(e.to_string()),
+                },
+            }
+        })
     }
 }
 

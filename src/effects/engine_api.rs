@@ -251,6 +251,21 @@ impl ApiStdin {
     }
 }
 
+impl super::engine::StdinPort for ApiStdin {
+    fn send<'a>(&'a self, line: &'a str) -> super::engine::EngineFuture<'a, std::io::Result<()>> {
+        Box::pin(ApiStdin::send(self, line))
+    }
+
+    fn survives_close(&self) -> bool {
+        true
+    }
+
+    /// Drops the connection only; the container's stdin stays open.
+    fn close(self: Box<Self>) -> super::engine::EngineFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
 /// A container's output as two byte streams, fed in-process from one logs connection.
 pub struct ApiLogs {
     pub stdout: DuplexStream,

@@ -3,6 +3,8 @@
 pub mod agent_driver;
 pub mod clock;
 pub mod container;
+pub mod engine;
 pub mod engine_api;
 pub mod git;
+pub mod mem_engine;
 pub mod session;

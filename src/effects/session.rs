@@ -7,10 +7,12 @@
 //! replay after a crash neither lose nor repeat what the agent was sent or printed.
 //!
 //! Nothing here writes the journal: the run loop (src/daemon/run_task) journals the events
-//! this returns.
+//! this returns. The engine is reached only through [`ContainerEngine`], so the tests below
+//! drive this code over the in-memory engine.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -19,9 +21,8 @@ use tracing::{debug, info, warn};
 use crate::control::events::{Delivery, RunEvents, RunEventsSummary};
 use crate::control::wire::EventRequest;
 use crate::effects::agent_driver::{self, DriveOptions, DriveResult, DriverOutput, StdinChannel};
-use crate::effects::container::{
-    container_name, ContainerError, ContainerSpec, ContainerState, Engine,
-};
+use crate::effects::container::{container_name, ContainerError, ContainerSpec, ContainerState};
+use crate::effects::engine::ContainerEngine;
 use crate::fsm::Event;
 use crate::redact::redact;
 
@@ -140,7 +141,7 @@ pub(crate) fn read_progress(dir: &Path) -> (u64, u64) {
 /// crash (F5), so they are removed only once the sender has drained ([`RunOutput::settle`]).
 pub(crate) struct RunOutput {
     run_id: i64,
-    engine: Engine,
+    engine: Arc<dyn ContainerEngine>,
     containers_dir: PathBuf,
     events: Option<RunEvents>,
     /// The event stream's progress, kept after `events` is consumed (report, shutdown).
@@ -152,7 +153,7 @@ impl RunOutput {
     pub(crate) fn new(
         run_id: i64,
         events: RunEvents,
-        engine: Engine,
+        engine: Arc<dyn ContainerEngine>,
         containers_dir: PathBuf,
     ) -> Self {
         RunOutput {
@@ -291,7 +292,7 @@ impl RunOutput {
         // Private dirs of attempts whose container was already gone (e.g. removed before a
         // crash, then redone by recovery); found by the chaos suite, else only the next
         // start's sweep removed them.
-        let attempt0 = container_name(&self.engine.cfg.instance, self.run_id, 0);
+        let attempt0 = container_name(self.engine.instance(), self.run_id, 0);
         if let Some(prefix) = attempt0.strip_suffix('0') {
             if let Ok(entries) = std::fs::read_dir(&self.containers_dir) {
                 for entry in entries.flatten() {
@@ -320,7 +321,7 @@ pub(crate) struct Launch<'a> {
 /// (recorded, so a re-attach after a crash neither loses nor repeats it). On failure the
 /// container and its private files are gone and the reason comes back.
 pub(crate) async fn start(
-    engine: &Engine,
+    engine: &dyn ContainerEngine,
     name: &str,
     dir: &Path,
     launch: Launch<'_>,
@@ -341,7 +342,7 @@ pub(crate) async fn start(
 }
 
 async fn create_and_start(
-    engine: &Engine,
+    engine: &dyn ContainerEngine,
     name: &str,
     dir: &Path,
     launch: &Launch<'_>,
@@ -385,7 +386,7 @@ pub(crate) struct Reattached {
 /// the prompt if the previous process died before writing it. A container whose prompt can
 /// never be written is killed, so the run fails (spec 6.1) instead of hanging.
 pub(crate) async fn reattach(
-    engine: &Engine,
+    engine: &dyn ContainerEngine,
     run_id: i64,
     name: &str,
     dir: &Path,
@@ -443,18 +444,18 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn spawn(
-        engine: &Engine,
+        engine: &dyn ContainerEngine,
         name: &str,
         stdin: Option<StdinChannel>,
         options: DriveOptions,
         output: mpsc::Sender<DriverOutput>,
     ) -> Driver {
         let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-        let engine = engine.clone();
+        let engine = engine.shared();
         let name = name.to_owned();
         let task = tokio::spawn(async move {
             agent_driver::drive(
-                &engine,
+                &*engine,
                 &name,
                 stdin,
                 options,
@@ -490,7 +491,7 @@ impl Driver {
 
 /// The event a driven container's end is judged as.
 pub(crate) async fn exit_event(
-    engine: &Engine,
+    engine: &dyn ContainerEngine,
     run_id: i64,
     name: &str,
     result: Result<DriveResult, String>,
@@ -527,17 +528,17 @@ pub(crate) async fn exit_event(
 /// Reads what stopped container `name` printed past the saved progress into `output`, as a
 /// task (`resignal`: fold the skipped stdout again, signals only); see [`replay_ended`].
 pub(crate) fn spawn_replay(
-    engine: &Engine,
+    engine: &dyn ContainerEngine,
     name: &str,
     progress: &Progress,
     resignal: bool,
     output: mpsc::Sender<DriverOutput>,
 ) -> tokio::task::JoinHandle<Result<(u64, u64), ContainerError>> {
-    let engine = engine.clone();
+    let engine = engine.shared();
     let name = name.to_owned();
     let (skip_out, skip_err) = (progress.stdout, progress.stderr);
     tokio::spawn(async move {
-        agent_driver::replay(&engine, &name, skip_out, skip_err, resignal, output).await
+        agent_driver::replay(&*engine, &name, skip_out, skip_err, resignal, output).await
     })
 }
 
@@ -562,3 +563,6 @@ pub(crate) async fn replay_ended(
         ),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

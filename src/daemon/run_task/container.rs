@@ -52,7 +52,7 @@ impl RunTask {
             // Signals the previous process coalesced died with it: fold the whole stream.
             options.resignal_skipped = self.journal.agent_budget_spent(name).await;
             let attached = session::reattach(
-                &self.ctx.engine,
+                &*self.ctx.engine,
                 self.run_id,
                 name,
                 &dir,
@@ -69,7 +69,7 @@ impl RunTask {
                 coding,
                 prompt: &plan.prompt,
             };
-            match session::start(&self.ctx.engine, name, &dir, launch).await {
+            match session::start(&*self.ctx.engine, name, &dir, launch).await {
                 Ok(stdin) => {
                     // Test failpoint: the agent runs with its prompt, its start not journaled.
                     crash_failpoint_at("container-started-unjournaled");
@@ -91,7 +91,7 @@ impl RunTask {
         };
 
         let (out_tx, mut out_rx) = mpsc::channel::<DriverOutput>(1024);
-        let mut driver = Driver::spawn(&self.ctx.engine, name, stdin, options, out_tx);
+        let mut driver = Driver::spawn(&*self.ctx.engine, name, stdin, options, out_tx);
         route_attached(stop_at_attach, &mut driver, &mut effects);
         // A stop journaled before the container started (or before a restart) applies now.
         if self.state().stop_pending().is_some() {
@@ -128,7 +128,7 @@ impl RunTask {
                 self.journal.commit_agent(event).await?;
             }
         }
-        let exit = session::exit_event(&self.ctx.engine, self.run_id, name, result).await;
+        let exit = session::exit_event(&*self.ctx.engine, self.run_id, name, result).await;
         effects.extend(self.journal.commit(exit).await?);
         // The result is durable. The container goes once its output is delivered: until
         // then its logs are the only copy of the queued lines that a crash would lose (F5).
@@ -197,7 +197,7 @@ impl RunTask {
             let resignal =
                 self.judges_container(name) && self.journal.agent_budget_spent(name).await;
             let (tx, mut rx) = mpsc::channel::<DriverOutput>(1024);
-            let reader = session::spawn_replay(&self.ctx.engine, name, &progress, resignal, tx);
+            let reader = session::spawn_replay(&*self.ctx.engine, name, &progress, resignal, tx);
             let (after_stdout, after_stderr) = (progress.stdout, progress.stderr);
             let mut forwarded = 0u64;
             loop {

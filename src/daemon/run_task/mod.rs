@@ -345,3 +345,6 @@ impl RunTask {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
