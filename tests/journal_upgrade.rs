@@ -507,6 +507,10 @@ fn the_size_budget_keeps_a_flood_of_terminal_runs_under_it_and_never_prunes_a_ru
 
 /// The run that is in flight when the runner dies (right after its claim is journaled).
 const INFLIGHT_PROMPT: &str = r#"commit file=work.txt msg="agent work"; finish completed "kept""#;
+/// The run timeout of a resumed fixture run: it counts from the claim, which the fixture
+/// recorded when it was written (with the default 7h30m the resumed run timed out as soon as
+/// the fixture was that old).
+const FIXTURE_RUN_TIMEOUT: &str = "876000h";
 /// The runner name of the fixtures' runner (part of container names).
 const FIXTURE_RUNNER: &str = "journal-fixture";
 /// Where the in-flight fixture's runner kept its journal (and where the upgrade test puts it
@@ -659,6 +663,7 @@ async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build()
     let mut runner = h.runner(&[
         ("WSRUNNER_CREDENTIAL", credential.as_str()),
         ("WSRUNNER_JOURNAL_DIR", INFLIGHT_JOURNAL),
+        ("WSRUNNER_RUN_TIMEOUT", FIXTURE_RUN_TIMEOUT),
     ]);
     let run = h.wait_final(1).await;
     assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
@@ -706,6 +711,7 @@ async fn a_run_in_flight_in_a_v2_journal_is_resumed_to_succeeded_by_this_build()
     let mut runner = h.runner(&[
         ("WSRUNNER_CREDENTIAL", credential.as_str()),
         ("WSRUNNER_JOURNAL_DIR", journal.as_str()),
+        ("WSRUNNER_RUN_TIMEOUT", FIXTURE_RUN_TIMEOUT),
     ]);
     let run = h.wait_final(1).await;
     assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
