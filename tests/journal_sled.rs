@@ -238,14 +238,8 @@ fn unresolved_claim_mark_survives_a_reopen_until_cleared() {
 /// The keys a tree of the journal at `path` holds (opened raw, after the journal closed).
 fn raw_keys(path: &std::path::Path, tree: &str) -> Vec<Vec<u8>> {
     let db = sled::open(path).unwrap();
-    let keys = db
-        .open_tree(tree)
-        .unwrap()
-        .iter()
-        .keys()
-        .map(|k| k.unwrap().to_vec())
-        .collect();
-    keys
+    let tree = db.open_tree(tree).unwrap();
+    tree.iter().keys().map(|k| k.unwrap().to_vec()).collect()
 }
 
 /// Schema 3: the append that ends a run packs its records into one `v3.runs` value and

@@ -212,10 +212,8 @@ fn tool(dir: &Path, args: &[&str]) -> std::process::Output {
 /// The keys of a raw sled tree of the (closed) journal at `dir`, as (scope, run) pairs.
 fn raw_runs(dir: &Path, tree: &str) -> Vec<(u32, i64)> {
     let db = sled::open(dir).unwrap();
-    let keys = db
-        .open_tree(tree)
-        .unwrap()
-        .iter()
+    let tree = db.open_tree(tree).unwrap();
+    tree.iter()
         .keys()
         .map(|k| {
             let k = k.unwrap();
@@ -223,8 +221,7 @@ fn raw_runs(dir: &Path, tree: &str) -> Vec<(u32, i64)> {
             let run = (u64::from_be_bytes(k[4..12].try_into().unwrap()) ^ (1 << 63)) as i64;
             (scope, run)
         })
-        .collect();
-    keys
+        .collect()
 }
 
 #[test]

@@ -28,7 +28,7 @@ pub use export::{
 pub use mem::MemJournal;
 pub use sled_store::{
     decode_pack, decode_stored, encode_pack, encode_stored, ArchiveSummary, IdentityInfo,
-    JournalIdentity, Migration, SledJournal, OLDEST_SCHEMA,
+    JournalIdentity, Migration, PackDamage, SledJournal, OLDEST_SCHEMA,
 };
 
 /// The record schema this build writes. It opens journals of [`OLDEST_SCHEMA`] to this one,

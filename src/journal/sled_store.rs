@@ -253,9 +253,12 @@ pub fn encode_pack<'a>(records: impl IntoIterator<Item = (u64, &'a [u8])>) -> Ve
     out
 }
 
+/// What is left of a damaged pack: the bytes from where it stops making sense, and why.
+pub type PackDamage = (Vec<u8>, String);
+
 /// Inverse of [`encode_pack`]: the (seq, stored bytes) it holds, and, when it is damaged, the
 /// bytes from where it stops making sense with what is wrong (kept, quarantined by readers).
-pub fn decode_pack(bytes: &[u8]) -> (Vec<(u64, Vec<u8>)>, Option<(Vec<u8>, String)>) {
+pub fn decode_pack(bytes: &[u8]) -> (Vec<(u64, Vec<u8>)>, Option<PackDamage>) {
     let mut out = Vec::new();
     match bytes.first() {
         Some(&PACK_FORMAT) => {}
