@@ -86,7 +86,7 @@ fn list_show_replay_verify_on_a_clean_journal() {
         (code, out.trim()),
         (
             0,
-            "journal schema 2 (this build writes 2, opens 1 to 2)\nverify: clean"
+            "journal schema 3 (this build writes 3, opens 1 to 3)\nverify: clean"
         )
     );
 
@@ -97,7 +97,7 @@ fn list_show_replay_verify_on_a_clean_journal() {
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["clean"], true);
-    assert_eq!(v["schema"], 2);
+    assert_eq!(v["schema"], 3);
     let (code, out, _) = text(&journal(&db, &["list", "--json"]));
     assert_eq!(code, 0);
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -163,7 +163,7 @@ fn retention_archives_old_terminal_runs_then_deletes_them() {
     assert!(text
         .lines()
         .skip(1)
-        .all(|l| l.starts_with("{\"record\":{\"schema\":2,\"run_id\":4,")));
+        .all(|l| l.starts_with("{\"record\":{\"schema\":3,\"run_id\":4,")));
     assert!(!text.contains(common::TOKEN), "archives are redacted");
     assert_eq!(
         std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777,
@@ -233,4 +233,101 @@ fn unresolved_claim_mark_survives_a_reopen_until_cleared() {
     drop(j);
     let j = SledJournal::open(&db).unwrap();
     assert_eq!(j.unresolved_claim().unwrap(), None);
+}
+
+/// The keys a tree of the journal at `path` holds (opened raw, after the journal closed).
+fn raw_keys(path: &std::path::Path, tree: &str) -> Vec<Vec<u8>> {
+    let db = sled::open(path).unwrap();
+    let tree = db.open_tree(tree).unwrap();
+    tree.iter().keys().map(|k| k.unwrap().to_vec()).collect()
+}
+
+/// Schema 3: the append that ends a run packs its records into one `v3.runs` value and
+/// deletes its per-seq keys in the same transaction; every reader sees the same records.
+#[test]
+fn a_terminal_run_is_packed_into_one_key_and_reads_back_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (plan, secrets) = common::plan_and_secrets(4);
+    let mut committed = Vec::new();
+    {
+        let j = SledJournal::open(&path).unwrap();
+        let mut last: Option<Record> = None;
+        for event in common::happy_path(&plan) {
+            let c = commit_event(&j, last.as_ref(), event, 7, Some(secrets.clone())).unwrap();
+            if let Some(r) = &c.record {
+                committed.push(Slot::Record(r.clone()));
+            }
+            last = c.record.or(last);
+        }
+        assert!(last.unwrap().state.is_terminal());
+        commit_run(&j, 8, 2, 9); // in flight: stays one key per record
+        assert_eq!(j.records(4).unwrap(), committed);
+    }
+    let run_4 = windshift_runner::journal::run_key(4);
+    let records = raw_keys(&path, "v2.records");
+    assert!(
+        records.iter().all(|k| k[4..12] != run_4),
+        "no per-seq key left for the terminal run"
+    );
+    assert!(
+        !records.is_empty(),
+        "the run in flight keeps its per-seq keys"
+    );
+    let packs = raw_keys(&path, "v3.runs");
+    assert_eq!(packs.len(), 1);
+    assert_eq!(packs[0][4..12], run_4);
+    let j = SledJournal::open(&path).unwrap();
+    assert_eq!(j.records(4).unwrap(), committed);
+    assert_eq!(j.run_ids().unwrap(), vec![4, 8]);
+    assert_eq!(j.active().unwrap().len(), 1);
+    assert_eq!(j.ended_index().unwrap(), vec![(4, committed.len() as u64)]);
+    let findings = windshift_runner::journal::tools::verify(&j, 14, 10).unwrap();
+    assert!(findings.is_empty(), "{findings:?}");
+    // A terminal run still takes no more records.
+    let Slot::Record(mut after_end) = committed.last().cloned().unwrap() else {
+        unreachable!()
+    };
+    after_end.seq += 1;
+    assert!(matches!(j.append(&after_end), Err(JournalError::Misuse(_))));
+    assert_eq!(j.records(4).unwrap(), committed);
+}
+
+/// A damaged pack is quarantined (kept, listed by verify), never fatal.
+#[test]
+fn a_damaged_pack_is_quarantined_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let j = SledJournal::open(&path).unwrap();
+        commit_run(&j, 4, 0, 1);
+        commit_run(&j, 5, 0, 1);
+    }
+    {
+        let db = sled::open(&path).unwrap();
+        let packs = db.open_tree("v3.runs").unwrap();
+        let key = packs.iter().keys().next().unwrap().unwrap();
+        let mut value = packs.get(&key).unwrap().unwrap().to_vec();
+        value.truncate(value.len() - 3); // into the last record
+        packs.insert(key, value).unwrap();
+        db.flush().unwrap();
+    }
+    let j = SledJournal::open(&path).unwrap();
+    let slots = j.records(4).unwrap();
+    assert!(
+        matches!(slots.last(), Some(Slot::Quarantined(q)) if q.error.contains("cut short")),
+        "{slots:?}"
+    );
+    assert!(j
+        .records(5)
+        .unwrap()
+        .iter()
+        .all(|s| matches!(s, Slot::Record(_))));
+    let findings = windshift_runner::journal::tools::verify(&j, 14, 10).unwrap();
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.contains("run 4") && f.contains("quarantined")),
+        "{findings:?}"
+    );
 }

@@ -1,9 +1,10 @@
 //! Journals written by an earlier release: the build opens them, migrates them to its schema
 //! and resumes the run they hold in flight (real daemon, devserver and Docker).
 //!
-//! The fixtures in `tests/fixtures/journal-v1/` were written by the release before schema 2
-//! (see the README there). `make_fixtures` below is how: kept so the next schema change can
-//! make the previous release's fixtures the same way (run it at the old commit).
+//! The fixtures in `tests/fixtures/journal-v1/` were written by the release before schema 2,
+//! those in `tests/fixtures/journal-v2/` by the release before schema 3 (see the READMEs
+//! there). `make_fixtures` below is how: kept so the next schema change can make the previous
+//! release's fixtures the same way (run it at the old commit).
 
 mod daemon_support;
 
@@ -19,16 +20,25 @@ use windshift_runner::journal::{
 };
 
 fn fixture(name: &str) -> PathBuf {
+    fixture_of(1, name)
+}
+
+/// A fixture written by the release of journal `schema`.
+fn fixture_of(schema: u32, name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/journal-v1")
+        .join(format!("tests/fixtures/journal-v{schema}"))
         .join(name)
 }
 
 /// A private copy of a fixture journal (opening migrates in place).
 fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    copy_fixture_of(1, name)
+}
+
+fn copy_fixture_of(schema: u32, name: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("journal");
-    copy_dir(&fixture(name), &dir);
+    copy_dir(&fixture_of(schema, name), &dir);
     (tmp, dir)
 }
 
@@ -180,11 +190,182 @@ fn offline_tools_read_a_v1_journal_through_a_copy_and_leave_it_as_it_was() {
         Some(JournalError::NeedsMigration { schema: 1, .. })
     ));
     let out = run(&["migrate"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("migrated schema 1 to 2: 3 runs"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("migrated schema 1 to 3: 3 runs"));
     let out = run(&["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("journal schema 2") && text.contains("verify: clean"),
+        text.contains("journal schema 3") && text.contains("verify: clean"),
+        "{text}"
+    );
+}
+
+/// `windshift-runner journal --db DIR ARGS…` (the build under test).
+fn tool(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
+        .args(["journal", "--db"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The keys of a raw sled tree of the (closed) journal at `dir`, as (scope, run) pairs.
+fn raw_runs(dir: &Path, tree: &str) -> Vec<(u32, i64)> {
+    let db = sled::open(dir).unwrap();
+    let tree = db.open_tree(tree).unwrap();
+    tree.iter()
+        .keys()
+        .map(|k| {
+            let k = k.unwrap();
+            let scope = u32::from_be_bytes(k[..4].try_into().unwrap());
+            let run = (u64::from_be_bytes(k[4..12].try_into().unwrap()) ^ (1 << 63)) as i64;
+            (scope, run)
+        })
+        .collect()
+}
+
+#[test]
+fn v2_journals_migrate_on_open_pack_their_terminal_runs_and_export_byte_for_byte_the_same() {
+    for name in ["terminal", "inflight"] {
+        let committed = std::fs::read(fixture_of(2, &format!("{name}.export.jsonl"))).unwrap();
+        let (_tmp, dir) = copy_fixture_of(2, name);
+        // Read through a migrated copy first: the original is left as it was.
+        let out = tool(&dir, &["export"]);
+        assert!(out.status.success(), "{name}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("schema 2"),
+            "{name}: {out:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&committed),
+            "{name}: the export is the previous release's, byte for byte"
+        );
+        let (j, migration) = SledJournal::open_reporting(&dir).unwrap();
+        let packed = if name == "terminal" { 3 } else { 0 };
+        assert!(
+            matches!(migration, Migration::Migrated { from: 2, runs, .. } if runs == packed),
+            "{name}: {migration:?}"
+        );
+        assert_eq!(j.stored_schema().unwrap(), SCHEMA_VERSION);
+        for run in j.run_ids().unwrap() {
+            assert_eq!(replay_run(&j.records(run).unwrap()), Vec::<String>::new());
+        }
+        drop(j);
+        let out = tool(&dir, &["export"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&committed),
+            "{name}: migrated in place, the export is still the same"
+        );
+        let out = tool(&dir, &["verify"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("journal schema 3"),
+            "{name}: {out:?}"
+        );
+        // The terminal runs are one key each now; a run in flight keeps a key per record.
+        assert_eq!(raw_runs(&dir, "v3.runs").len(), packed, "{name}");
+        let ended = raw_runs(&dir, "v2.ended");
+        assert!(
+            raw_runs(&dir, "v2.records")
+                .iter()
+                .all(|r| !ended.contains(r)),
+            "{name}: no per-seq record of a terminal run is left"
+        );
+        let (_, migration) = SledJournal::open_reporting(&dir).unwrap();
+        assert_eq!(migration, Migration::None, "{name}: migrated once");
+    }
+}
+
+#[test]
+fn a_crash_during_the_v2_migration_leaves_a_journal_that_opens_and_migrates() {
+    let committed = std::fs::read(fixture_of(2, "terminal.export.jsonl")).unwrap();
+    for point in [
+        "migration_packing",
+        "migration_before_commit",
+        "migration_after_commit",
+    ] {
+        let (_tmp, dir) = copy_fixture_of(2, "terminal");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
+            .args(["journal", "--db"])
+            .arg(&dir)
+            .arg("migrate")
+            .env("WSRUNNER_JOURNAL_FAILPOINT", point)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{point}: the child died: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("failpoint"),
+            "{point}: {out:?}"
+        );
+        let records = raw_runs(&dir, "v2.records");
+        if point != "migration_after_commit" {
+            // Not committed: every per-seq record is still in place, so the release before
+            // this one reads the journal exactly as it left it.
+            for run in raw_runs(&dir, "v2.ended") {
+                assert!(
+                    records.contains(&run),
+                    "{point}: run {run:?} lost its records"
+                );
+            }
+        }
+        let (j, migration) = SledJournal::open_reporting(&dir).unwrap();
+        match point {
+            "migration_after_commit" => {
+                assert_eq!(migration, Migration::None, "committed before the crash")
+            }
+            _ => assert!(
+                matches!(
+                    migration,
+                    Migration::Migrated {
+                        from: 2,
+                        runs: 3,
+                        ..
+                    }
+                ),
+                "{point}: {migration:?}"
+            ),
+        }
+        drop(j);
+        let out = tool(&dir, &["export"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&committed),
+            "{point}"
+        );
+        assert!(tool(&dir, &["verify"]).status.success(), "{point}");
+        let ended = raw_runs(&dir, "v2.ended");
+        assert!(
+            raw_runs(&dir, "v2.records")
+                .iter()
+                .all(|r| !ended.contains(r)),
+            "{point}: the per-seq copies were deleted by the next open"
+        );
+    }
+}
+
+#[test]
+fn offline_tools_migrate_a_v2_journal_in_place_on_request() {
+    let (_tmp, dir) = copy_fixture_of(2, "terminal");
+    let out = tool(&dir, &["verify"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("journal schema 2"),
+        "verify reports the stored schema: {out:?}"
+    );
+    assert!(matches!(
+        SledJournal::open_existing(&dir).err(),
+        Some(JournalError::NeedsMigration { schema: 2, .. })
+    ));
+    let out = tool(&dir, &["migrate"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("migrated schema 2 to 3: 3 runs"),
+        "{out:?}"
+    );
+    let out = tool(&dir, &["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("journal schema 3") && text.contains("verify: clean"),
         "{text}"
     );
 }
@@ -323,11 +504,31 @@ fn the_size_budget_keeps_a_flood_of_terminal_runs_under_it_and_never_prunes_a_ru
 
 /// The run that is in flight when the runner dies (right after its claim is journaled).
 const INFLIGHT_PROMPT: &str = r#"commit file=work.txt msg="agent work"; finish completed "kept""#;
+/// The run timeout of a resumed fixture run: it counts from the claim, which the fixture
+/// recorded when it was written (with the default 7h30m the resumed run timed out as soon as
+/// the fixture was that old).
+const FIXTURE_RUN_TIMEOUT: &str = "876000h";
 /// The runner name of the fixtures' runner (part of container names).
 const FIXTURE_RUNNER: &str = "journal-fixture";
 /// Where the in-flight fixture's runner kept its journal (and where the upgrade test puts it
 /// back: the runner instance name, part of the run's container names, hashes the path).
 const INFLIGHT_JOURNAL: &str = "/tmp/wsr-journal-fixture-inflight/journal";
+
+/// Where the in-flight fixture of `schema` was written (schema 1: [`INFLIGHT_JOURNAL`]); one
+/// path per schema, so the upgrade tests of two fixtures can run at the same time.
+fn inflight_journal(schema: u32) -> String {
+    if schema == 1 {
+        INFLIGHT_JOURNAL.to_owned()
+    } else {
+        format!("/tmp/wsr-journal-fixture-inflight-v{schema}/journal")
+    }
+}
+
+/// The devserver address of the in-flight fixtures from schema 2 on. From schema 2 a run is
+/// kept under its identity (the server URL and the credential's fingerprint), so resuming it
+/// takes the same `WS_API_URL` and the same credential (`inflight.credential`, a throwaway
+/// test secret, beside the fixture).
+const INFLIGHT_SERVER: &str = "127.0.0.1:47817";
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -343,7 +544,8 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// Writes `terminal/` (three runs the daemon finished: succeeded with a push, succeeded without
 /// changes, failed) and `inflight/` (one run the daemon claimed and journaled, then was killed
-/// by the `claimed` failpoint) under `$WSR_MAKE_JOURNAL_FIXTURES`.
+/// by the `claimed` failpoint; its runner's credential in `inflight.credential`) under
+/// `$WSR_MAKE_JOURNAL_FIXTURES`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "writes fixtures; run by hand with WSR_MAKE_JOURNAL_FIXTURES=DIR"]
 async fn make_fixtures() {
@@ -365,25 +567,48 @@ async fn make_fixtures() {
     assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
     copy_dir(&h.journal_dir(), &out.join("terminal"));
 
-    let mut h = Harness::start("fixture-inflight").await;
+    // A fixed server address and a credential registered here: the run's identity, which
+    // the upgrade test presents again to resume it.
+    let mut h = Harness::start_with("fixture-inflight", |cfg| {
+        cfg.listen = INFLIGHT_SERVER.parse().unwrap();
+    })
+    .await;
     h.name = FIXTURE_RUNNER.into();
+    let credential = {
+        let core = h.dev().core().clone();
+        core.register(&RegisterBody {
+            registration_token: h.token.clone(),
+            name: FIXTURE_RUNNER.into(),
+        })
+        .expect("register")
+        .credential
+    };
     let id = h.enqueue(INFLIGHT_PROMPT);
     // A fixed journal path: the runner's instance name (in container names) hashes it, so
     // the upgrade test resumes the run with the journal at the same path.
-    let _ = std::fs::remove_dir_all(INFLIGHT_JOURNAL);
+    let journal = inflight_journal(SCHEMA_VERSION);
+    let _ = std::fs::remove_dir_all(&journal);
     let mut runner = h.runner(&[
         ("WSRUNNER_TEST_CRASH_AFTER", "claimed"),
-        ("WSRUNNER_JOURNAL_DIR", INFLIGHT_JOURNAL),
+        ("WSRUNNER_JOURNAL_DIR", journal.as_str()),
+        ("WSRUNNER_CREDENTIAL", credential.as_str()),
     ]);
     assert_eq!(wait_exit(&mut runner, Duration::from_secs(90)).await, -1);
     assert_eq!(h.run(id).status, "running");
-    copy_dir(Path::new(INFLIGHT_JOURNAL), &out.join("inflight"));
+    copy_dir(Path::new(&journal), &out.join("inflight"));
+    std::fs::write(out.join("inflight.credential"), &credential).unwrap();
 }
 
 /// Registers the fixtures' runner with `h`'s devserver, claims run `id` for it, and gives the
-/// run the token the fixture's journal holds (as if the old runner had claimed it here).
+/// run the token the fixture's journal holds (as if the old runner had claimed it here), and
+/// the instance the fixture's credential when there is one (schema 2 on: the run's identity).
 /// Returns the instance's credential.
-async fn seed_claimed_run(h: &mut Harness, id: i64, fixture_token: &str) -> String {
+async fn seed_claimed_run(
+    h: &mut Harness,
+    id: i64,
+    fixture_token: &str,
+    fixture_credential: Option<&str>,
+) -> String {
     let core = h.dev().core().clone();
     let reg = core
         .register(&RegisterBody {
@@ -403,12 +628,16 @@ async fn seed_claimed_run(h: &mut Harness, id: i64, fixture_token: &str) -> Stri
             serde_json::from_slice(&db.get("state").unwrap().unwrap()).unwrap();
         state["runs"][id.to_string()]["token_sha256"] =
             windshift_devserver::core::sha256_hex(fixture_token).into();
+        if let Some(credential) = fixture_credential {
+            state["instances"][reg.instance_id.to_string()]["credential_sha256"] =
+                windshift_devserver::core::sha256_hex(credential).into();
+        }
         db.insert("state", serde_json::to_vec(&state).unwrap())
             .unwrap();
         db.flush().unwrap();
     }
     h.restart_dev().await;
-    reg.credential
+    fixture_credential.map_or(reg.credential, str::to_owned)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,13 +653,14 @@ async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build()
             other => panic!("{other:?}"),
         }
     };
-    let credential = seed_claimed_run(&mut h, 1, &token).await;
+    let credential = seed_claimed_run(&mut h, 1, &token, None).await;
     let _ = std::fs::remove_dir_all(INFLIGHT_JOURNAL);
     copy_dir(&fixture("inflight"), Path::new(INFLIGHT_JOURNAL));
 
     let mut runner = h.runner(&[
         ("WSRUNNER_CREDENTIAL", credential.as_str()),
         ("WSRUNNER_JOURNAL_DIR", INFLIGHT_JOURNAL),
+        ("WSRUNNER_RUN_TIMEOUT", FIXTURE_RUN_TIMEOUT),
     ]);
     let run = h.wait_final(1).await;
     assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
@@ -446,11 +676,58 @@ async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build()
         .unwrap();
     let text = String::from_utf8_lossy(&verify.stdout);
     assert!(
-        verify.status.success() && text.contains("journal schema 2"),
+        verify.status.success() && text.contains("journal schema 3"),
         "{verify:?}"
     );
     assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
     let _ = std::fs::remove_dir_all(INFLIGHT_JOURNAL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_in_flight_in_a_v2_journal_is_resumed_to_succeeded_by_this_build() {
+    // The run is kept under its identity: the same server URL and credential resume it.
+    let mut h = Harness::start_with("upgrade-inflight-v2", |cfg| {
+        cfg.listen = INFLIGHT_SERVER.parse().unwrap();
+    })
+    .await;
+    h.name = FIXTURE_RUNNER.into();
+    let fixture_credential = std::fs::read_to_string(fixture_of(2, "inflight.credential")).unwrap();
+    let token = {
+        let (_tmp, dir) = copy_fixture_of(2, "inflight");
+        let j = SledJournal::open(&dir).unwrap();
+        match j.records(1).unwrap().first() {
+            Some(Slot::Record(r)) => r.secrets.as_ref().unwrap().env["WS_TOKEN"].clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let credential = seed_claimed_run(&mut h, 1, &token, Some(fixture_credential.trim())).await;
+    let journal = inflight_journal(2);
+    let _ = std::fs::remove_dir_all(&journal);
+    copy_dir(&fixture_of(2, "inflight"), Path::new(&journal));
+
+    let mut runner = h.runner(&[
+        ("WSRUNNER_CREDENTIAL", credential.as_str()),
+        ("WSRUNNER_JOURNAL_DIR", journal.as_str()),
+        ("WSRUNNER_RUN_TIMEOUT", FIXTURE_RUN_TIMEOUT),
+    ]);
+    let run = h.wait_final(1).await;
+    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
+    assert!(run.reported.is_some(), "reported by the runner, not reaped");
+    let pushed = h.remote_branch("agent-runs/run-1").expect("pushed");
+    assert_eq!(h.subject(&pushed), "agent work");
+    assert!(h.log().contains("migrated the journal"), "{}", h.log());
+    signal(&runner, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
+    let verify = tool(Path::new(&journal), &["verify"]);
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success() && text.contains("journal schema 3"),
+        "{verify:?}"
+    );
+    // The resumed run ended: it is packed like any terminal run.
+    assert_eq!(raw_runs(Path::new(&journal), "v3.runs").len(), 1);
+    assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
+    let _ = std::fs::remove_dir_all(&journal);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

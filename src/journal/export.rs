@@ -4,7 +4,7 @@
 //! ```text
 //! {"header":{"format":"windshift-runner-journal","version":2}}
 //! {"run":{"run_id":42,"identity":"server https://ws/api, instance 7 (…)"}}   version 2
-//! {"record":{"schema":2,"run_id":42,"seq":1,...}}          secrets masked
+//! {"record":{"schema":3,"run_id":42,"seq":1,...}}          secrets masked
 //! {"quarantined":{"run_id":42,"seq":3,"bytes_hex":"…","error":"…"}}
 //! ```
 //!

@@ -27,14 +27,16 @@ pub use export::{
 };
 pub use mem::MemJournal;
 pub use sled_store::{
-    decode_stored, encode_stored, ArchiveSummary, IdentityInfo, JournalIdentity, Migration,
-    SledJournal, OLDEST_SCHEMA,
+    decode_pack, decode_stored, encode_pack, encode_stored, ArchiveSummary, IdentityInfo,
+    JournalIdentity, Migration, PackDamage, SledJournal, OLDEST_SCHEMA,
 };
 
 /// The record schema this build writes. It opens journals of [`OLDEST_SCHEMA`] to this one,
 /// migrating older ones on open (docs/journal.md, "Compatibility"). Schema 2: runs keyed by
 /// identity and run id; the plan and secrets stored once per run, records without them.
-pub const SCHEMA_VERSION: u32 = 2;
+/// Schema 3: a terminal run's records packed into one value (`v3.runs`); records written
+/// under schema 2 keep their number (their stored form is the same).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// One journaled transition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

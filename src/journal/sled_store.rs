@@ -1,9 +1,14 @@
-//! The sled-backed journal, schema 2.
+//! The sled-backed journal, schema 3.
 //!
 //! Every key starts with the run's identity scope (u32 big-endian: 0 for runs of no known
 //! identity, written before schema 2 or through the unscoped view) and the run key
 //! ([`run_key`]). Trees:
-//! - `v2.records` ((scope, run, seq) → the record without its plan, see [`encode_stored`]),
+//! - `v2.records` ((scope, run, seq) → the record without its plan, see [`encode_stored`]):
+//!   the records of runs in flight,
+//! - `v3.runs` ((scope, run) → every record of a terminal run, in seq order, packed into one
+//!   value, see [`encode_pack`]): the append that makes a run terminal moves its records here
+//!   in the same transaction, so a terminal run is a handful of keys (its pack, plan, secrets
+//!   and `v2.ended` entry) instead of one per record; sled's open follows the number of keys,
 //! - `v2.plans` ((scope, run) → the run's plan, stored once: it never changes),
 //! - `v2.secrets` ((scope, run) → the run's secrets, masked by every printer),
 //! - `v2.active` ((scope, run) → last seq; non-terminal runs only: start-up reads this),
@@ -11,10 +16,16 @@
 //!   walk),
 //! - `v2.identities` (identity key → its scope and what it names, [`JournalIdentity`]),
 //! - `meta` (`schema`, `next_scope`, `unresolved_claim`: unix ms of a claim whose answer may
-//!   have been lost, see `Journal::set_unresolved_claim`).
+//!   have been lost, see `Journal::set_unresolved_claim`; `pack_cleanup` while a migration
+//!   that committed still has per-seq copies of packed records to delete).
 //!
-//! Schema 1 (trees `records`, `active`, `ended`, keyed by run alone, whole state in every
-//! record) is migrated on open; see [`SledJournal::open`] and docs/journal.md.
+//! A reader merges a run's pack with any per-seq records it still has (by seq), so a run
+//! packed by a migration that has not deleted the per-seq copies yet, or given a raw record
+//! after its end by an import, reads the same.
+//!
+//! Schema 2 (the same trees without `v3.runs`: every record under its own key) and schema 1
+//! (trees `records`, `active`, `ended`, keyed by run alone, whole state in every record) are
+//! migrated on open; see [`SledJournal::open`] and docs/journal.md.
 
 use std::collections::HashMap;
 use std::fs;
@@ -50,14 +61,24 @@ const T_SECRETS: &str = "v2.secrets";
 const T_ACTIVE: &str = "v2.active";
 const T_ENDED: &str = "v2.ended";
 const T_IDENTITIES: &str = "v2.identities";
-const V2_TREES: [&str; 6] = [
+const T_RUNS: &str = "v3.runs";
+/// The trees of this schema (a migration from schema 1 rebuilds them all).
+const TREES: [&str; 7] = [
     T_RECORDS,
     T_PLANS,
     T_SECRETS,
     T_ACTIVE,
     T_ENDED,
     T_IDENTITIES,
+    T_RUNS,
 ];
+/// `meta` key set by a migration's commit point while per-seq copies of packed records are
+/// left to delete (removed once they are).
+const PACK_CLEANUP: &str = "pack_cleanup";
+/// The first byte of a packed run (`v3.runs`), the pack format's version.
+const PACK_FORMAT: u8 = 1;
+/// Runs packed per sled batch by a migration.
+const PACK_CHUNK: usize = 100;
 
 /// Who the journal's runs belong to: the server (its API base URL) and the runner instance
 /// (named by a fingerprint of the credential its registration issued: one per registration,
@@ -153,6 +174,8 @@ pub struct SledJournal {
     active: sled::Tree,
     ended: sled::Tree,
     identities: sled::Tree,
+    /// Terminal runs' records, one packed value per run.
+    runs: sled::Tree,
     path: PathBuf,
     view: View,
     budget: Arc<Budget>,
@@ -174,7 +197,9 @@ pub struct ArchiveSummary {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Migration {
     None,
-    /// Records of `from` were rewritten as schema [`SCHEMA_VERSION`] (`records` of them).
+    /// A journal of schema `from` now is schema [`SCHEMA_VERSION`]: from 1, `runs` runs and
+    /// their `records` records rewritten; from 2, the `records` records of `runs` terminal
+    /// runs packed.
     Migrated {
         from: u32,
         runs: usize,
@@ -212,6 +237,74 @@ fn parse_srkey(key: &[u8]) -> Option<(u32, i64, u64)> {
     let (scope, run) = parse_skey(key)?;
     let seq: [u8; 8] = key.get(12..20)?.try_into().ok()?;
     Some((scope, run, u64::from_be_bytes(seq)))
+}
+
+/// A terminal run's records packed into one value (`v3.runs`): [`PACK_FORMAT`], then per
+/// record its seq (u64 big-endian), its length (u32 big-endian) and its stored bytes (exactly
+/// what `v2.records` held: [`encode_stored`], or a quarantined record's bytes), in seq order.
+pub fn encode_pack<'a>(records: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
+    let mut out = vec![PACK_FORMAT];
+    for (seq, bytes) in records {
+        out.extend_from_slice(&seq.to_be_bytes());
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&bytes[..len as usize]);
+    }
+    out
+}
+
+/// What is left of a damaged pack: the bytes from where it stops making sense, and why.
+pub type PackDamage = (Vec<u8>, String);
+
+/// Inverse of [`encode_pack`]: the (seq, stored bytes) it holds, and, when it is damaged, the
+/// bytes from where it stops making sense with what is wrong (kept, quarantined by readers).
+pub fn decode_pack(bytes: &[u8]) -> (Vec<(u64, Vec<u8>)>, Option<PackDamage>) {
+    let mut out = Vec::new();
+    match bytes.first() {
+        Some(&PACK_FORMAT) => {}
+        Some(other) => {
+            return (
+                out,
+                Some((
+                    bytes.to_vec(),
+                    format!(
+                        "packed run of unknown format {other} (this build reads {PACK_FORMAT})"
+                    ),
+                )),
+            )
+        }
+        None => return (out, Some((Vec::new(), "empty packed run".into()))),
+    }
+    let mut at = 1;
+    while at < bytes.len() {
+        let seq: Option<[u8; 8]> = bytes.get(at..at + 8).and_then(|b| b.try_into().ok());
+        let len: Option<[u8; 4]> = bytes.get(at + 8..at + 12).and_then(|b| b.try_into().ok());
+        let Some((seq, len)) = seq
+            .zip(len)
+            .map(|(s, l)| (u64::from_be_bytes(s), u32::from_be_bytes(l)))
+        else {
+            return (
+                out,
+                Some((bytes[at..].to_vec(), "packed run cut short".into())),
+            );
+        };
+        let start = at + 12;
+        let Some(record) = bytes.get(start..start + len as usize) else {
+            return (
+                out,
+                Some((bytes[at..].to_vec(), "packed run cut short".into())),
+            );
+        };
+        out.push((seq, record.to_vec()));
+        at = start + len as usize;
+    }
+    (out, None)
+}
+
+/// One stored record of a run as read: (seq, bytes), or what a damaged pack left.
+enum Raw {
+    Stored(u64, Vec<u8>),
+    Damaged(Quarantined),
 }
 
 fn plan_bytes(record: &Record) -> Vec<u8> {
@@ -383,14 +476,25 @@ impl SledJournal {
                     dir.display()
                 )));
             }
-            Some(found) if found < SCHEMA_VERSION || (found == 1 && has_v1_trees) => {
+            Some(found) if found < SCHEMA_VERSION => {
                 if !migrate {
                     return Err(JournalError::NeedsMigration {
                         path: dir.display().to_string(),
                         schema: found,
                     });
                 }
-                migration = Self::migrate_v1(&db, &meta)?;
+                migration = if found == 1 {
+                    Self::migrate_v1(&db, &meta)?
+                } else {
+                    if has_v1_trees {
+                        // A migration 1 → 2 of an older build committed and crashed before
+                        // it dropped the old trees.
+                        for t in V1_TREES {
+                            db.drop_tree(t)?;
+                        }
+                    }
+                    Self::migrate_v2(&db, &meta)?
+                };
             }
             None if has_v1_trees => {
                 // Schema 1 journals always wrote `meta.schema`; trees without it are a v1
@@ -408,12 +512,16 @@ impl SledJournal {
             }
             Some(_) => {
                 if has_v1_trees && migrate {
-                    // A migration committed (schema 2 is durable) and crashed before it
+                    // A migration committed (this schema is durable) and crashed before it
                     // dropped the old trees.
                     for t in V1_TREES {
                         db.drop_tree(t)?;
                     }
                     db.flush()?;
+                }
+                if migrate && meta.contains_key(PACK_CLEANUP)? {
+                    // ... or before it deleted the per-seq copies of the runs it packed.
+                    Self::finish_packing(&db, &meta)?;
                 }
             }
         }
@@ -440,6 +548,7 @@ impl SledJournal {
             active: db.open_tree(T_ACTIVE)?,
             ended: db.open_tree(T_ENDED)?,
             identities: db.open_tree(T_IDENTITIES)?,
+            runs: db.open_tree(T_RUNS)?,
             db,
             path: dir.to_path_buf(),
             view: View::Any,
@@ -450,14 +559,16 @@ impl SledJournal {
         Ok((journal, migration))
     }
 
-    /// Schema 1 → 2. The v2 trees are rebuilt from the untouched v1 trees (leftovers of an
-    /// earlier attempt are dropped first), flushed, and only then does `meta.schema` become 2:
-    /// that one durable write is the commit point. A crash before it leaves a schema-1 journal
-    /// that the next open migrates again from scratch; a crash after it, a schema-2 journal
-    /// whose v1 trees the next open drops. Migrated runs get no identity (scope 0): the first
-    /// [`SledJournal::scoped`] view adopts those still in flight.
+    /// Schema 1 → 3. This schema's trees are rebuilt from the untouched v1 trees (leftovers
+    /// of an earlier attempt are dropped first), the terminal runs are packed
+    /// ([`SledJournal::write_packs`]), all is flushed, and only then does `meta.schema` become
+    /// 3: that one durable write is the commit point. A crash before it leaves a schema-1
+    /// journal that the next open migrates again from scratch; a crash after it, a schema-3
+    /// journal whose v1 trees (and per-seq copies of packed records) the next open drops.
+    /// Migrated runs get no identity (scope 0): the first [`SledJournal::scoped`] view adopts
+    /// those still in flight.
     fn migrate_v1(db: &sled::Db, meta: &sled::Tree) -> Result<Migration, JournalError> {
-        for t in V2_TREES {
+        for t in TREES {
             db.drop_tree(t)?;
         }
         let records = db.open_tree(T_RECORDS)?;
@@ -511,20 +622,136 @@ impl SledJournal {
                 new.insert(skey(0, key_run(&k)?), v)?;
             }
         }
+        Self::write_packs(db)?;
         db.flush()?;
         migration_failpoint("migration_before_commit");
-        meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())?;
-        db.flush()?;
+        Self::commit_schema(db, meta)?;
         migration_failpoint("migration_after_commit");
         for t in V1_TREES {
             db.drop_tree(t)?;
         }
         db.flush()?;
+        Self::finish_packing(db, meta)?;
         Ok(Migration::Migrated {
             from: 1,
             runs,
             records: count,
         })
+    }
+
+    /// Schema 2 → 3: every terminal run's records are packed into `v3.runs`
+    /// ([`SledJournal::write_packs`], the per-seq records stay), flushed, then `meta.schema`
+    /// becomes 3 (the commit point, with the `pack_cleanup` mark), and only then are the
+    /// per-seq copies deleted ([`SledJournal::finish_packing`]). A crash before the commit
+    /// point leaves a schema-2 journal whose records are all still in place (an older build
+    /// reads it as it was; the next open packs again, merging what an earlier attempt packed);
+    /// a crash after it, a schema-3 journal whose leftover per-seq copies readers merge with
+    /// the packs and the next open deletes.
+    fn migrate_v2(db: &sled::Db, meta: &sled::Tree) -> Result<Migration, JournalError> {
+        let (runs, records) = Self::write_packs(db)?;
+        db.flush()?;
+        migration_failpoint("migration_before_commit");
+        Self::commit_schema(db, meta)?;
+        migration_failpoint("migration_after_commit");
+        Self::finish_packing(db, meta)?;
+        Ok(Migration::Migrated {
+            from: 2,
+            runs,
+            records,
+        })
+    }
+
+    /// The commit point of a migration: `meta.schema` becomes this build's, with the mark
+    /// that per-seq copies of packed records are left to delete, in one durable write.
+    fn commit_schema(db: &sled::Db, meta: &sled::Tree) -> Result<(), JournalError> {
+        let mut batch = sled::Batch::default();
+        batch.insert("schema", &SCHEMA_VERSION.to_be_bytes());
+        batch.insert(PACK_CLEANUP, &[1u8]);
+        meta.apply_batch(batch)?;
+        db.flush()?;
+        Ok(())
+    }
+
+    /// Packs the records of every terminal run (`v2.ended`) that still has per-seq records
+    /// into its `v3.runs` value, merged with what that value already holds; the per-seq
+    /// records are left in place ([`SledJournal::finish_packing`] deletes them). Returns the
+    /// runs packed and their records.
+    fn write_packs(db: &sled::Db) -> Result<(usize, usize), JournalError> {
+        let records = db.open_tree(T_RECORDS)?;
+        let packs = db.open_tree(T_RUNS)?;
+        let ended = db.open_tree(T_ENDED)?;
+        let mut batch = sled::Batch::default();
+        let (mut runs, mut count, mut pending) = (0, 0, 0);
+        for entry in ended.iter() {
+            let (k, _) = entry?;
+            let mut merged = std::collections::BTreeMap::new();
+            for entry in records.scan_prefix(&k) {
+                let (rk, v) = entry?;
+                if let Some((_, _, seq)) = parse_srkey(&rk) {
+                    merged.insert(seq, v.to_vec());
+                }
+            }
+            if merged.is_empty() {
+                continue;
+            }
+            if let Some(old) = packs.get(&k)? {
+                let (old, damaged) = decode_pack(&old);
+                if damaged.is_some() {
+                    continue; // keep the damaged pack and the per-seq records as they are
+                }
+                for (seq, v) in old {
+                    merged.entry(seq).or_insert(v);
+                }
+            }
+            count += merged.len();
+            batch.insert(
+                &k,
+                encode_pack(merged.iter().map(|(s, v)| (*s, v.as_slice()))),
+            );
+            runs += 1;
+            pending += 1;
+            if pending == PACK_CHUNK || runs == 1 {
+                packs.apply_batch(std::mem::take(&mut batch))?;
+                pending = 0;
+                if runs == 1 {
+                    db.flush()?;
+                    migration_failpoint("migration_packing");
+                }
+            }
+        }
+        packs.apply_batch(batch)?;
+        Ok((runs, count))
+    }
+
+    /// Deletes the per-seq records that a pack holds too (left by a migration), flushes, and
+    /// clears the `pack_cleanup` mark.
+    fn finish_packing(db: &sled::Db, meta: &sled::Tree) -> Result<(), JournalError> {
+        let records = db.open_tree(T_RECORDS)?;
+        let packs = db.open_tree(T_RUNS)?;
+        let mut batch = sled::Batch::default();
+        let mut pending = 0;
+        for entry in packs.iter() {
+            let (k, v) = entry?;
+            let (packed, _) = decode_pack(&v);
+            for rk in records.scan_prefix(&k).keys() {
+                let rk = rk?;
+                let held = parse_srkey(&rk)
+                    .is_some_and(|(_, _, seq)| packed.iter().any(|(s, _)| *s == seq));
+                if held {
+                    batch.remove(rk);
+                }
+            }
+            pending += 1;
+            if pending == PACK_CHUNK {
+                records.apply_batch(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+        }
+        records.apply_batch(batch)?;
+        db.flush()?;
+        meta.remove(PACK_CLEANUP)?;
+        db.flush()?;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -669,7 +896,9 @@ impl SledJournal {
             }
         }
         for s in scopes.iter().rev() {
-            if self.records.scan_prefix(skey(*s, run)).next().is_some() {
+            if self.runs.contains_key(skey(*s, run))?
+                || self.records.scan_prefix(skey(*s, run)).next().is_some()
+            {
                 return Ok(*s);
             }
         }
@@ -727,23 +956,23 @@ impl SledJournal {
         Ok(out)
     }
 
-    /// Deletes whole terminal runs (records, plan, secrets, index entry) in one batch per tree.
-    fn delete_runs(&self, runs: &[(u32, i64)]) -> Result<usize, JournalError> {
+    /// Deletes whole terminal runs (pack, records, plan, secrets, index entry) in one batch
+    /// per tree.
+    fn delete_runs(&self, runs: &[(u32, i64)]) -> Result<(), JournalError> {
         let mut records = sled::Batch::default();
         let mut heads = sled::Batch::default();
-        let mut count = 0;
         for (scope, run) in runs {
             for key in self.records.scan_prefix(skey(*scope, *run)).keys() {
                 records.remove(key?);
-                count += 1;
             }
             heads.remove(&skey(*scope, *run));
         }
         self.records.apply_batch(records)?;
+        self.runs.apply_batch(heads.clone())?;
         self.plans.apply_batch(heads.clone())?;
         self.secrets.apply_batch(heads.clone())?;
         self.ended.apply_batch(heads)?;
-        Ok(count)
+        Ok(())
     }
 
     /// Retention: appends every terminal run that ended before `cutoff_ms` to `archive`
@@ -855,14 +1084,52 @@ impl SledJournal {
         let head = self.head(scope, run)?;
         let mut out: Vec<Slot> = Vec::new();
         let mut prev: Option<RunState> = None;
-        for entry in self.records.scan_prefix(skey(scope, run)) {
-            let (k, v) = entry?;
-            let slot = slot_from(&k, &v, &head, prev.as_ref())?;
+        for raw in self.raw_records(scope, run)? {
+            let slot = match raw {
+                Raw::Stored(seq, v) => slot_from(run, seq, &v, &head, prev.as_ref()),
+                Raw::Damaged(q) => Slot::Quarantined(q),
+            };
             prev = match &slot {
                 Slot::Record(r) => Some(r.state.clone()),
                 Slot::Quarantined(_) => None,
             };
             out.push(slot);
+        }
+        Ok(out)
+    }
+
+    /// A run's stored records in seq order: its pack (a terminal run) merged with its per-seq
+    /// records (a run in flight; or copies a migration has not deleted yet, or a raw record
+    /// imported after the end), one per seq. What a damaged pack leaves comes last.
+    fn raw_records(&self, scope: u32, run: i64) -> Result<Vec<Raw>, JournalError> {
+        let rkey = skey(scope, run);
+        let mut damaged = None;
+        let mut merged = std::collections::BTreeMap::new();
+        if let Some(pack) = self.runs.get(rkey)? {
+            let (packed, rest) = decode_pack(&pack);
+            merged.extend(packed);
+            damaged = rest;
+        }
+        for entry in self.records.scan_prefix(rkey) {
+            let (k, v) = entry?;
+            let (_, _, seq) = parse_srkey(&k)
+                .ok_or_else(|| JournalError::Corruption(format!("bad record key {k:02x?}")))?;
+            // A per-seq record written after the pack (a raw import) wins, as it overwrote
+            // the record before packing existed.
+            merged.insert(seq, v.to_vec());
+        }
+        let last = merged.keys().next_back().copied().unwrap_or(0);
+        let mut out: Vec<Raw> = merged
+            .into_iter()
+            .map(|(seq, v)| Raw::Stored(seq, v))
+            .collect();
+        if let Some((bytes, error)) = damaged {
+            out.push(Raw::Damaged(Quarantined {
+                run_id: run,
+                seq: last + 1,
+                bytes,
+                error,
+            }));
         }
         Ok(out)
     }
@@ -930,7 +1197,8 @@ fn decode_event_only(
     prev: Option<&RunState>,
 ) -> Option<Record> {
     let stored: EventOnly = serde_json::from_slice(bytes).ok()?;
-    if stored.schema != SCHEMA_VERSION || (stored.seq > 1) != prev.is_some() {
+    // The event-only form exists since schema 2 (schema-2 records keep their number).
+    if !(2..=SCHEMA_VERSION).contains(&stored.schema) || (stored.seq > 1) != prev.is_some() {
         return None;
     }
     let claimed = stored.event.get("event").and_then(Value::as_str) == Some("claimed");
@@ -957,46 +1225,37 @@ fn decode_event_only(
     })
 }
 
-fn slot_from(
-    key: &[u8],
-    value: &[u8],
-    head: &Head,
-    prev: Option<&RunState>,
-) -> Result<Slot, JournalError> {
-    let (_, run_id, seq) = parse_srkey(key)
-        .ok_or_else(|| JournalError::Corruption(format!("bad record key {key:02x?}")))?;
+fn slot_from(run_id: i64, seq: u64, value: &[u8], head: &Head, prev: Option<&RunState>) -> Slot {
     if let Some(r) = decode_event_only(run_id, value, head, prev) {
         if r.seq == seq {
-            return Ok(Slot::Record(r));
+            return Slot::Record(r);
         }
     }
-    Ok(
-        match decode_stored(
+    match decode_stored(
+        run_id,
+        seq,
+        value,
+        head.plan.as_ref(),
+        head.secrets.as_ref(),
+        prev,
+    ) {
+        Ok(r) if r.run_id == run_id && r.seq == seq => Slot::Record(r),
+        Ok(r) => Slot::Quarantined(Quarantined {
             run_id,
             seq,
-            value,
-            head.plan.as_ref(),
-            head.secrets.as_ref(),
-            prev,
-        ) {
-            Ok(r) if r.run_id == run_id && r.seq == seq => Slot::Record(r),
-            Ok(r) => Slot::Quarantined(Quarantined {
-                run_id,
-                seq,
-                bytes: value.to_vec(),
-                error: format!(
-                    "record says run {} seq {} but is stored at run {run_id} seq {seq}",
-                    r.run_id, r.seq
-                ),
-            }),
-            Err(error) => Slot::Quarantined(Quarantined {
-                run_id,
-                seq,
-                bytes: value.to_vec(),
-                error,
-            }),
-        },
-    )
+            bytes: value.to_vec(),
+            error: format!(
+                "record says run {} seq {} but is stored at run {run_id} seq {seq}",
+                r.run_id, r.seq
+            ),
+        }),
+        Err(error) => Slot::Quarantined(Quarantined {
+            run_id,
+            seq,
+            bytes: value.to_vec(),
+            error,
+        }),
+    }
 }
 
 fn read_schema(meta: &sled::Tree) -> Result<Option<u32>, JournalError> {
@@ -1121,8 +1380,11 @@ impl SledJournal {
         self.states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The append's transaction. A first record also stores the run's plan and secrets (five
-    /// trees); later ones touch only the records and the indexes: the plan never changes.
+    /// The append's transaction. A first record also stores the run's plan and secrets (six
+    /// trees); later ones touch only the records and the indexes: the plan never changes. The
+    /// record that makes a run terminal is not stored under its own key: it and the run's
+    /// earlier records are packed into its `v3.runs` value, and the per-seq keys deleted,
+    /// in the same transaction.
     fn append_in_tx(
         &self,
         record: &Record,
@@ -1181,6 +1443,45 @@ impl SledJournal {
             }
             Ok(())
         };
+        // The run's per-seq keys, read before the transaction (it cannot scan); the run's
+        // task is its only writer, so they do not change meanwhile.
+        let earlier: Vec<sled::IVec> = if terminal && record.seq > 1 {
+            self.records
+                .scan_prefix(rkey)
+                .keys()
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        let store = |records: &sled::transaction::TransactionalTree,
+                     packs: Option<&sled::transaction::TransactionalTree>|
+         -> Result<(), ConflictableTransactionError<String>> {
+            let Some(packs) = packs else {
+                records.insert(&key, bytes.as_slice())?;
+                return Ok(());
+            };
+            let mut merged = std::collections::BTreeMap::new();
+            if let Some(old) = packs.get(rkey)? {
+                let (old, damaged) = decode_pack(&old);
+                if damaged.is_some() {
+                    // Never overwrite what cannot be read: this run stays unpacked.
+                    records.insert(&key, bytes.as_slice())?;
+                    return Ok(());
+                }
+                merged.extend(old);
+            }
+            for k in &earlier {
+                if let (Some((_, _, seq)), Some(v)) = (parse_srkey(k), records.remove(k)?) {
+                    merged.insert(seq, v.to_vec());
+                }
+            }
+            merged.insert(record.seq, bytes.clone());
+            packs.insert(
+                &rkey,
+                encode_pack(merged.iter().map(|(s, v)| (*s, v.as_slice()))),
+            )?;
+            Ok(())
+        };
         let result = if record.seq == 1 {
             (
                 &self.records,
@@ -1188,20 +1489,29 @@ impl SledJournal {
                 &self.ended,
                 &self.plans,
                 &self.secrets,
+                &self.runs,
             )
-                .transaction(|(records, active, ended, plans, secret_tree)| {
+                .transaction(|(records, active, ended, plans, secret_tree, packs)| {
                     check(active, ended)?;
                     plans.insert(&rkey, plan)?;
                     if let Some(s) = &secrets {
                         secret_tree.insert(&rkey, s.as_slice())?;
                     }
-                    records.insert(&key, bytes.as_slice())?;
+                    store(records, terminal.then_some(packs))?;
                     index(active, ended)
                 })
+        } else if terminal {
+            (&self.records, &self.active, &self.ended, &self.runs).transaction(
+                |(records, active, ended, packs)| {
+                    check(active, ended)?;
+                    store(records, Some(packs))?;
+                    index(active, ended)
+                },
+            )
         } else {
             (&self.records, &self.active, &self.ended).transaction(|(records, active, ended)| {
                 check(active, ended)?;
-                records.insert(&key, bytes.as_slice())?;
+                store(records, None)?;
                 index(active, ended)
             })
         };
@@ -1329,6 +1639,11 @@ impl Journal for SledJournal {
                         out.push(run);
                         last = Some(run);
                     }
+                }
+            }
+            for key in self.runs.scan_prefix(scope.to_be_bytes()).keys() {
+                if let Some((_, run)) = parse_skey(&key?) {
+                    out.push(run);
                 }
             }
         }
