@@ -119,22 +119,27 @@ fn v1_journals_migrate_on_open_and_read_back_the_same_history() {
     }
 }
 
+/// Runs `journal migrate` on `dir` in a child that dies at failpoint `point`.
+fn migrate_dying_at(dir: &Path, point: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
+        .args(["journal", "--db"])
+        .arg(dir)
+        .arg("migrate")
+        .env("WSRUNNER_JOURNAL_FAILPOINT", point)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{point}: the child died: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failpoint"),
+        "{point}: {out:?}"
+    );
+}
+
 #[test]
 fn a_crash_during_the_migration_leaves_a_journal_that_opens_and_migrates() {
     for point in ["migration_before_commit", "migration_after_commit"] {
         let (_tmp, dir) = copy_fixture("terminal");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
-            .args(["journal", "--db"])
-            .arg(&dir)
-            .arg("migrate")
-            .env("WSRUNNER_JOURNAL_FAILPOINT", point)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{point}: the child died: {out:?}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("failpoint"),
-            "{point}: {out:?}"
-        );
+        migrate_dying_at(&dir, point);
         let (j, migration) = SledJournal::open_reporting(&dir).unwrap();
         match point {
             "migration_before_commit" => assert!(
@@ -287,18 +292,7 @@ fn a_crash_during_the_v2_migration_leaves_a_journal_that_opens_and_migrates() {
         "migration_after_commit",
     ] {
         let (_tmp, dir) = copy_fixture_of(2, "terminal");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
-            .args(["journal", "--db"])
-            .arg(&dir)
-            .arg("migrate")
-            .env("WSRUNNER_JOURNAL_FAILPOINT", point)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{point}: the child died: {out:?}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("failpoint"),
-            "{point}: {out:?}"
-        );
+        migrate_dying_at(&dir, point);
         let records = raw_runs(&dir, "v2.records");
         if point != "migration_after_commit" {
             // Not committed: every per-seq record is still in place, so the release before
@@ -514,8 +508,28 @@ const FIXTURE_RUNNER: &str = "journal-fixture";
 /// back: the runner instance name, part of the run's container names, hashes the path).
 const INFLIGHT_JOURNAL: &str = "/tmp/wsr-journal-fixture-inflight/journal";
 
+/// Holds the machine-wide lock of the fixtures' runner while alive. Runs of its name share
+/// container names (`wsr-journal-fixture-…`), fixed journal paths and a fixed server port,
+/// so only one may run at a time, whichever test or checkout starts it: a harness that ends
+/// removes every container of the name, another test's running agent included.
+struct FixtureRunnerLock(#[allow(dead_code)] std::fs::File);
+
+fn fixture_runner_lock() -> FixtureRunnerLock {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/wsr-journal-fixture.lock")
+        .expect("open the fixture lock");
+    // SAFETY: flock on a descriptor this function owns; blocks until the lock is free.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    FixtureRunnerLock(file)
+}
+
 /// Where the in-flight fixture of `schema` was written (schema 1: [`INFLIGHT_JOURNAL`]); one
-/// path per schema, so the upgrade tests of two fixtures can run at the same time.
+/// path per schema (the runs themselves take turns: [`fixture_runner_lock`]).
 fn inflight_journal(schema: u32) -> String {
     if schema == 1 {
         INFLIGHT_JOURNAL.to_owned()
@@ -549,6 +563,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "writes fixtures; run by hand with WSR_MAKE_JOURNAL_FIXTURES=DIR"]
 async fn make_fixtures() {
+    let _only_fixture_runner = fixture_runner_lock();
     let out = PathBuf::from(std::env::var("WSR_MAKE_JOURNAL_FIXTURES").expect("set the dir"));
 
     let mut h = Harness::start("fixture-terminal").await;
@@ -642,6 +657,7 @@ async fn seed_claimed_run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build() {
+    let _only_fixture_runner = fixture_runner_lock();
     let mut h = Harness::start("upgrade-inflight").await;
     h.name = FIXTURE_RUNNER.into();
     // The token the old runner was given, read from a throwaway copy.
@@ -685,6 +701,7 @@ async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_in_flight_in_a_v2_journal_is_resumed_to_succeeded_by_this_build() {
+    let _only_fixture_runner = fixture_runner_lock();
     // The run is kept under its identity: the same server URL and credential resume it.
     let mut h = Harness::start_with("upgrade-inflight-v2", |cfg| {
         cfg.listen = INFLIGHT_SERVER.parse().unwrap();

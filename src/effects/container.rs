@@ -1124,15 +1124,19 @@ impl Engine {
         cmd
     }
 
-    /// Runs one CLI call with a timeout; a non-zero exit is returned, not an error.
-    pub async fn cli(&self, args: &[&str], timeout: Duration) -> Result<CliOutput, ContainerError> {
-        let child = self
-            .command(args)
+    /// Starts [`Engine::command`]; a failure to start names the engine program.
+    fn spawn(&self, args: &[&str]) -> Result<tokio::process::Child, ContainerError> {
+        self.command(args)
             .spawn()
             .map_err(|source| ContainerError::Spawn {
                 docker: self.cfg.docker.clone(),
                 source,
-            })?;
+            })
+    }
+
+    /// Runs one CLI call with a timeout; a non-zero exit is returned, not an error.
+    pub async fn cli(&self, args: &[&str], timeout: Duration) -> Result<CliOutput, ContainerError> {
+        let child = self.spawn(args)?;
         match tokio::time::timeout(timeout, child.wait_with_output()).await {
             Err(_) => Err(ContainerError::Timeout {
                 docker: self.cfg.docker.clone(),
@@ -1838,13 +1842,7 @@ impl Engine {
         } else {
             &["logs", name]
         };
-        let mut child = self
-            .command(args)
-            .spawn()
-            .map_err(|source| ContainerError::Spawn {
-                docker: self.cfg.docker.clone(),
-                source,
-            })?;
+        let mut child = self.spawn(args)?;
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(ContainerError::Spawn {
                 docker: self.cfg.docker.clone(),

@@ -255,6 +255,14 @@ impl MemEngine {
         self.world().stdin.get(name).cloned().unwrap_or_default()
     }
 
+    /// How many prompt commands (spec 6.1) container `name` was sent: exactly one is right.
+    pub fn prompts_sent(&self, name: &str) -> usize {
+        self.stdin_lines(name)
+            .iter()
+            .filter(|l| l.contains(r#""type":"prompt""#))
+            .count()
+    }
+
     /// Whether container `name`'s stdin was closed for good.
     pub fn stdin_closed(&self, name: &str) -> bool {
         self.world()

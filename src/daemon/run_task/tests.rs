@@ -193,12 +193,12 @@ async fn a_coding_run_goes_from_claim_to_report_over_the_stand_ins() {
         std::slice::from_ref(&report.branch)
     );
     let name = container_name("host", 41, 1);
-    let prompts = engine
-        .stdin_lines(&name)
-        .iter()
-        .filter(|l| l.contains(r#""type":"prompt""#))
-        .count();
-    assert_eq!(prompts, 1, "{:?}", engine.stdin_lines(&name));
+    assert_eq!(
+        engine.prompts_sent(&name),
+        1,
+        "{:?}",
+        engine.stdin_lines(&name)
+    );
     assert_eq!(engine.removed(), std::slice::from_ref(&name));
     assert!(engine.containers().is_empty());
     assert!(!containers_dir.join(&name).exists());

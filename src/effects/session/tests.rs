@@ -144,12 +144,12 @@ async fn the_prompt_is_written_once_and_a_reattach_does_not_repeat_it() {
     let mut driver = Driver::spawn(&engine, &name, attached.stdin, options(), tx);
     let result = driver.ended().await;
     let outputs = outputs.await.expect("collector");
-    let prompts = engine
-        .stdin_lines(&name)
-        .iter()
-        .filter(|l| l.contains(r#""type":"prompt""#))
-        .count();
-    assert_eq!(prompts, 1, "{:?}", engine.stdin_lines(&name));
+    assert_eq!(
+        engine.prompts_sent(&name),
+        1,
+        "{:?}",
+        engine.stdin_lines(&name)
+    );
     assert!(signals(&outputs).contains(&AgentSignal::SessionIdle));
     assert_eq!(
         exit_event(&engine, 1, &name, result).await,
