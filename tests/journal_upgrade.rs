@@ -655,6 +655,33 @@ async fn seed_claimed_run(
     fixture_credential.map_or(reg.credential, str::to_owned)
 }
 
+/// Starts this build on the fixture's journal at `journal` (copied there) as the fixture's
+/// instance, and checks that it migrates the journal, resumes run 1 to `succeeded` (pushed
+/// and reported by the runner), stops cleanly on SIGTERM, leaves a schema-3 journal and no
+/// container.
+async fn resume_fixture_run(h: &Harness, credential: &str, journal: &str) {
+    let mut runner = h.runner(&[
+        ("WSRUNNER_CREDENTIAL", credential),
+        ("WSRUNNER_JOURNAL_DIR", journal),
+        ("WSRUNNER_RUN_TIMEOUT", FIXTURE_RUN_TIMEOUT),
+    ]);
+    let run = h.wait_final(1).await;
+    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
+    assert!(run.reported.is_some(), "reported by the runner, not reaped");
+    let pushed = h.remote_branch("agent-runs/run-1").expect("pushed");
+    assert_eq!(h.subject(&pushed), "agent work");
+    assert!(h.log().contains("migrated the journal"), "{}", h.log());
+    signal(&runner, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
+    let verify = tool(Path::new(journal), &["verify"]);
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success() && text.contains("journal schema 3"),
+        "{verify:?}"
+    );
+    assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build() {
     let _only_fixture_runner = fixture_runner_lock();
@@ -673,29 +700,7 @@ async fn a_run_in_flight_in_a_v1_journal_is_resumed_to_succeeded_by_this_build()
     let _ = std::fs::remove_dir_all(INFLIGHT_JOURNAL);
     copy_dir(&fixture("inflight"), Path::new(INFLIGHT_JOURNAL));
 
-    let mut runner = h.runner(&[
-        ("WSRUNNER_CREDENTIAL", credential.as_str()),
-        ("WSRUNNER_JOURNAL_DIR", INFLIGHT_JOURNAL),
-        ("WSRUNNER_RUN_TIMEOUT", FIXTURE_RUN_TIMEOUT),
-    ]);
-    let run = h.wait_final(1).await;
-    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
-    assert!(run.reported.is_some(), "reported by the runner, not reaped");
-    let pushed = h.remote_branch("agent-runs/run-1").expect("pushed");
-    assert_eq!(h.subject(&pushed), "agent work");
-    assert!(h.log().contains("migrated the journal"), "{}", h.log());
-    signal(&runner, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
-    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_windshift-runner"))
-        .args(["journal", "--db", INFLIGHT_JOURNAL, "verify"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&verify.stdout);
-    assert!(
-        verify.status.success() && text.contains("journal schema 3"),
-        "{verify:?}"
-    );
-    assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
+    resume_fixture_run(&h, &credential, INFLIGHT_JOURNAL).await;
     let _ = std::fs::remove_dir_all(INFLIGHT_JOURNAL);
 }
 
@@ -722,28 +727,9 @@ async fn a_run_in_flight_in_a_v2_journal_is_resumed_to_succeeded_by_this_build()
     let _ = std::fs::remove_dir_all(&journal);
     copy_dir(&fixture_of(2, "inflight"), Path::new(&journal));
 
-    let mut runner = h.runner(&[
-        ("WSRUNNER_CREDENTIAL", credential.as_str()),
-        ("WSRUNNER_JOURNAL_DIR", journal.as_str()),
-        ("WSRUNNER_RUN_TIMEOUT", FIXTURE_RUN_TIMEOUT),
-    ]);
-    let run = h.wait_final(1).await;
-    assert_eq!(run.status, "succeeded", "{run:?}\n{}", h.log());
-    assert!(run.reported.is_some(), "reported by the runner, not reaped");
-    let pushed = h.remote_branch("agent-runs/run-1").expect("pushed");
-    assert_eq!(h.subject(&pushed), "agent work");
-    assert!(h.log().contains("migrated the journal"), "{}", h.log());
-    signal(&runner, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut runner, Duration::from_secs(30)).await, 0);
-    let verify = tool(Path::new(&journal), &["verify"]);
-    let text = String::from_utf8_lossy(&verify.stdout);
-    assert!(
-        verify.status.success() && text.contains("journal schema 3"),
-        "{verify:?}"
-    );
+    resume_fixture_run(&h, &credential, &journal).await;
     // The resumed run ended: it is packed like any terminal run.
     assert_eq!(raw_runs(Path::new(&journal), "v3.runs").len(), 1);
-    assert!(h.containers().is_empty(), "orphans: {:?}", h.containers());
     let _ = std::fs::remove_dir_all(&journal);
 }
 
